@@ -1,0 +1,502 @@
+"""The offline batch job behind `run_offline.py`: prompts in, one JSON line per result out.
+
+Input (JSONL, one object per line; blank lines are ignored)::
+
+    {"id": "q1", "prompt": "Tell me about JAX."}
+    {"id": 7, "messages": [{"role": "user", "content": "Hi!"}], "temperature": 0, "max_tokens": 32}
+
+* "id": a non-empty string or an integer, unique in the file.
+* exactly one of "prompt" (a non-empty string, encoded with special tokens) or "messages"
+  (a list of {"role": str, "content": str}, rendered with the tokenizer's chat template with
+  add_generation_prompt=True, then encoded without adding special tokens).
+* any other key is a SamplingParams field (vLLM's names) overriding the command line's value
+  for that line; an unknown key is an error.
+
+Output (JSONL, appended and flushed as each request finishes, in completion order)::
+
+    {"id": "q1", "text": "...", "token_ids": [...], "finish_reason": "stop"|"length",
+     "prompt_tokens": 9, "output_tokens": 12}
+
+* with `logprobs` requested, the completion also carries "logprobs": one {"token_id": logprob}
+  object per generated token.
+* with n > 1, "text"/"token_ids"/"finish_reason" (and "logprobs") are the first completion's,
+  "completions" lists all n as {"text", "token_ids", "finish_reason"[, "logprobs"]} in index
+  order, and "output_tokens" counts the tokens of all n.
+* a line that cannot run gives {"id": ..., "line": N, "error": "..."}, where "id" is present
+  only when the line had a usable id of its own. Causes: bad JSON, not an object, missing or
+  invalid id, both or neither of prompt/messages, bad messages, bad sampling field, a duplicate
+  id (the second occurrence gets the error; the record has no "id" so each id appears once),
+  a prompt longer than the model's max_model_len. The job carries on and exits 0.
+
+Resuming: rerunning with the same input and output skips every record already in the output
+file: results and errors with an "id" are keyed by id, id-less errors by line number (so the
+input must not change between runs). At start, a last line that lacks its newline or does not
+parse (a write torn by kill -9) is truncated away and its request runs again.
+
+Input formats plug into `READERS` (file suffix -> reader yielding (line number, object)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sidp_jax.sampling_params import SamplingParams
+
+DEFAULT_INPUT = Path(__file__).parent / "assets" / "example_prompts.jsonl"
+DEFAULT_OUTPUT = Path("out") / "results.jsonl"
+PROMPT_KEYS = ("id", "prompt", "messages")
+
+LLMFactory = Callable[..., Any]  # (**engine_kwargs) -> an object with the LLM interface
+Key = Any  # a record's resume key: its id, or ("line", N) for an error without a usable id
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading input
+
+
+class MalformedLine:
+    """Stands in for a line's object when the reader could not decode it."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield line_no, json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield line_no, MalformedLine(f"invalid JSON: {e}")
+
+
+READERS: dict[str, Callable[[Path], Iterator[tuple[int, Any]]]] = {
+    ".jsonl": read_jsonl,
+    ".ndjson": read_jsonl,
+}
+
+
+def reader_for(path: Path) -> Callable[[Path], Iterator[tuple[int, Any]]]:
+    try:
+        return READERS[path.suffix.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unsupported input format {path.suffix or path.name!r}; supported: {', '.join(READERS)}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning lines into requests or error records
+
+
+@dataclasses.dataclass
+class Request:
+    line: int
+    id: str | int
+    prompt: str | None
+    messages: list[dict] | None
+    params: SamplingParams
+    prompt_ids: list[int] | None = None  # filled in by tokenize()
+
+    @property
+    def key(self) -> Key:
+        return self.id
+
+
+@dataclasses.dataclass
+class LineError:
+    line: int
+    error: str
+    id: str | int | None = None  # the line's own id, when it had a usable one
+
+    @property
+    def key(self) -> Key:
+        return self.id if self.id is not None else ("line", self.line)
+
+    def record(self) -> dict:
+        head = {} if self.id is None else {"id": self.id}
+        return {**head, "line": self.line, "error": self.error}
+
+
+def is_valid_id(rid: Any) -> bool:
+    if isinstance(rid, bool):
+        return False
+    return isinstance(rid, int) or (isinstance(rid, str) and rid != "")
+
+
+def parse_line(line: int, obj: Any, base_sampling: dict) -> Request | LineError:
+    if isinstance(obj, MalformedLine):
+        return LineError(line, obj.why)
+    if not isinstance(obj, dict):
+        return LineError(line, f"expected a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        return LineError(line, "missing 'id'")
+    rid = obj["id"]
+    if not is_valid_id(rid):
+        return LineError(line, f"invalid 'id' {rid!r}: must be a non-empty string or an integer")
+    try:
+        prompt, messages = _prompt_fields(obj)
+        overrides = {k: v for k, v in obj.items() if k not in PROMPT_KEYS}
+        params = make_sampling_params(base_sampling, overrides)
+    except ValueError as e:
+        return LineError(line, str(e), id=rid)
+    return Request(line, rid, prompt, messages, params)
+
+
+def _prompt_fields(obj: dict) -> tuple[str | None, list[dict] | None]:
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise ValueError("need exactly one of 'prompt' or 'messages'")
+    if has_prompt:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("'prompt' must be a non-empty string")
+        return prompt, None
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"'messages'[{i}] must be an object with string 'role' and 'content'")
+    return None, messages
+
+
+def make_sampling_params(base: dict, overrides: dict) -> SamplingParams:
+    """SamplingParams from the CLI's fields updated by a line's; errors are ValueErrors naming a field."""
+    merged = {**base, **overrides}
+    try:
+        return SamplingParams.from_dict(merged)
+    except TypeError:  # e.g. "temperature": "hot" fails a comparison; find the field to blame
+        for name, value in overrides.items():
+            try:
+                SamplingParams.from_dict({**base, name: value})
+            except (TypeError, ValueError):
+                raise ValueError(f"SamplingParams.{name} has an invalid type, got {value!r}") from None
+        raise ValueError(f"invalid sampling fields {sorted(merged)}") from None
+
+
+@dataclasses.dataclass
+class Plan:
+    requests: list[Request]
+    errors: list[LineError]  # new error records, not yet in the output
+    skipped: int  # records already in the output
+
+
+def plan_job(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: set[Key]) -> Plan:
+    """Parse every line, mark duplicate ids, and drop what an earlier run already wrote."""
+    plan = Plan([], [], 0)
+    first_line_of: dict[str | int, int] = {}
+    for line, obj in entries:
+        item = parse_line(line, obj, base_sampling)
+        if item.id is not None:
+            if item.id in first_line_of:
+                item = LineError(line, f"duplicate id {item.id!r} (first on line {first_line_of[item.id]})")
+            else:
+                first_line_of[item.id] = line
+        if item.key in done:
+            plan.skipped += 1
+        elif isinstance(item, Request):
+            plan.requests.append(item)
+        else:
+            plan.errors.append(item)
+    return plan
+
+
+def tokenize(req: Request, tokenizer) -> list[int]:
+    if req.messages is not None:
+        text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(req.prompt, add_special_tokens=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and recovering output
+
+
+def recover_output(path: Path) -> set[Key]:
+    """Keys of the records already in `path`, after truncating a torn tail away."""
+    done: set[Key] = set()
+    if not path.exists():
+        return done
+    good_end = offset = 0  # good_end: just past the last whole, parsable record
+    pending_bad = middle_bad = 0
+    with open(path, "rb+") as f:
+        for raw in f:
+            offset += len(raw)
+            key = _record_key(raw) if raw.endswith(b"\n") else None
+            if key is None:
+                pending_bad += 1
+                continue
+            done.add(key)
+            good_end = offset
+            middle_bad, pending_bad = middle_bad + pending_bad, 0
+        if good_end < offset:
+            f.truncate(good_end)
+            print(f"Truncated {offset - good_end} bytes of torn record(s) at the end of {path}", file=sys.stderr)
+    if middle_bad:
+        print(f"warning: {path} has {middle_bad} unparsable line(s) before its end, left in place", file=sys.stderr)
+    return done
+
+
+def _record_key(raw: bytes) -> Key | None:
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    if is_valid_id(rec.get("id")):
+        return rec["id"]
+    if isinstance(rec.get("line"), int) and "error" in rec:
+        return ("line", rec["line"])
+    return None
+
+
+class ResultWriter:
+    """Appends records, each as one write of a whole line followed by a flush."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8", errors="backslashreplace")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def completion_fields(c) -> dict:
+    fields = {"text": c.text, "token_ids": [int(t) for t in c.token_ids], "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        fields["logprobs"] = [{str(int(t)): float(lp) for t, lp in step.items()} for step in c.logprobs]
+    return fields
+
+
+def result_record(req: Request, out) -> dict:
+    completions = sorted(out.outputs, key=lambda c: c.index)
+    record = {
+        "id": req.id,
+        **completion_fields(completions[0]),
+        "prompt_tokens": len(req.prompt_ids),
+        "output_tokens": sum(len(c.token_ids) for c in completions),
+    }
+    if len(completions) > 1:
+        record["completions"] = [completion_fields(c) for c in completions]
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclasses.dataclass
+class JobConfig:
+    input: Path = DEFAULT_INPUT
+    output: Path = DEFAULT_OUTPUT
+    engine_kwargs: dict = dataclasses.field(default_factory=dict)  # LLM(...) keyword arguments
+    sampling: dict = dataclasses.field(default_factory=dict)  # SamplingParams fields from the CLI
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class JobSummary:
+    output: str
+    requests_completed: int = 0
+    requests_errored: int = 0  # error records written by this run
+    requests_skipped: int = 0  # records an earlier run already wrote
+    prompt_tokens: int = 0  # of this run's completed requests
+    output_tokens: int = 0
+    elapsed_s: float = 0.0  # generation time, the throughput's denominator
+    wall_s: float = 0.0  # the whole job, model loading included
+    engine_stats: dict | None = None  # llm.stats(); None when nothing had to run
+
+    def rates(self) -> dict[str, float]:
+        t = self.elapsed_s
+        per_s = (lambda x: x / t) if t > 0 else (lambda x: 0.0)
+        return {
+            "requests_per_s": per_s(self.requests_completed),
+            "total_tokens_per_s": per_s(self.prompt_tokens + self.output_tokens),
+            "output_tokens_per_s": per_s(self.output_tokens),
+        }
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), **self.rates()}
+
+
+def default_llm_factory(**engine_kwargs):
+    from sidp_jax import LLM  # imports jax: keep it out of module import
+
+    return LLM(**engine_kwargs)
+
+
+def run_job(cfg: JobConfig, llm_factory: LLMFactory = default_llm_factory) -> JobSummary:
+    start = time.perf_counter()
+    summary = JobSummary(output=str(cfg.output))
+    done = recover_output(cfg.output)
+    plan = plan_job(reader_for(cfg.input)(cfg.input), cfg.sampling, done)
+    summary.requests_skipped = plan.skipped
+    if plan.skipped:
+        print(f"Resuming: {plan.skipped} records already in {cfg.output} are skipped")
+    print(f"{len(plan.requests)} requests to run, {len(plan.errors)} input lines with errors")
+
+    writer = ResultWriter(cfg.output)
+    try:
+        for err in plan.errors:
+            writer.write(err.record())
+        summary.requests_errored += len(plan.errors)
+        if plan.requests:
+            _generate(plan.requests, cfg, llm_factory, writer, summary)
+    finally:
+        writer.close()
+    summary.wall_s = time.perf_counter() - start
+    return summary
+
+
+def _generate(requests: list[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: ResultWriter,
+              summary: JobSummary) -> None:
+    llm = llm_factory(**cfg.engine_kwargs)
+    runnable = []
+    for req in requests:
+        try:
+            req.prompt_ids = tokenize(req, llm.tokenizer)
+        except Exception as e:  # chat templates raise whatever they like (jinja2, raise_exception)
+            writer.write(LineError(req.line, f"could not render/encode the prompt: {e}", id=req.id).record())
+            summary.requests_errored += 1
+            continue
+        runnable.append(req)
+    if not runnable:
+        return
+
+    start = time.perf_counter()
+    stream = llm.stream([r.prompt_ids for r in runnable], [r.params for r in runnable], use_tqdm=cfg.progress)
+    for i, out in stream:
+        req = runnable[i]
+        if out.error is not None:
+            writer.write(LineError(req.line, out.error, id=req.id).record())
+            summary.requests_errored += 1
+            continue
+        record = result_record(req, out)
+        writer.write(record)
+        summary.requests_completed += 1
+        summary.prompt_tokens += record["prompt_tokens"]
+        summary.output_tokens += record["output_tokens"]
+    summary.elapsed_s = time.perf_counter() - start
+    summary.engine_stats = llm.stats()
+
+
+def format_summary(s: JobSummary) -> str:
+    r = s.rates()
+    stats = s.engine_stats or {}
+    na = "n/a"
+    steps = stats.get("steps_per_mode")
+    lines = [
+        f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
+        f"{r['output_tokens_per_s']:.2f} output tokens/s",
+        f"KV cache: {stats.get('kv_tokens_per_replica', na)} tokens per replica, "
+        f"max concurrency {stats.get('max_concurrency', na)}, replicas {stats.get('num_replicas', na)}",
+        f"Preemptions: {stats.get('num_preemptions', na)}",
+        "Steps per mode: " + (", ".join(f"{k}={v}" for k, v in steps.items()) if steps else na),
+        f"Requests: {s.requests_completed} completed, {s.requests_errored} errors, "
+        f"{s.requests_skipped} skipped (already in the output)",
+        f"Errors: {s.requests_errored}",
+        f"Results written to {s.output}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+ENGINE_FLAGS = [  # (flag, type, choices, help); None defaults leave the LLM's own defaults
+    ("--mesh", str, None, "device mesh, e.g. dp=8 (default dp=1)"),
+    ("--parallel", str, ["sidp", "dp", "tp"], "parallelism scheme (default sidp)"),
+    ("--placement", str, ["owner", "striped"], "SiDP weight placement (default striped)"),
+    ("--ffn-mode", str, ["auto", "was", "cas"], "SiDP FFN mode (default auto)"),
+    ("--dtype", str, None, "compute dtype (default bfloat16)"),
+    ("--gpu-memory-utilization", float, None, "fraction of accelerator memory to use (default 0.9)"),
+    ("--max-model-len", int, None, "longest prompt + output (default: the model's)"),
+    ("--max-num-seqs", int, None, "most concurrent sequences (default 256)"),
+    ("--max-num-batched-tokens", int, None, "token budget per step (default 2048)"),
+    ("--kv-block-size", int, None, "KV cache block size in tokens (default 16)"),
+    ("--seed", int, None, "engine random seed (default 0)"),
+]
+
+SAMPLING_FLAGS = [  # (flag, type); per-line fields override these
+    ("--n", int), ("--temperature", float), ("--top-p", float), ("--top-k", int), ("--min-p", float),
+    ("--max-tokens", int), ("--min-tokens", int), ("--logprobs", int), ("--presence-penalty", float),
+    ("--frequency-penalty", float), ("--repetition-penalty", float),
+]
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_offline.py",
+        description="Offline batch inference: JSONL prompts in, JSONL results out (resumable). "
+        "With no arguments, runs the bundled tiny model on the bundled example prompts.",
+    )
+    p.add_argument("--model", default=None, help="checkpoint directory or preset name (default: bundled tiny model)")
+    p.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="prompts file (.jsonl)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results file, appended (default out/results.jsonl)")
+    engine = p.add_argument_group("engine")
+    for flag, typ, choices, help_ in ENGINE_FLAGS:
+        engine.add_argument(flag, type=typ, choices=choices, default=None, help=help_)
+    sampling = p.add_argument_group("sampling (defaults as vLLM's SamplingParams; a line's own fields win)")
+    for flag, typ in SAMPLING_FLAGS:
+        sampling.add_argument(flag, type=typ, default=None)
+    sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
+    sampling.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--llm-factory", default=None, help=argparse.SUPPRESS)  # tests: module:callable
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    engine = {"model": args.model}
+    engine.update({_dest(f): getattr(args, _dest(f)) for f, *_ in ENGINE_FLAGS if getattr(args, _dest(f)) is not None})
+    sampling_names = [_dest(f) for f, _ in SAMPLING_FLAGS] + ["stop", "stop_token_ids", "ignore_eos"]
+    sampling = {n: getattr(args, n) for n in sampling_names if getattr(args, n) is not None}
+    return JobConfig(args.input, args.output, engine, sampling, progress=not args.no_progress)
+
+
+def load_factory(spec: str) -> LLMFactory:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if not cfg.input.is_file():
+        parser.error(f"input file not found: {cfg.input}")
+    try:
+        reader_for(cfg.input)
+        SamplingParams.from_dict(cfg.sampling)
+    except ValueError as e:
+        parser.error(str(e))
+    if llm_factory is None:
+        llm_factory = load_factory(args.llm_factory) if args.llm_factory else default_llm_factory
+
+    summary = run_job(cfg, llm_factory)
+    print(format_summary(summary))
+    if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        args.summary_json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    return 0

@@ -1,0 +1,344 @@
+"""Tests of the offline job (sidp_jax/offline_job.py, run_offline.py) against a fake LLM.
+
+The fake implements the engine's interface deterministically and finishes requests in an order
+different from the input's. `run_offline.py` subprocesses reach it through the hidden
+`--llm-factory test_offline_job:<factory>` option with this directory on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sidp_jax import offline_job
+from sidp_jax.offline_job import DEFAULT_INPUT, main
+from sidp_jax.outputs import CompletionOutput, RequestOutput
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------
+# The fake engine
+
+BOS = 1
+
+
+class FakeTokenizer:
+    """One token per character (its code point), BOS=1 when special tokens are added."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([BOS] if add_special_tokens else []) + [ord(c) for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False) -> str:
+        assert add_generation_prompt and not tokenize
+        if any(m["role"] == "explode" for m in messages):
+            raise RuntimeError("template refuses this role")
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+
+class FakeLLM:
+    """Answers each prompt with its own text reversed, cut to max_tokens; longest prompt first."""
+
+    def __init__(self, model=None, max_model_len: int = 64, delay: float = 0.0, **engine_kwargs):
+        self.tokenizer = FakeTokenizer()
+        self.max_model_len = max_model_len
+        self.delay = delay
+        self.engine_kwargs = {"model": model, **engine_kwargs}
+        self.calls: list[tuple[list, list]] = []  # (prompts, sampling params) per stream()
+
+    def _complete(self, prompt_ids, params, index) -> CompletionOutput:
+        text = "".join(chr(t) for t in prompt_ids if t != BOS)[::-1] + str(index)
+        limit = params.max_tokens or len(text)
+        token_ids = [ord(c) for c in text[:limit]]
+        logprobs = None if params.logprobs is None else [{t: -0.5} for t in token_ids]
+        finish = "length" if len(text) > limit else "stop"
+        return CompletionOutput(index, text[:limit], token_ids, finish, logprobs)
+
+    def stream(self, prompts, sampling_params, *, use_tqdm=True):
+        assert len(prompts) == len(sampling_params)
+        self.calls.append((list(prompts), list(sampling_params)))
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # not input order
+        for i in order:
+            if self.delay:
+                time.sleep(self.delay)
+            ids, params = prompts[i], sampling_params[i]
+            if len(ids) > self.max_model_len:
+                err = f"prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}"
+                yield i, RequestOutput(str(i), None, ids, [], error=err)
+                continue
+            outs = [self._complete(ids, params, j) for j in range(params.n)]
+            yield i, RequestOutput(str(i), None, ids, outs)
+
+    def stats(self) -> dict:
+        return {"kv_tokens_per_replica": 4096, "max_concurrency": 64, "num_preemptions": 0,
+                "steps_per_mode": {"was": 3, "cas": 5}, "num_replicas": 1}
+
+
+def fake_llm(**kw):
+    return FakeLLM(**kw)
+
+
+def slow_fake_llm(**kw):
+    return FakeLLM(delay=0.05, **kw)
+
+
+class Recorder:
+    """An llm_factory that keeps the LLMs it made."""
+
+    def __init__(self, **fake_kwargs):
+        self.llms: list[FakeLLM] = []
+        self.fake_kwargs = fake_kwargs
+
+    def __call__(self, **engine_kwargs):
+        self.llms.append(FakeLLM(**engine_kwargs, **self.fake_kwargs))
+        return self.llms[-1]
+
+    @property
+    def params_by_prompt(self) -> dict[str, object]:
+        return {"".join(chr(t) for t in p if t != BOS): sp for llm in self.llms for p, sp in zip(*llm.calls[0])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+def read_records(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def run(tmp_path, lines, *extra, factory=None):
+    inp = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "results.jsonl"
+    factory = factory or Recorder()
+    rc = main(["--input", str(inp), "--output", str(out), "--no-progress", *extra], llm_factory=factory)
+    return rc, out, factory
+
+
+def by_id(records):
+    return {r["id"]: r for r in records if "id" in r}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_happy_path(tmp_path, capsys):
+    lines = [
+        {"id": "a", "prompt": "hello"},
+        {"id": 2, "messages": [{"role": "user", "content": "hi"}]},
+        {"id": "c", "prompt": "a longer prompt here", "max_tokens": 5},
+    ]
+    summary_path = tmp_path / "summary.json"
+    rc, out, rec = run(tmp_path, lines, "--mesh", "dp=2", "--max-num-seqs", "8", "--summary-json", str(summary_path))
+    assert rc == 0
+    records = read_records(out)
+    assert [r["id"] for r in records] != ["a", 2, "c"]  # completion order, not input order
+    got = by_id(records)
+    assert set(got) == {"a", 2, "c"}
+    assert got["a"] == {"id": "a", "text": "olleh0", "token_ids": [ord(c) for c in "olleh0"],
+                        "finish_reason": "stop", "prompt_tokens": 6, "output_tokens": 6}
+    assert got["c"]["finish_reason"] == "length" and got["c"]["output_tokens"] == 5
+
+    llm = rec.llms[0]
+    assert llm.engine_kwargs == {"model": None, "mesh": "dp=2", "max_num_seqs": 8}
+    chat = "<user>hi\n<assistant>"
+    assert [ord(c) for c in chat] in llm.calls[0][0]  # chat template, no BOS added
+    assert got[2]["prompt_tokens"] == len(chat)
+
+    printed = capsys.readouterr().out
+    assert "Throughput: " in printed and " requests/s, " in printed and " output tokens/s" in printed
+    assert "KV cache: 4096 tokens per replica" in printed and "max concurrency 64" in printed
+    assert "Steps per mode: was=3, cas=5" in printed and "Errors: 0" in printed
+    summary = json.loads(summary_path.read_text())
+    assert summary["requests_completed"] == 3 and summary["requests_errored"] == 0
+    assert summary["output_tokens"] == sum(r["output_tokens"] for r in records)
+    assert summary["engine_stats"]["max_concurrency"] == 64 and summary["elapsed_s"] >= 0
+
+
+def test_throughput_line_format():
+    s = offline_job.JobSummary(output="x", requests_completed=10, prompt_tokens=300, output_tokens=100, elapsed_s=2.0)
+    first = offline_job.format_summary(s).splitlines()[0]
+    assert first == "Throughput: 5.00 requests/s, 200.00 total tokens/s, 50.00 output tokens/s"
+
+
+def test_bad_inputs_give_error_records_and_exit_0(tmp_path, capsys):
+    lines = [
+        {"id": "ok", "prompt": "fine"},                                   # 1
+        '{"id": "broken", "prompt": ',                                    # 2 bad JSON
+        '["a", "list"]',                                                  # 3 not an object
+        {"prompt": "no id"},                                              # 4 missing id
+        {"id": 1.5, "prompt": "float id"},                                # 5 invalid id
+        {"id": True, "prompt": "bool id"},                                # 6 invalid id
+        {"id": "", "prompt": "empty id"},                                 # 7 invalid id
+        {"id": "both", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},  # 8
+        {"id": "neither"},                                                # 9
+        {"id": "badmsg", "messages": [{"role": "user"}]},                 # 10
+        {"id": "neg-temp", "prompt": "x", "temperature": -1},             # 11 invalid value
+        {"id": "str-temp", "prompt": "x", "temperature": "hot"},          # 12 invalid type
+        {"id": "unknown", "prompt": "x", "colour": "red"},                # 13 unknown field
+        {"id": "ok", "prompt": "second ok"},                              # 14 duplicate id
+        {"id": "long", "prompt": "x" * 100},                              # 15 over max_model_len
+        {"id": "tmpl", "messages": [{"role": "explode", "content": "x"}]},  # 16 template fails
+        "",                                                               # 17 blank: ignored
+        {"id": "ok2", "prompt": "also fine"},                             # 18
+    ]
+    rc, out, _ = run(tmp_path, lines)
+    assert rc == 0
+    records = read_records(out)
+    errors = {r["line"]: r for r in records if "error" in r}
+    expect = {  # line -> (id or None, a word the message must contain)
+        2: (None, "JSON"), 3: (None, "object"), 4: (None, "id"), 5: (None, "id"), 6: (None, "id"),
+        7: (None, "id"), 8: ("both", "exactly one"), 9: ("neither", "exactly one"), 10: ("badmsg", "messages"),
+        11: ("neg-temp", "temperature"), 12: ("str-temp", "temperature"), 13: ("unknown", "colour"),
+        14: (None, "duplicate"), 15: ("long", "max_model_len"), 16: ("tmpl", "template"),
+    }
+    assert set(errors) == set(expect)
+    for line, (rid, word) in expect.items():
+        assert errors[line].get("id") == rid, line
+        assert word in errors[line]["error"], (line, errors[line])
+    assert "first on line 1" in errors[14]["error"]
+    ok = [r for r in records if "error" not in r]
+    assert sorted(r["id"] for r in ok) == ["ok", "ok2"] and by_id(ok)["ok"]["text"] == "enif0"
+    ids = [r["id"] for r in records if "id" in r]
+    assert len(ids) == len(set(ids))
+    assert f"Errors: {len(expect)}" in capsys.readouterr().out
+
+
+def test_per_line_sampling_overrides_cli(tmp_path):
+    lines = [
+        {"id": "cli", "prompt": "p1"},
+        {"id": "line", "prompt": "p2", "temperature": 0, "stop": ["x"], "max_tokens": 3, "seed": 5},
+        {"id": "two", "prompt": "p3", "n": 2, "logprobs": 1},
+    ]
+    rc, out, rec = run(tmp_path, lines, "--temperature", "0.5", "--top-p", "0.9", "--max-tokens", "8",
+                       "--stop", "a", "--stop", "b", "--ignore-eos")
+    assert rc == 0
+    params = rec.params_by_prompt
+    cli, line = params["p1"], params["p2"]
+    assert (cli.temperature, cli.top_p, cli.max_tokens, cli.stop, cli.ignore_eos) == (0.5, 0.9, 8, ["a", "b"], True)
+    assert (line.temperature, line.top_p, line.max_tokens, line.stop, line.seed) == (0, 0.9, 3, ["x"], 5)
+
+    two = by_id(read_records(out))["two"]  # n=2: first completion flat, all in "completions"
+    assert two["text"] == "3p0" and [c["text"] for c in two["completions"]] == ["3p0", "3p1"]
+    assert two["output_tokens"] == 6 and two["logprobs"] == [{str(ord(c)): -0.5} for c in "3p0"]
+
+
+def test_resume_skips_written_records(tmp_path):
+    lines = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(6)] + ['{"bad json', {"id": "r0", "prompt": "dup"}]
+    out = tmp_path / "results.jsonl"
+    write_lines(out, [{"id": "r1", "text": "earlier", "token_ids": [], "finish_reason": "stop",
+                       "prompt_tokens": 1, "output_tokens": 0},
+                      {"id": "r4", "line": 5, "error": "earlier error"},
+                      {"line": 7, "error": "invalid JSON: earlier"}])
+    rc, out, rec = run(tmp_path, lines)
+    assert rc == 0
+    prompts_run = set(rec.params_by_prompt)
+    assert prompts_run == {"prompt 0", "prompt 2", "prompt 3", "prompt 5"}
+    records = read_records(out)
+    assert sorted(r["id"] for r in records if "id" in r) == [f"r{i}" for i in range(6)]
+    assert [r["line"] for r in records if "id" not in r] == [7, 8]  # line 8: the new duplicate error
+    assert by_id(records)["r1"]["text"] == "earlier"
+
+    rc, _, rec2 = run(tmp_path, lines)  # all done: nothing runs, no engine is even built
+    assert rc == 0 and rec2.llms == [] and read_records(out) == records
+
+
+@pytest.mark.parametrize("tail", ['{"id": "r2", "text": "tor', '{"id": "r2"}', "not json at all\n"])
+def test_torn_last_line_is_truncated_and_rerun(tmp_path, tail):
+    lines = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(3)]
+    out = tmp_path / "results.jsonl"
+    done = {"id": "r0", "text": "x", "token_ids": [1], "finish_reason": "stop", "prompt_tokens": 1, "output_tokens": 1}
+    out.write_text(json.dumps(done) + "\n" + tail)  # no newline, or unparsable: torn
+    rc, out, rec = run(tmp_path, lines)
+    assert rc == 0
+    assert set(rec.params_by_prompt) == {"prompt 1", "prompt 2"}
+    records = read_records(out)
+    assert sorted(r["id"] for r in records) == ["r0", "r1", "r2"] and records[0] == done
+
+
+def test_no_arguments_runs_bundled_examples(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = offline_job.build_parser().parse_args([])
+    assert args.model is None and args.input == DEFAULT_INPUT and str(args.output) == "out/results.jsonl"
+    rec = Recorder(max_model_len=10_000)
+    assert main(["--no-progress"], llm_factory=rec) == 0
+    records = read_records(tmp_path / "out" / "results.jsonl")
+    n_lines = len(DEFAULT_INPUT.read_text().splitlines())
+    assert n_lines >= 10 and len(records) == n_lines and not [r for r in records if "error" in r]
+    assert rec.llms[0].engine_kwargs == {"model": None}
+    assert "Results written to out/results.jsonl" in capsys.readouterr().out
+
+
+def test_bad_cli_sampling_flag_is_a_usage_error(tmp_path):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--temperature", "-1"], llm_factory=Recorder())
+    assert e.value.code == 2
+
+
+def _cli(inp: Path, out: Path, factory: str) -> list[str]:
+    return [sys.executable, str(REPO / "run_offline.py"), "--input", str(inp), "--output", str(out),
+            "--no-progress", "--llm-factory", f"test_offline_job:{factory}"]
+
+
+def test_kill_9_and_resume(tmp_path):
+    n_valid = 40
+    lines = [{"id": f"r{i}", "prompt": f"prompt number {i}"} for i in range(n_valid)]
+    lines[10:10] = ["{oops", {"id": "r3", "prompt": "duplicate"}]  # two id-less errors, lines 11 and 12
+    inp = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "results.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+    proc = subprocess.Popen(_cli(inp, out, "slow_fake_llm"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 8:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    written = out.read_text().count("\n")
+    assert 8 <= written < n_valid + 2  # killed mid-run
+
+    done = subprocess.run(_cli(inp, out, "fake_llm"), env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Errors: 0" in done.stdout  # the errors were already written by the killed run
+    records = read_records(out)  # every line parses
+    ids = [r["id"] for r in records if "id" in r]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(n_valid))  # each exactly once
+    assert sorted(r["line"] for r in records if "id" not in r) == [11, 12]
+
+
+def test_real_engine_end_to_end(tmp_path):
+    pytest.importorskip("sidp_jax.llm", reason="sidp_jax.LLM is not available yet")
+    lines = [
+        {"id": "p", "prompt": "The capital of France is"},
+        {"id": "m", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0},
+        {"id": "two", "prompt": "Hello", "n": 2},
+    ]
+    inp = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "results.jsonl"
+    rc = main(["--input", str(inp), "--output", str(out), "--max-tokens", "4", "--no-progress"])
+    assert rc == 0
+    records = by_id(read_records(out))
+    assert set(records) == {"p", "m", "two"}
+    for r in records.values():
+        assert "error" not in r, r
+        assert 1 <= len(r["token_ids"]) <= 4 and r["finish_reason"] in ("stop", "length")
+    assert len(records["two"]["completions"]) == 2
