@@ -1,0 +1,59 @@
+"""Attention over the paged KV cache for a flat ragged batch: the pure-JAX reference.
+
+Cache layout (per replica): `[num_layers * num_pages, page_size, num_kv_heads, head_dim]`, i.e.
+the layers' page pools laid end to end, so one layer's pages are addressed as
+`layer * num_pages + page` without slicing the cache. Page 0 of every layer is a scratch page
+that padding tokens write to and nobody reads for real.
+
+Each token of the flat batch belongs to one sequence row (`token_seq`) and sees that row's
+cache positions `0..position` (its own K/V were written before this call), which covers
+decode tokens, prefill chunks and chunks continuing an earlier prefix alike.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def write_kv(cache: jax.Array, new: jax.Array, layer_offset: jax.Array, slots: jax.Array) -> jax.Array:
+    """cache[layer_offset*P + slot] = new; slots are flat `page * page_size + offset` indices."""
+    pages_times_p = cache.shape[0] * cache.shape[1]
+    flat = cache.reshape(pages_times_p, *cache.shape[2:])
+    flat = flat.at[layer_offset * cache.shape[1] + slots].set(new.astype(cache.dtype))
+    return flat.reshape(cache.shape)
+
+
+def paged_attention_reference(
+    q: jax.Array,  # [T, Nq, D]
+    k_cache: jax.Array,  # [L * pages, P, Nkv, D]
+    v_cache: jax.Array,
+    layer_page_offset: jax.Array,  # scalar: layer * pages
+    block_tables: jax.Array,  # [S, MB] page ids per sequence row
+    token_seq: jax.Array,  # [T] sequence row of each token
+    positions: jax.Array,  # [T]
+    *,
+    scale: float,
+    chunk: int = 128,
+) -> jax.Array:
+    T, Nq, D = q.shape
+    Nkv = k_cache.shape[2]
+    P = k_cache.shape[1]
+    MB = block_tables.shape[1]
+
+    def one_chunk(args):
+        qc, seq, pos = args  # [t, Nq, D], [t], [t]
+        pages = block_tables[seq] + layer_page_offset  # [t, MB]
+        k = k_cache[pages].reshape(-1, MB * P, Nkv, D)
+        v = v_cache[pages].reshape(-1, MB * P, Nkv, D)
+        qg = qc.reshape(-1, Nkv, Nq // Nkv, D)
+        s = jnp.einsum("tkgd,tckd->tkgc", qg, k, preferred_element_type=jnp.float32) * scale
+        visible = jnp.arange(MB * P)[None, :] <= pos[:, None]
+        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("tkgc,tckd->tkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o.reshape(-1, Nq, D).astype(q.dtype)
+
+    if T <= chunk:
+        return one_chunk((q, token_seq, positions))
+    return jax.lax.map(one_chunk, (q, token_seq, positions), batch_size=chunk)

@@ -1,0 +1,96 @@
+"""Host side of a step: scheduled chunks -> padded, bucketed numpy arrays, one row per replica.
+
+Shapes are rounded up to powers of two (tokens T, sequence rows S, pages per row MB) so the
+number of compiled step variants stays small. Padding tokens write to the reserved page 0 and
+padding rows are greedy, penalty-free and never read back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sidp_jax.sampler import SamplerFlags
+from sidp_jax.scheduler import ScheduledChunk
+
+
+def bucket(n: int, lo: int, hi: int) -> int:
+    b = lo
+    while b < n:
+        b *= 2
+    return max(lo, min(b, hi)) if n <= hi else n
+
+
+def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[int],
+                max_tokens_bucket: int, max_rows_bucket: int, max_pages_bucket: int):
+    """Returns (batch arrays, sampling arrays, SamplerFlags, shape key)."""
+    D = len(plans)
+    T = bucket(max(sum(c.num_tokens for c in p) for p in plans), 8, max_tokens_bucket)
+    S = bucket(max(len(p) for p in plans), 4, max_rows_bucket)
+    MB = bucket(max((len(c.seq.pages) for p in plans for c in p), default=1), 4, max_pages_bucket)
+    seqs = [c.seq for p in plans for c in p]
+    flags = SamplerFlags(
+        filters=any(s.params.uses_filters and not s.params.greedy for s in seqs),
+        penalties=any(s.params.uses_penalties for s in seqs),
+        num_logprobs=max((s.params.logprobs or 0 for s in seqs), default=0))
+    if flags.num_logprobs:
+        flags = SamplerFlags(flags.filters, flags.penalties, bucket(flags.num_logprobs, 1, 20))
+
+    tokens = np.zeros((D, T), np.int32)
+    positions = np.zeros((D, T), np.int32)
+    slots = np.zeros((D, T), np.int32)
+    token_seq = np.zeros((D, T), np.int32)
+    tables = np.zeros((D, S, MB), np.int32)
+    sample_index = np.zeros((D, S), np.int32)
+    samp = {
+        "temperature": np.zeros((D, S), np.float32), "top_p": np.ones((D, S), np.float32),
+        "top_k": np.zeros((D, S), np.int32), "min_p": np.zeros((D, S), np.float32),
+        "seed": np.zeros((D, S), np.uint32), "step": np.zeros((D, S), np.int32),
+        "banned": np.full((D, S, 1), -1, np.int32),
+    }
+    banned_rows: dict[tuple[int, int], list[int]] = {}
+    history_rows: dict[tuple[int, int], tuple[list[int], int]] = {}
+    for r, plan in enumerate(plans):
+        t = 0
+        for row, c in enumerate(plan):
+            seq, n = c.seq, c.num_tokens
+            ids = seq.all_ids[c.start:c.start + n]
+            pos = np.arange(c.start, c.start + n)
+            pages = np.asarray(seq.pages, np.int32)
+            tokens[r, t:t + n] = ids
+            positions[r, t:t + n] = pos
+            slots[r, t:t + n] = pages[pos // page_size] * page_size + pos % page_size
+            token_seq[r, t:t + n] = row
+            tables[r, row, :len(pages)] = pages
+            sample_index[r, row] = t + n - 1
+            t += n
+            p = seq.params
+            samp["temperature"][r, row] = p.temperature
+            samp["top_p"][r, row], samp["top_k"][r, row], samp["min_p"][r, row] = p.top_p, p.top_k, p.min_p
+            samp["seed"][r, row] = seq.seed
+            samp["step"][r, row] = len(seq.output_ids)
+            if len(seq.output_ids) < p.min_tokens:
+                banned_rows[r, row] = ([] if p.ignore_eos else list(eos_ids)) + p.stop_token_ids
+            if flags.penalties:
+                history_rows[r, row] = (seq.all_ids, len(seq.prompt_ids))
+    if banned_rows:
+        width = bucket(max(len(v) for v in banned_rows.values()), 1, 1 << 16)
+        samp["banned"] = np.full((D, S, width), -1, np.int32)
+        for (r, row), ids in banned_rows.items():
+            samp["banned"][r, row, :len(ids)] = ids
+    if flags.penalties:
+        width = bucket(max(len(h) for h, _ in history_rows.values()), 16, 1 << 20)
+        samp["history"] = np.full((D, S, width), -1, np.int32)
+        samp["history_is_output"] = np.zeros((D, S, width), bool)
+        for name in ("presence_penalty", "frequency_penalty"):
+            samp[name] = np.zeros((D, S), np.float32)
+        samp["repetition_penalty"] = np.ones((D, S), np.float32)
+        for r, plan in enumerate(plans):
+            for row, c in enumerate(plan):
+                hist, n_prompt = history_rows[r, row]
+                samp["history"][r, row, :len(hist)] = hist
+                samp["history_is_output"][r, row, n_prompt:len(hist)] = True
+                for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+                    samp[name][r, row] = getattr(c.seq.params, name)
+    batch = {"tokens": tokens, "positions": positions, "slots": slots, "token_seq": token_seq,
+             "block_tables": tables, "sample_index": sample_index}
+    return batch, samp, flags

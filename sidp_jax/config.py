@@ -1,0 +1,163 @@
+"""Model configuration from a Hugging Face `config.json` (both generations) or a shape preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+# HF architecture name -> our family. One decoder serves all three.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str  # "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None  # frozen dict of the llama3 parameters
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    checkpoint_dtype: str = "bfloat16"
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        h, i, l = self.hidden_size, self.intermediate_size, self.num_layers
+        attn = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.num_heads * self.head_dim * h
+        ffn = 3 * h * i
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return l * (attn + ffn + 2 * h) + emb + h
+
+    def ffn_params_per_layer(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    def kv_bytes_per_token(self, dtype=jnp.bfloat16) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * jnp.dtype(dtype).itemsize
+
+
+def _rope_from_hf(raw: dict) -> tuple[float, dict | None]:
+    """Both config generations: legacy `rope_theta` + `rope_scaling`, current `rope_parameters`."""
+    params = raw.get("rope_parameters")
+    if params is not None:
+        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+        scaling = dict(params)
+    else:
+        theta = raw.get("rope_theta", 10000.0)
+        scaling = dict(raw["rope_scaling"]) if raw.get("rope_scaling") else None
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
+            scaling = None
+        elif kind != "llama3":
+            raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, llama3)")
+        else:
+            scaling = {k: scaling[k] for k in
+                       ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    return float(theta), scaling
+
+
+def config_from_hf_dict(raw: dict) -> ModelConfig:
+    archs = raw.get("architectures") or []
+    family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if family is None:
+        got = ", ".join(archs) or raw.get("model_type", "<none>")
+        raise ValueError(f"unsupported architecture {got}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if raw.get("mlp_bias"):
+        raise ValueError("mlp_bias=True is not supported")
+    if raw.get("use_sliding_window"):
+        raise ValueError("sliding-window attention (use_sliding_window=True) is not supported")
+    theta, scaling = _rope_from_hf(raw)
+    heads = raw["num_attention_heads"]
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+    return ModelConfig(
+        family=family,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+        qk_norm=family == "qwen3",
+        checkpoint_dtype=str(dtype).replace("torch.", ""),
+    )
+
+
+def load_config(model_dir: str) -> ModelConfig:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{model_dir} has no config.json (expected a Hugging Face checkpoint directory)")
+    with open(path) as f:
+        return config_from_hf_dict(json.load(f))
+
+
+# The real shapes of the models SiDP targets, for random-weight benchmarks (like vLLM's dummy load).
+PRESETS: dict[str, ModelConfig] = {
+    "qwen3-32b": ModelConfig(
+        family="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_layers=64,
+        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+        max_position_embeddings=40960, tie_word_embeddings=False, qkv_bias=False, qk_norm=True),
+    "qwen2.5-72b": ModelConfig(
+        family="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+        max_position_embeddings=32768, tie_word_embeddings=False, qkv_bias=True, qk_norm=False),
+    "llama3.1-70b": ModelConfig(
+        family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=5e5,
+        rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                      ("original_max_position_embeddings", 8192)),
+        max_position_embeddings=131072, tie_word_embeddings=False, qkv_bias=False, qk_norm=False),
+}
+
+
+def dtype_from_name(name: str):
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse frequencies [head_dim/2], with llama3 scaling applied as transformers does."""
+    import numpy as np
+
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv.astype(np.float32)
+    s = dict(cfg.rope_scaling)
+    factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = orig / lo, orig / hi
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -1,0 +1,119 @@
+"""Where each weight lives: the `dp`, `tp` and `sidp` layouts over a ("dp", "tp") mesh.
+
+- dp:   every replica holds all weights (tp-sharded heads/FFN inside a replica when tp > 1).
+- tp:   the whole group is ONE replica, Megatron tensor parallelism over every device.
+- sidp: attention, norms, embeddings as in dp; the FFN weights are pooled over "dp":
+        `striped` splits every layer's FFN 1/D over the group (intermediate axis),
+        `owner` keeps layer l whole on dp-rank l mod D (stored rows permuted so that each
+        rank's rows are contiguous: row r*(Lp/D) + i holds layer i*D + r).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sidp_jax.config import ModelConfig
+from sidp_jax.models.params import ParamSpec, is_spec, param_specs
+
+PARALLEL_KINDS = ("dp", "tp", "sidp")
+PLACEMENTS = ("striped", "owner")
+
+
+def parse_mesh(mesh: str) -> dict[str, int]:
+    """'dp=4,tp=2' -> {'dp': 4, 'tp': 2}."""
+    sizes = {"dp": 1, "tp": 1}
+    for part in filter(None, (p.strip() for p in mesh.split(","))):
+        name, _, value = part.partition("=")
+        if name not in sizes or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"mesh must look like 'dp=8' or 'dp=4,tp=2', got {mesh!r}")
+        sizes[name] = int(value)
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    parallel: str
+    placement: str
+    mesh: Mesh
+
+    @property
+    def num_replicas(self) -> int:
+        return self.mesh.shape["dp"]
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.shape["tp"]
+
+    @property
+    def pooled(self) -> bool:
+        return self.parallel == "sidp" and self.num_replicas > 1
+
+    def ffn_rows(self, cfg: ModelConfig) -> int:
+        """Stored FFN layer rows (owner placement pads the layer count to a multiple of D)."""
+        if self.pooled and self.placement == "owner":
+            return -(-cfg.num_layers // self.num_replicas) * self.num_replicas
+        return cfg.num_layers
+
+    def ffn_layer_order(self, cfg: ModelConfig) -> np.ndarray:
+        """Stored row -> model layer (-1: padding row)."""
+        rows = self.ffn_rows(cfg)
+        if not (self.pooled and self.placement == "owner"):
+            return np.arange(rows)
+        D = self.num_replicas
+        per = rows // D
+        order = np.array([i * D + r for r in range(D) for i in range(per)])
+        return np.where(order < cfg.num_layers, order, -1)
+
+    def _axis_rules(self) -> dict[str, object]:
+        rules: dict[str, object] = {"q_heads": "tp", "kv_heads": "tp", "ffn": "tp"}
+        if self.pooled and self.placement == "striped":
+            rules["ffn"] = ("dp", "tp")
+        if self.pooled and self.placement == "owner":
+            rules["ffn_layers"] = "dp"
+        return rules
+
+    def param_pspecs(self, cfg: ModelConfig) -> dict:
+        rules = self._axis_rules()
+
+        def spec(s: ParamSpec) -> P:
+            return P(*(rules.get(a) if a else None for a in s.axes))
+
+        return jax.tree.map(spec, self.param_specs(cfg), is_leaf=is_spec)
+
+    def param_specs(self, cfg: ModelConfig) -> dict:
+        """param_specs with the FFN row count this layout stores."""
+        specs = param_specs(cfg)
+        rows = self.ffn_rows(cfg)
+        specs["ffn"] = {k: dataclasses.replace(s, shape=(rows, *s.shape[1:])) for k, s in specs["ffn"].items()}
+        return specs
+
+    def param_shardings(self, cfg: ModelConfig) -> dict:
+        return jax.tree.map(lambda p: NamedSharding(self.mesh, p), self.param_pspecs(cfg))
+
+    def check(self, cfg: ModelConfig) -> None:
+        for what, n in (("attention heads", cfg.num_heads), ("kv heads", cfg.num_kv_heads)):
+            if n % self.tp:
+                raise ValueError(f"{cfg.num_kv_heads if what == 'kv heads' else n} {what} do not split over tp={self.tp}")
+        shards = self.tp * (self.num_replicas if self.pooled and self.placement == "striped" else 1)
+        if cfg.intermediate_size % shards:
+            raise ValueError(f"intermediate size {cfg.intermediate_size} does not split into {shards} FFN shards")
+
+
+def make_layout(mesh: str, parallel: str = "sidp", placement: str = "striped", devices=None) -> Layout:
+    if parallel not in PARALLEL_KINDS:
+        raise ValueError(f"parallel must be one of {PARALLEL_KINDS}, got {parallel!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    sizes = parse_mesh(mesh)
+    n = sizes["dp"] * sizes["tp"]
+    devices = list(devices if devices is not None else jax.devices())
+    if n > len(devices):
+        raise ValueError(f"mesh {mesh} needs {n} devices, but only {len(devices)} are visible")
+    if parallel == "tp":  # the whole group becomes one tensor-parallel replica
+        sizes = {"dp": 1, "tp": n}
+    grid = np.array(devices[:n]).reshape(sizes["dp"], sizes["tp"])
+    return Layout(parallel, placement, Mesh(grid, ("dp", "tp")))

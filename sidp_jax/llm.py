@@ -1,0 +1,184 @@
+"""The public offline API, with vLLM's names: LLM.generate, LLM.chat, SamplingParams."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterator
+
+from sidp_jax.config import PRESETS, ModelConfig, dtype_from_name, load_config
+from sidp_jax.engine import Engine, Request
+from sidp_jax.layouts import make_layout
+from sidp_jax.outputs import RequestOutput
+from sidp_jax.sampling_params import SamplingParams
+from sidp_jax.startup import build_runner, report_kv
+
+BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny-qwen3")
+FFN_MODES = ("auto", "was", "cas")
+
+PromptLike = str | list[int] | dict
+
+
+class LLM:
+    def __init__(self, model: str | ModelConfig | None = None, *, mesh: str = "dp=1", parallel: str = "sidp",
+                 placement: str = "striped", ffn_mode: str = "auto", dtype: str = "bfloat16",
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, kv_block_size: int = 16,
+                 seed: int = 0, kv_cache_tokens: int | None = None, devices=None, verbose: bool = True):
+        if ffn_mode not in FFN_MODES:
+            raise ValueError(f"ffn_mode must be one of {FFN_MODES}, got {ffn_mode!r}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                        ("kv_block_size", kv_block_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.model = model or BUNDLED_MODEL
+        self.dtype = dtype_from_name(dtype)
+        self.cfg, self.tokenizer = self._load_config_and_tokenizer(self.model)
+        self.layout = make_layout(mesh, parallel, placement, devices)
+        self.layout.check(self.cfg)
+        self.max_model_len = max_model_len or min(self.cfg.max_position_embeddings, 32768)
+        self.verbose = verbose
+        runner, scheduler, policy, kv_info = build_runner(
+            self, ffn_mode=ffn_mode, utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, page_size=kv_block_size, seed=seed,
+            kv_cache_tokens=kv_cache_tokens)
+        self.kv_info = kv_info
+        if self.max_model_len > kv_info["tokens_per_replica"]:
+            print(f"[sidp_jax] max_model_len {self.max_model_len} exceeds one replica's KV capacity; "
+                  f"lowering it to {kv_info['tokens_per_replica']}")
+            self.max_model_len = kv_info["tokens_per_replica"]
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else []
+        self.engine = Engine(runner, scheduler, tokenizer=self.tokenizer, eos_ids=eos,
+                             max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                             max_num_seqs=max_num_seqs, seed=seed, mode_policy=policy)
+        self._request_counter = 0
+        if verbose:
+            print(report_kv(self, kv_info))
+
+    @staticmethod
+    def _load_config_and_tokenizer(model) -> tuple[ModelConfig, object | None]:
+        if isinstance(model, ModelConfig):  # a shape with random weights (tests, benchmarks)
+            return model, None
+        if model in PRESETS:
+            return PRESETS[model], None
+        if not os.path.isdir(model):
+            raise FileNotFoundError(
+                f"model {model!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+        from sidp_jax.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_dir(model) if os.path.isfile(os.path.join(model, "tokenizer.json")) else None
+        return load_config(model), tok
+
+    # ----- requests -----
+    def default_sampling_params(self) -> SamplingParams:
+        defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
+        known = {k: v for k, v in defaults.items()
+                 if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        return SamplingParams(**known)
+
+    def _prompt_ids(self, prompt: PromptLike) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.model!r} has no tokenizer: pass prompts as token-id lists")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = [int(t) for t in prompt]
+        if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        return None, ids
+
+    def _requests(self, prompts, sampling_params) -> list[Request]:
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if prompts and isinstance(prompts[0], int):  # one prompt given as token ids
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = self.default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+        reqs = []
+        for prompt, sp in zip(prompts, sampling_params):
+            text, ids = self._prompt_ids(prompt)
+            reqs.append(Request(self._request_counter, text, ids, sp))
+            self._request_counter += 1
+        return reqs
+
+    def stream(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> Iterator[tuple[int, RequestOutput]]:
+        """Yield (index into prompts, RequestOutput) as requests finish."""
+        reqs = self._requests(prompts, sampling_params)
+        base = reqs[0].index if reqs else 0
+        by_index = {}
+        bar = _progress(len(reqs), use_tqdm)
+        start, out_tokens = time.perf_counter(), 0
+        for req in reqs:
+            if not req.prompt_ids:
+                yield req.index - base, _error(req, "empty prompt")
+                bar.update(1)
+            elif len(req.prompt_ids) >= self.max_model_len:
+                yield req.index - base, _error(
+                    req, f"prompt has {len(req.prompt_ids)} tokens; max_model_len is {self.max_model_len}")
+                bar.update(1)
+            else:
+                by_index[req.index] = req
+                self.engine.add(req)
+        while self.engine.scheduler.has_work():
+            for seq in self.engine.step():
+                req = by_index[seq.request_index]
+                out_tokens += len(seq.output_ids)
+                if req.finished:
+                    req.metrics.finished_time = time.time()
+                    del by_index[req.index]
+                    bar.update(1)
+                    bar.set_postfix_str(f"{out_tokens / (time.perf_counter() - start):.1f} out tok/s")
+                    yield req.index - base, req.output()
+        bar.close()
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+        results = dict(self.stream(prompts, sampling_params, use_tqdm=use_tqdm))
+        return [results[i] for i in range(len(results))]
+
+    def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.model!r} has no tokenizer, so no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, chat_template=chat_template,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **(chat_template_kwargs or {}))
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stats(self) -> dict:
+        s = self.engine.stats()
+        s.update(self.kv_info)
+        s["num_replicas"] = self.layout.num_replicas
+        s["max_concurrency"] = self.kv_info["tokens_per_replica"] / self.max_model_len
+        s["host_ms_per_step"] = 1e3 * s["host_seconds"] / max(s["num_steps"], 1)
+        s["device_ms_per_step"] = 1e3 * s["device_seconds"] / max(s["num_steps"], 1)
+        return s
+
+
+def _error(req: Request, msg: str) -> RequestOutput:
+    return RequestOutput(str(req.index), req.prompt, req.prompt_ids, [], True, req.metrics, error=msg)
+
+
+class _NoBar:
+    def update(self, n): pass
+    def set_postfix_str(self, s): pass
+    def close(self): pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", unit="req", dynamic_ncols=True)

@@ -1,0 +1,1 @@
+"""The SiDP weight pool: how a replica reaches FFN weights that live on other GPUs."""

@@ -1,0 +1,63 @@
+"""FFN strategies, one per (layout, mode), all called per layer inside the replica's shard_map.
+
+Weight-as-a-Service (WaS) brings the layer's weights to every replica and runs the FFN
+locally; Compute-as-a-Service (CaS) brings every replica's activations to the weights.
+  striped WaS: all_gather the layer's 1/D slices over "dp" (every link equally loaded).
+  striped CaS: all_gather activations, run the local 1/D slice on all D*T tokens,
+               reduce-scatter the partial sums back (every GPU busy, FFN HBM reads / D).
+  owner WaS:   broadcast layer l from dp-rank l mod D (the owner changes every layer, so
+               consecutive fetches come from different GPUs).
+  owner CaS:   all_gather activations, the owner alone computes, a reduce-scatter returns
+               each replica its rows (non-owners contribute zeros and skip the GEMMs).
+Each returns a function ffn(x [T, H], layer, w) -> [T, H], where `w` is the layer's stacked
+slice (striped, dense) or None (owner: the function indexes the local pool itself).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sidp_jax.models.decoder import dense_ffn
+
+MODES = ("was", "cas")
+
+
+def broadcast_from(x, axis: str, source):
+    """lax.pbroadcast where the backend lowers it (GPU); psum of a masked copy elsewhere (CPU)."""
+    if jax.default_backend() == "gpu":
+        return jax.lax.pbroadcast(x, axis, source)
+    mine = jax.lax.axis_index(axis) == source
+    return jax.tree.map(lambda a: jax.lax.psum(jnp.where(mine, a, jnp.zeros_like(a)), axis), x)
+
+
+def striped_was(x, layer, w):
+    full = {"gate_up": jax.lax.all_gather(w["gate_up"], "dp", axis=2, tiled=True),
+            "down": jax.lax.all_gather(w["down"], "dp", axis=0, tiled=True)}
+    return dense_ffn(x, layer, full)
+
+
+def striped_cas(x, layer, w):
+    everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)  # [D*T, H]
+    partial = dense_ffn(everyone, layer, w)  # this rank's 1/D of the intermediate axis
+    return jax.lax.psum_scatter(partial, "dp", scatter_dimension=0, tiled=True)
+
+
+def make_owner_ffns(pool: dict, num_replicas: int):
+    """pool: this rank's stored rows {gate_up [Lp/D, ...], down [Lp/D, ...]}."""
+    D = num_replicas
+
+    def local_row(layer):
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer // D, keepdims=False), pool)
+
+    def owner_was(x, layer, _):
+        return dense_ffn(x, layer, broadcast_from(local_row(layer), "dp", layer % D))
+
+    def owner_cas(x, layer, _):
+        everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)
+        is_owner = jax.lax.axis_index("dp") == layer % D
+        y = jax.lax.cond(is_owner, lambda: dense_ffn(everyone, layer, local_row(layer)),
+                         lambda: jnp.zeros_like(everyone))
+        return jax.lax.psum_scatter(y, "dp", scatter_dimension=0, tiled=True)
+
+    return {"was": owner_was, "cas": owner_cas}

@@ -1,0 +1,68 @@
+"""Per-step choice between WaS and CaS from a cost model of one FFN layer.
+
+With T tokens on the busiest replica, D replicas, F FFN parameters per layer (bf16: 2F bytes),
+matmul rate R, HBM bandwidth B, link bandwidth N and a per-collective latency lat:
+  WaS: compute max(2TF/R, 2F/B), fetch 2F(D-1)/D/N, overlapped -> max(compute, fetch / eff)
+  CaS striped: each GPU runs its F/D slice on all D*T tokens: max(2TF/R, 2F/(D*B)), plus an
+               all-gather and a reduce-scatter of D*T*H activations, on the critical path.
+  CaS owner:   the owner runs all D*T tokens: max(2DTF/R, 2F/B) plus the same activation traffic.
+The constants come from a calibration on the machine (Calibration.measure) or the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+log = logging.getLogger("sidp_jax")
+
+
+@dataclasses.dataclass
+class Calibration:
+    matmul_flops: float = 500e12  # R, FLOP/s
+    hbm_bytes: float = 4.0e12  # B, B/s
+    link_bytes: float = 200e9  # N, B/s (per GPU, all-gather)
+    collective_latency: float = 20e-6
+    overlap_efficiency: float = 0.7  # share of the fetch hidden behind compute in WaS
+    source: str = "defaults (H200 figures)"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+class ModePolicy:
+    def __init__(self, *, fixed: str | None, num_replicas: int, hidden: int, intermediate: int,
+                 placement: str, calibration: Calibration | None = None):
+        self.fixed = fixed
+        self.D, self.H, self.F = num_replicas, hidden, 3 * hidden * intermediate
+        self.placement = placement
+        self.cal = calibration or Calibration()
+        self.crossover = self._crossover()
+        if fixed is None:
+            log.info("ffn_mode=auto: WaS from %d tokens per replica step (%s)", self.crossover, self.cal.source)
+
+    def layer_seconds(self, mode: str, tokens: int) -> float:
+        c, D, F = self.cal, self.D, self.F
+        acts = 2 * (D - 1) * tokens * self.H * 2 / c.link_bytes + 2 * c.collective_latency
+        if mode == "was":
+            compute = max(2 * tokens * F / c.matmul_flops, 2 * F / c.hbm_bytes)
+            fetch = 2 * F * (D - 1) / D / c.link_bytes
+            return max(compute, fetch / max(c.overlap_efficiency, 1e-3), compute + fetch * (1 - c.overlap_efficiency))
+        if self.placement == "owner":
+            return max(2 * D * tokens * F / c.matmul_flops, 2 * F / c.hbm_bytes) + acts
+        return max(2 * tokens * F / c.matmul_flops, 2 * F / (D * c.hbm_bytes)) + acts
+
+    def _crossover(self) -> int:
+        t = 1
+        while t < 1 << 20 and self.layer_seconds("cas", t) <= self.layer_seconds("was", t):
+            t *= 2
+        return t
+
+    def choose(self, tokens: int) -> str:
+        if self.fixed is not None:
+            return self.fixed
+        return "was" if tokens >= self.crossover else "cas"
+
+    def __call__(self, plans) -> str:
+        return self.choose(max(sum(c.num_tokens for c in p) for p in plans))

@@ -1,0 +1,79 @@
+"""Batched sampling on device, inside the jitted step (logits never leave the GPU).
+
+A row's random draw depends only on (its seed, how many tokens it has generated), never on the
+rest of the batch, so seeded requests reproduce across batch compositions and preemptions.
+Static flags select the (rarely needed) sorting filters, penalties and logprobs so the common
+case stays cheap; each combination compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerFlags:
+    filters: bool = False  # any top_k / top_p / min_p in the batch
+    penalties: bool = False  # any presence / frequency / repetition penalty
+    num_logprobs: int = 0  # top-N logprobs to return (0: only the sampled token's)
+
+
+def _apply_penalties(logits, p):
+    S, V = logits.shape
+    hist = p["history"]  # [S, Lh] token ids, -1 padding
+    valid = hist >= 0
+    idx = jnp.where(valid, hist, V)  # out of range -> dropped
+    rows = jnp.arange(S)[:, None]
+    out_counts = jnp.zeros((S, V), jnp.float32).at[rows, idx].add(
+        (valid & p["history_is_output"]).astype(jnp.float32), mode="drop")
+    seen = jnp.zeros((S, V), jnp.bool_).at[rows, idx].set(True, mode="drop")
+    rp = p["repetition_penalty"][:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    logits = logits - p["frequency_penalty"][:, None] * out_counts
+    return logits - p["presence_penalty"][:, None] * (out_counts > 0)
+
+
+def _filter(scaled, p):
+    """top_k, top_p, min_p on temperature-scaled logits (sorted once)."""
+    V = scaled.shape[-1]
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    rank = jnp.arange(V)[None, :]
+    k = p["top_k"][:, None]
+    keep = (k <= 0) | (rank < k)
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= cum_before < p["top_p"][:, None]
+    keep &= probs >= p["min_p"][:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    filtered_sorted = jnp.where(keep, sorted_logits, NEG_INF)
+    inverse = jnp.argsort(order, axis=-1)
+    return jnp.take_along_axis(filtered_sorted, inverse, axis=-1)
+
+
+def sample(logits: jax.Array, p: dict, flags: SamplerFlags) -> dict:
+    """logits [S, V] float32 -> {"tokens" [S], "logprob" [S], optional "top_ids"/"top_logprobs"}."""
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if flags.penalties:
+        logits = _apply_penalties(logits, p)
+    banned = p["banned"]  # [S, NB] tokens forbidden this step (min_tokens), -1 padding
+    S, V = logits.shape
+    logits = logits.at[jnp.arange(S)[:, None], jnp.where(banned >= 0, banned, V)].set(NEG_INF, mode="drop")
+    greedy = jnp.argmax(logits, axis=-1)
+    temp = p["temperature"]
+    scaled = logits / jnp.where(temp > 0, temp, 1.0)[:, None]
+    if flags.filters:
+        scaled = _filter(scaled, p)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(p["seed"], p["step"])
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
+    drawn = jnp.argmax(scaled + gumbel, axis=-1)
+    tokens = jnp.where(temp > 0, drawn, greedy).astype(jnp.int32)
+    out = {"tokens": tokens, "logprob": jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]}
+    if flags.num_logprobs:
+        out["top_logprobs"], out["top_ids"] = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
+    return out

@@ -1,0 +1,58 @@
+"""One sequence being generated: its tokens, KV pages and progress."""
+
+from __future__ import annotations
+
+import enum
+
+from sidp_jax.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request_index: int, sample_index: int, prompt_ids: list[int],
+                 params: SamplingParams, seed: int, max_tokens: int):
+        self.seq_id = seq_id
+        self.request_index = request_index  # which request it belongs to
+        self.sample_index = sample_index  # which of the request's n samples it is
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.output_logprobs: list[dict[int, float]] = []
+        self.params = params
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.status = Status.WAITING
+        self.replica: int | None = None
+        self.pages: list[int] = []
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.text = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def in_decode(self) -> bool:
+        return self.num_uncomputed == 1 and bool(self.output_ids)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: drop the cache; prompt + generated tokens are prefilled again later."""
+        self.pages = []
+        self.num_computed = 0
+        self.status = Status.WAITING
+        self.num_preemptions += 1

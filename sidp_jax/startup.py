@@ -1,0 +1,86 @@
+"""Engine start-up: place the weights, size the KV cache from free memory, build runner and scheduler."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from sidp_jax.batch import bucket
+from sidp_jax.checkpoint import load_params
+from sidp_jax.config import PRESETS, ModelConfig
+from sidp_jax.memory import compiled_temp_bytes, free_bytes_for_kv
+from sidp_jax.model_runner import ModelRunner, kv_bytes_per_page
+from sidp_jax.models.params import init_params
+from sidp_jax.pool.policy import ModePolicy
+from sidp_jax.sampler import SamplerFlags
+from sidp_jax.scheduler import Scheduler
+
+CPU_DEFAULT_KV_TOKENS = 32768  # per replica, where the device reports no memory (CPU)
+
+
+def place_params(llm, seed: int) -> dict:
+    shardings = llm.layout.param_shardings(llm.cfg)
+    if isinstance(llm.model, ModelConfig) or llm.model in PRESETS:  # random weights, like vLLM's dummy load
+        return init_params(llm.layout.param_specs(llm.cfg), jax.random.key(seed), llm.dtype, shardings,
+                           ffn_order=llm.layout.ffn_layer_order(llm.cfg))
+    return load_params(llm.model, llm.cfg, llm.dtype, llm.layout)
+
+
+def _step_temp_bytes(runner: ModelRunner, max_tokens: int, max_rows: int, max_pages: int) -> int:
+    """Temporaries of the largest step variant, from XLA's memory analysis of its compilation."""
+    D = runner.layout.num_replicas
+    i32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.int32)
+    f32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.float32)
+    T, S, MB = max_tokens, max_rows, max_pages
+    batch = {"tokens": i32(T), "positions": i32(T), "slots": i32(T), "token_seq": i32(T),
+             "block_tables": i32(S, MB), "sample_index": i32(S)}
+    samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),
+            "seed": jax.ShapeDtypeStruct((D, S), np.uint32), "step": i32(S), "banned": i32(S, 1)}
+    fn = runner.step_fn("was", SamplerFlags())
+    return compiled_temp_bytes(fn.lower(runner.params, runner.kv, batch, samp).compile())
+
+
+def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
+                 page_size: int, seed: int, kv_cache_tokens: int | None):
+    cfg, layout = llm.cfg, llm.layout
+    params = place_params(llm, seed)
+    page_bytes = kv_bytes_per_page(cfg, layout, page_size, llm.dtype)
+    max_pages = -(-llm.max_model_len // page_size)
+    if kv_cache_tokens is not None:
+        num_pages = -(-kv_cache_tokens // page_size) + 1
+        source = "kv_cache_tokens"
+    else:
+        probe = ModelRunner(cfg, layout, params, num_pages=2, page_size=page_size, kv_dtype=llm.dtype)
+        devices = layout.mesh.devices.flatten()
+        free = free_bytes_for_kv(devices, utilization, 0)
+        if free is None:
+            num_pages = CPU_DEFAULT_KV_TOKENS // page_size + 1
+            source = "CPU default"
+        else:
+            temp = _step_temp_bytes(probe, bucket(max_num_batched_tokens, 8, max_num_batched_tokens),
+                                    bucket(max_num_seqs, 4, max_num_seqs), bucket(max_pages, 4, max_pages))
+            free = free_bytes_for_kv(devices, utilization, temp)
+            if free < 2 * page_bytes:
+                raise MemoryError(f"no room for the KV cache: {free / 2**30:.2f} GiB free per device after weights "
+                                  f"and {temp / 2**30:.2f} GiB of step temporaries at gpu_memory_utilization="
+                                  f"{utilization}")
+            num_pages = free // page_bytes
+            source = f"free memory (step temporaries {temp / 2**30:.2f} GiB)"
+        del probe
+    runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype)
+    scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
+    fixed = "was" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
+    policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
+                        hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement)
+    info = {"tokens_per_replica": (num_pages - 1) * page_size, "num_pages": num_pages, "page_size": page_size,
+            "kv_bytes_per_page_per_device": page_bytes, "kv_sizing": source,
+            "mode_crossover_tokens": policy.crossover}
+    return runner, scheduler, policy, info
+
+
+def report_kv(llm, info: dict) -> str:
+    lay = llm.layout
+    conc = info["tokens_per_replica"] / llm.max_model_len
+    return (f"[sidp_jax] {lay.parallel} on mesh dp={lay.num_replicas},tp={lay.tp}: KV cache "
+            f"{info['tokens_per_replica']:,} tokens per replica ({info['kv_sizing']}); "
+            f"max concurrency {conc:.2f}x at max_model_len {llm.max_model_len}")
