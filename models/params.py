@@ -9,6 +9,7 @@ group without touching the rest.
 from __future__ import annotations
 
 import dataclasses
+import math
 import jax
 import jax.numpy as jnp
 
@@ -67,8 +68,14 @@ def abstract_params(cfg: ModelConfig, dtype) -> dict:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=is_spec)
 
 
-def init_params(specs: dict, key: jax.Array, dtype, shardings=None, scale: float = 0.02,
-                ffn_order=None) -> dict:
+def _fan_in(spec: ParamSpec) -> int:
+    """Input width: the hidden size, or for projections back into it (o, down) the dims in between."""
+    if spec.axes[-1] == "embed" and spec.axes[0] != "vocab":
+        return math.prod(spec.shape[1:-1])
+    return spec.shape[spec.axes.index("embed")]
+
+
+def init_params(specs: dict, key: jax.Array, dtype, shardings=None, ffn_order=None) -> dict:
     """Random weights (benchmark presets, tests) for a ParamSpec tree, made in their target shardings.
 
     Stacked FFN rows are drawn per model layer (`ffn_order`: stored row -> layer, -1 padding),
@@ -83,6 +90,7 @@ def init_params(specs: dict, key: jax.Array, dtype, shardings=None, scale: float
             return jnp.ones(spec.shape, dtype)
         if spec.init == "zeros":
             return jnp.zeros(spec.shape, dtype)
+        scale = _fan_in(spec) ** -0.5  # keeps activations O(1): tiny random models get non-flat logits
         if order is None:
             return (scale * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
         row = lambda layer: scale * jax.random.normal(jax.random.fold_in(k, layer), spec.shape[1:], jnp.float32)

@@ -1,0 +1,155 @@
+"""The decoder and the checkpoint loader against transformers' own outputs (fixtures from tools/)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from sidp_jax.checkpoint import load_params
+from sidp_jax.config import PRESETS, config_from_hf_dict, load_config
+from sidp_jax.layouts import make_layout
+from sidp_jax.models.decoder import forward
+from sidp_jax.safetensors_io import CheckpointError
+
+HERE = os.path.dirname(__file__)
+CKPTS = os.path.join(HERE, "fixtures", "checkpoints")
+REFS = os.path.join(HERE, "fixtures", "reference")
+MODELS = ["tiny-llama3", "tiny-qwen2", "tiny-qwen3"]
+
+
+def reference(name):
+    with open(os.path.join(REFS, f"{name}.json")) as f:
+        meta = json.load(f)
+    return meta, load_file(os.path.join(REFS, f"{name}.safetensors"))
+
+
+def prefill_logits(cfg, params, ids, page_size=4):
+    """All positions' logits for one prompt through the paged forward (pages 1.. of a small pool)."""
+    T = len(ids)
+    pages = -(-T // page_size)
+    kv = {k: jnp.zeros((cfg.num_layers * (pages + 1), page_size, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
+          for k in ("k", "v")}
+    pos = np.arange(T)
+    batch = {"tokens": jnp.asarray(ids, jnp.int32), "positions": jnp.asarray(pos, jnp.int32),
+             "slots": jnp.asarray(page_size + pos, jnp.int32),  # pages 1..pages, contiguous
+             "token_seq": jnp.zeros(T, jnp.int32),
+             "block_tables": jnp.arange(1, pages + 1, dtype=jnp.int32)[None],
+             "sample_index": jnp.arange(T, dtype=jnp.int32)}
+    logits, _ = jax.jit(lambda p, kv, b: forward(cfg, p, kv, b))(params, kv, batch)
+    return np.asarray(logits)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def loaded(request):
+    path = os.path.join(CKPTS, request.param)
+    cfg = load_config(path)
+    layout = make_layout("dp=1", "dp", devices=jax.devices("cpu"))
+    return request.param, cfg, load_params(path, cfg, jnp.float32, layout)
+
+
+def test_prefill_logits_match_transformers(loaded):
+    name, cfg, params = loaded
+    meta, tensors = reference(name)
+    for i, prompt in enumerate(meta["prompts"]):
+        got = prefill_logits(cfg, params, prompt["token_ids"])
+        want = tensors[f"logits_{i}"]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_configs_of_both_generations():
+    llama = load_config(os.path.join(CKPTS, "tiny-llama3"))  # current form: rope_parameters, dtype
+    qwen2 = load_config(os.path.join(CKPTS, "tiny-qwen2"))  # legacy form: rope_theta, torch_dtype
+    assert llama.rope_scaling is not None and dict(llama.rope_scaling)["factor"] == 8.0
+    assert llama.rope_theta == 500000.0 and llama.checkpoint_dtype == "float32"
+    assert qwen2.rope_scaling is None and qwen2.checkpoint_dtype == "bfloat16"
+    assert qwen2.tie_word_embeddings and qwen2.qkv_bias
+    qwen3 = load_config(os.path.join(CKPTS, "tiny-qwen3"))
+    assert qwen3.qk_norm and qwen3.head_dim != qwen3.hidden_size // qwen3.num_heads
+    legacy = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 5e5, "torch_dtype": "bfloat16",
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    current = {k: v for k, v in legacy.items() if k not in ("rope_theta", "torch_dtype", "rope_scaling")}
+    current |= {"dtype": "bfloat16", "rope_parameters": {**legacy["rope_scaling"], "rope_theta": 5e5}}
+    assert config_from_hf_dict(legacy) == config_from_hf_dict(current)
+
+
+def test_presets_have_the_real_shapes():
+    q = PRESETS["qwen3-32b"]
+    assert q.kv_bytes_per_token() == 256 * 1024
+    assert abs(q.num_params() / 1e9 - 32.8) < 0.3
+    assert abs(3 * q.hidden_size * q.intermediate_size * q.num_layers / q.num_params() - 0.77) < 0.01
+    assert PRESETS["llama3.1-70b"].kv_bytes_per_token() == 320 * 1024
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(ValueError, match="MistralForCausalLM.*supported: LlamaForCausalLM"):
+        config_from_hf_dict({"architectures": ["MistralForCausalLM"]})
+
+
+def _copy(tmp_path, name="tiny-llama3"):
+    dst = tmp_path / name
+    shutil.copytree(os.path.join(CKPTS, name), dst)
+    return str(dst)
+
+
+def _rewrite(path, fn):
+    f = os.path.join(path, "model.safetensors")
+    tensors = dict(load_file(f))
+    fn(tensors)
+    save_file(tensors, f)
+
+
+def _load(path):
+    cfg = load_config(path)
+    return load_params(path, cfg, jnp.float32, make_layout("dp=1", "dp", devices=jax.devices("cpu")))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _copy(tmp_path)
+    _rewrite(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match="missing tensors: model.layers.1.mlp.up_proj.weight"):
+        _load(path)
+
+
+def test_unexpected_tensor_is_named_with_file(tmp_path):
+    path = _copy(tmp_path)
+    _rewrite(path, lambda t: t.__setitem__("model.layers.0.extra.weight", np.zeros(3, np.float32)))
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.extra.weight in model.safetensors"):
+        _load(path)
+
+
+def test_misshaped_tensor_is_named_with_file(tmp_path):
+    path = _copy(tmp_path)
+    _rewrite(path, lambda t: t.__setitem__("model.norm.weight", np.ones(63, np.float32)))
+    with pytest.raises(CheckpointError, match=r"model.norm.weight in model.safetensors has shape \[63\], expected \[64\]"):
+        _load(path)
+
+
+def test_missing_shard_file_is_named(tmp_path):
+    path = _copy(tmp_path, "tiny-qwen3")
+    victim = sorted(f for f in os.listdir(path) if f.startswith("model-"))[1]
+    os.remove(os.path.join(path, victim))
+    with pytest.raises(CheckpointError, match=victim):
+        _load(path)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    path = _copy(tmp_path)
+    os.remove(os.path.join(path, "model.safetensors"))
+    (tmp_path / "tiny-llama3" / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="pickle.*safetensors only"):
+        _load(path)
+
+
+def test_bf16_checkpoint_loads_as_bf16():
+    path = os.path.join(CKPTS, "tiny-qwen2")
+    cfg = load_config(path)
+    params = load_params(path, cfg, jnp.bfloat16, make_layout("dp=1", "dp", devices=jax.devices("cpu")))
+    assert params["embed"].dtype == jnp.bfloat16 and "lm_head" not in params
