@@ -129,9 +129,9 @@ class LLM:
                 self.engine.add(req)
         while self.engine.scheduler.has_work():
             for seq in self.engine.step():
-                req = by_index[seq.request_index]
                 out_tokens += len(seq.output_ids)
-                if req.finished:
+                req = by_index.get(seq.request_index)  # None: a sibling sample already completed it
+                if req is not None and req.finished:
                     req.metrics.finished_time = time.time()
                     del by_index[req.index]
                     bar.update(1)

@@ -1,0 +1,126 @@
+"""The whole engine on CPU (float32): greedy outputs equal transformers', under load and pressure."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from sidp_jax import LLM, SamplingParams
+
+CKPTS = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints")
+REFS = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
+GREEDY16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def fixture_prompts(name):
+    with open(os.path.join(REFS, f"{name}.json")) as f:
+        meta = json.load(f)
+    return [p["token_ids"] for p in meta["prompts"]], [p["greedy_token_ids"] for p in meta["prompts"]]
+
+
+def make_llm(name="tiny-qwen3", **kw):
+    kw.setdefault("devices", jax.devices("cpu")[:1]) if kw.get("mesh", "dp=1") == "dp=1" else None
+    return LLM(os.path.join(CKPTS, name), dtype="float32", verbose=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return make_llm(max_num_batched_tokens=64, max_num_seqs=16)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen2", "tiny-qwen3"])
+def test_greedy_equals_transformers(name):
+    prompts, want = fixture_prompts(name)
+    llm = make_llm(name, max_num_batched_tokens=64)
+    outs = llm.generate(prompts, GREEDY16, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_many_in_flight_chunked_prefill_and_preemption():
+    prompts, want = fixture_prompts("tiny-qwen3")
+    # 12 requests, an 8-token budget (prompts of 7-25 tokens are prefilled in chunks) and a KV
+    # pool of 64 tokens (too small for all at once: sequences get preempted and recomputed).
+    llm = make_llm(max_num_batched_tokens=8, max_num_seqs=8, kv_block_size=4, kv_cache_tokens=64)
+    outs = llm.generate(prompts * 4, GREEDY16, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == want * 4
+    assert llm.stats()["num_preemptions"] > 0
+    assert sum(o.metrics.num_preemptions for o in outs) == llm.stats()["num_preemptions"]
+
+
+def test_text_prompts_and_chat(qwen3):
+    out = qwen3.generate("Hello, world!", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0]
+    assert out.prompt == "Hello, world!" and out.prompt_token_ids == qwen3.tokenizer.encode("Hello, world!")
+    assert len(out.outputs[0].token_ids) <= 5 and isinstance(out.outputs[0].text, str)
+    chat = qwen3.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=4),
+                      use_tqdm=False)[0]
+    assert chat.prompt.endswith("<|im_start|>assistant\n")
+    assert chat.prompt_token_ids == qwen3.tokenizer.encode(chat.prompt, add_special_tokens=False)
+
+
+def test_max_and_min_tokens_and_eos(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    out = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want[0][:3] and out.outputs[0].finish_reason == "length"
+    # Make the 2nd greedy token an EOS via stop_token_ids; min_tokens=4 forbids stopping before 4 tokens.
+    stop_tok = want[0][1]
+    early = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_tok]),
+                           use_tqdm=False)[0].outputs[0]
+    assert early.token_ids == want[0][:2] and early.finish_reason == "stop" and early.stop_reason == stop_tok
+    held = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=6, min_tokens=4,
+                                                     stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) >= 4 and stop_tok not in held.token_ids[:4]
+
+
+def test_stop_strings_are_cut_from_the_text(qwen3):
+    prompts, _ = fixture_prompts("tiny-qwen3")
+    full = qwen3.generate(prompts[1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0]
+    assert len(full.text) >= 4
+    stop = full.text[2:4]
+    cut = qwen3.generate(prompts[1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop]),
+                         use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[:full.text.index(stop)]
+    assert stop not in cut.text and cut.token_ids == full.token_ids[:len(cut.token_ids)]
+
+
+def test_n_samples_and_seeds_reproduce_across_batches(qwen3):
+    prompts, _ = fixture_prompts("tiny-qwen3")
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=8, seed=123, n=3, ignore_eos=True)
+    alone = qwen3.generate([prompts[0]], sp, use_tqdm=False)[0]
+    other = SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True)
+    crowd = qwen3.generate([prompts[2], prompts[0], prompts[1]], [other, sp, other], use_tqdm=False)[1]
+    assert [o.index for o in alone.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in crowd.outputs]
+    assert len({tuple(o.token_ids) for o in alone.outputs}) > 1  # the n samples differ
+
+
+def test_logprobs_and_penalties(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    out = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == want[0][:4]
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert tok in lp and len(lp) == 3 and max(lp.values()) == lp[tok] <= 0
+    rep = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                    repetition_penalty=10.0), use_tqdm=False)[0].outputs[0]
+    assert len(set(rep.token_ids)) == len(rep.token_ids)  # a huge penalty forbids repeats
+
+
+def test_overlong_prompt_errors_and_the_rest_goes_on(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    too_long = [5] * (qwen3.max_model_len + 1)
+    outs = qwen3.generate([prompts[0], too_long, prompts[1]], GREEDY16, use_tqdm=False)
+    assert outs[1].error and "max_model_len" in outs[1].error and outs[1].outputs == []
+    assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == want[:2]
+
+
+def test_bad_sampling_params_name_the_field():
+    for field, value in [("temperature", -1), ("top_p", 0), ("top_k", -3), ("max_tokens", 0), ("n", 0),
+                         ("min_p", 2), ("logprobs", 99), ("repetition_penalty", 0), ("stop", [""])]:
+        with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+            SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=2)
