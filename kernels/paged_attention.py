@@ -56,4 +56,8 @@ def paged_attention_reference(
 
     if T <= chunk:
         return one_chunk((q, token_seq, positions))
-    return jax.lax.map(one_chunk, (q, token_seq, positions), batch_size=chunk)
+    # Bound the gathered K/V to `chunk` tokens at a time: pad T up, loop over chunks.
+    n = -(-T // chunk)
+    pad = lambda a: jnp.pad(a, [(0, n * chunk - T)] + [(0, 0)] * (a.ndim - 1)).reshape(n, chunk, *a.shape[1:])
+    out = jax.lax.map(one_chunk, (pad(q), pad(token_seq), pad(positions)))
+    return out.reshape(n * chunk, Nq, D)[:T]

@@ -159,6 +159,7 @@ class LLM:
     def stats(self) -> dict:
         s = self.engine.stats()
         s.update(self.kv_info)
+        s["kv_tokens_per_replica"] = self.kv_info["tokens_per_replica"]
         s["num_replicas"] = self.layout.num_replicas
         s["max_concurrency"] = self.kv_info["tokens_per_replica"] / self.max_model_len
         s["host_ms_per_step"] = 1e3 * s["host_seconds"] / max(s["num_steps"], 1)

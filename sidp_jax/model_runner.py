@@ -41,7 +41,7 @@ class ModelRunner:
         self._steps: dict = {}
 
     def _ffn(self, mode: str, local_params: dict):
-        """(ffn_fn, ffn_in_scan) for this layout and mode."""
+        """(ffn_fn, ffn_in_scan) for this layout and mode ("local" where the FFN is not pooled)."""
         lay = self.layout
         if not lay.pooled:
             return dense_ffn, True
@@ -73,7 +73,7 @@ class ModelRunner:
             self._steps[key] = self._build(mode, flags)
         return self._steps[key]
 
-    def run(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "was") -> dict:
+    def run(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "local") -> dict:
         """Run one step; returns numpy arrays [D, S, ...] of sampled tokens and logprobs."""
         batch, samp = jax.device_put((batch, samp), self.batch_sharding)
         out, self.kv = self.step_fn(mode, flags)(self.params, self.kv, batch, samp)

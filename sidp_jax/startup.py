@@ -36,7 +36,7 @@ def _step_temp_bytes(runner: ModelRunner, max_tokens: int, max_rows: int, max_pa
              "block_tables": i32(S, MB), "sample_index": i32(S)}
     samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),
             "seed": jax.ShapeDtypeStruct((D, S), np.uint32), "step": i32(S), "banned": i32(S, 1)}
-    fn = runner.step_fn("was", SamplerFlags())
+    fn = runner.step_fn("was" if runner.layout.pooled else "local", SamplerFlags())
     return compiled_temp_bytes(fn.lower(runner.params, runner.kv, batch, samp).compile())
 
 
@@ -69,7 +69,7 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
         del probe
     runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype)
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
-    fixed = "was" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
+    fixed = "local" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
                         hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement)
     info = {"tokens_per_replica": (num_pages - 1) * page_size, "num_pages": num_pages, "page_size": page_size,
