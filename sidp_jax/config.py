@@ -47,6 +47,10 @@ class ModelConfig:
         h, i, l = self.hidden_size, self.intermediate_size, self.num_layers
         attn = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.num_heads * self.head_dim * h
         ffn = 3 * h * i
+        if self.qkv_bias:
+            attn += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return l * (attn + ffn + 2 * h) + emb + h
 

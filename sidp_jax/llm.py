@@ -24,7 +24,8 @@ class LLM:
                  placement: str = "striped", ffn_mode: str = "auto", dtype: str = "bfloat16",
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, kv_block_size: int = 16,
-                 seed: int = 0, kv_cache_tokens: int | None = None, devices=None, verbose: bool = True):
+                 seed: int = 0, kv_cache_tokens: int | None = None, ffn_crossover_tokens: int | None = None,
+                 devices=None, verbose: bool = True):
         if ffn_mode not in FFN_MODES:
             raise ValueError(f"ffn_mode must be one of {FFN_MODES}, got {ffn_mode!r}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -43,7 +44,7 @@ class LLM:
         runner, scheduler, policy, kv_info = build_runner(
             self, ffn_mode=ffn_mode, utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, page_size=kv_block_size, seed=seed,
-            kv_cache_tokens=kv_cache_tokens)
+            kv_cache_tokens=kv_cache_tokens, crossover_tokens=ffn_crossover_tokens)
         self.kv_info = kv_info
         if self.max_model_len > kv_info["tokens_per_replica"]:
             print(f"[sidp_jax] max_model_len {self.max_model_len} exceeds one replica's KV capacity; "

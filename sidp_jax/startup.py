@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from sidp_jax.batch import bucket
+from sidp_jax.capacity import dp_comparison_line
 from sidp_jax.checkpoint import load_params
 from sidp_jax.config import PRESETS, ModelConfig
 from sidp_jax.memory import compiled_temp_bytes, free_bytes_for_kv
@@ -41,7 +42,7 @@ def _step_temp_bytes(runner: ModelRunner, max_tokens: int, max_rows: int, max_pa
 
 
 def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
-                 page_size: int, seed: int, kv_cache_tokens: int | None):
+                 page_size: int, seed: int, kv_cache_tokens: int | None, crossover_tokens: int | None = None):
     cfg, layout = llm.cfg, llm.layout
     params = place_params(llm, seed)
     page_bytes = kv_bytes_per_page(cfg, layout, page_size, llm.dtype)
@@ -71,16 +72,25 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
     fixed = "local" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
-                        hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement)
+                        hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement,
+                        crossover_tokens=crossover_tokens)
     info = {"tokens_per_replica": (num_pages - 1) * page_size, "num_pages": num_pages, "page_size": page_size,
             "kv_bytes_per_page_per_device": page_bytes, "kv_sizing": source,
-            "mode_crossover_tokens": policy.crossover}
+            "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode}
     return runner, scheduler, policy, info
 
 
 def report_kv(llm, info: dict) -> str:
     lay = llm.layout
     conc = info["tokens_per_replica"] / llm.max_model_len
-    return (f"[sidp_jax] {lay.parallel} on mesh dp={lay.num_replicas},tp={lay.tp}: KV cache "
-            f"{info['tokens_per_replica']:,} tokens per replica ({info['kv_sizing']}); "
-            f"max concurrency {conc:.2f}x at max_model_len {llm.max_model_len}")
+    lines = [f"[sidp_jax] {lay.parallel} on mesh dp={lay.num_replicas},tp={lay.tp}: KV cache "
+             f"{info['tokens_per_replica']:,} tokens per replica ({info['kv_sizing']}); "
+             f"max concurrency {conc:.2f}x at max_model_len {llm.max_model_len}"]
+    if lay.parallel == "sidp" and lay.pooled:
+        per_token = info["kv_bytes_per_page_per_device"] / info["page_size"]
+        lines.append("[sidp_jax] " + dp_comparison_line(llm.cfg, lay.parallel, lay.num_replicas, lay.tp,
+                                                        lay.placement, info["tokens_per_replica"], per_token,
+                                                        llm.dtype))
+        lines.append(f"[sidp_jax] ffn_mode: {info['ffn_mode']} (WaS from {info['mode_crossover_tokens']} "
+                     f"tokens per replica step)")
+    return "\n".join(lines)

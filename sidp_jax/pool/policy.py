@@ -33,12 +33,12 @@ class Calibration:
 
 class ModePolicy:
     def __init__(self, *, fixed: str | None, num_replicas: int, hidden: int, intermediate: int,
-                 placement: str, calibration: Calibration | None = None):
+                 placement: str, calibration: Calibration | None = None, crossover_tokens: int | None = None):
         self.fixed = fixed
         self.D, self.H, self.F = num_replicas, hidden, 3 * hidden * intermediate
         self.placement = placement
         self.cal = calibration or Calibration()
-        self.crossover = self._crossover()
+        self.crossover = crossover_tokens if crossover_tokens is not None else self._crossover()
         if fixed is None:
             log.info("ffn_mode=auto: WaS from %d tokens per replica step (%s)", self.crossover, self.cal.source)
 

@@ -1,0 +1,63 @@
+"""What each layout keeps on one GPU, and the KV capacity that leaves (DESIGN.md's bounds).
+
+Per GPU: `dp` holds every weight; `sidp` holds embeddings, attention, norms, 1/D of the FFN
+and a two-layer FFN buffer (the fetched layer in flight plus the one being used); `tp` holds
+1/T of the heads and FFN (embeddings replicated) but also only 1/T of each token's KV.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from sidp_jax.config import ModelConfig
+
+
+def ffn_layer_bytes(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
+    return 3 * cfg.hidden_size * cfg.intermediate_size * jnp.dtype(dtype).itemsize
+
+
+def weight_bytes_per_gpu(cfg: ModelConfig, parallel: str, dp: int, tp: int = 1, placement: str = "striped",
+                         dtype=jnp.bfloat16, include_buffer: bool = True) -> int:
+    """Bytes of weights one GPU holds under a layout (the FFN buffer counted for sidp)."""
+    item = jnp.dtype(dtype).itemsize
+    ffn = ffn_layer_bytes(cfg, dtype) * cfg.num_layers
+    total = cfg.num_params() * item
+    emb = cfg.vocab_size * cfg.hidden_size * item * (1 if cfg.tie_word_embeddings else 2)
+    norms = (2 * cfg.hidden_size * cfg.num_layers + cfg.hidden_size) * item  # replicated everywhere
+    if cfg.qk_norm:
+        norms += 2 * cfg.head_dim * cfg.num_layers * item
+    heads_and_ffn = total - emb - norms  # what tp (and tp inside a replica) splits
+    if parallel == "tp":
+        return total - heads_and_ffn + heads_and_ffn // (dp * tp)
+    attn = heads_and_ffn - ffn
+    rest = total - heads_and_ffn
+    if parallel == "dp" or dp == 1:
+        return rest + (attn + ffn) // tp
+    if placement == "owner":
+        local_ffn = math.ceil(cfg.num_layers / dp) * ffn_layer_bytes(cfg, dtype) // tp
+    else:
+        local_ffn = ffn // (dp * tp)
+    buffer = 2 * ffn_layer_bytes(cfg, dtype) // tp if include_buffer else 0
+    return rest + attn // tp + local_ffn + buffer
+
+
+def kv_tokens_per_gpu(cfg: ModelConfig, parallel: str, dp: int, memory_bytes: float, utilization: float,
+                      workspace_bytes: float = 3e9, tp: int = 1, placement: str = "striped") -> int:
+    """Analytic bound: KV tokens one GPU can hold (tp: tokens of the whole tp group per GPU)."""
+    free = memory_bytes * utilization - workspace_bytes - weight_bytes_per_gpu(cfg, parallel, dp, tp, placement)
+    shards = dp * tp if parallel == "tp" else tp
+    return max(0, int(free // (cfg.kv_bytes_per_token() / shards)))
+
+
+def dp_comparison_line(cfg: ModelConfig, parallel: str, dp: int, tp: int, placement: str, tokens_per_gpu: int,
+                       kv_bytes_per_token_per_gpu: float, dtype=jnp.bfloat16) -> str:
+    """'KV cache: 391,000 tokens/GPU (dp would have 223,000: 1.75x)' from a measured capacity."""
+    saved = (weight_bytes_per_gpu(cfg, "dp", dp, tp, dtype=dtype)
+             - weight_bytes_per_gpu(cfg, parallel, dp, tp, placement, dtype=dtype))
+    dp_tokens = max(0, int(tokens_per_gpu - saved / kv_bytes_per_token_per_gpu))
+    if dp_tokens <= 0:
+        return f"KV cache: {tokens_per_gpu:,} tokens/GPU (dp would not fit a replica per GPU)"
+    return (f"KV cache: {tokens_per_gpu:,} tokens/GPU (dp would have {dp_tokens:,}: "
+            f"{tokens_per_gpu / dp_tokens:.2f}x)")
