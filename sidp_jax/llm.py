@@ -157,6 +157,13 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def save_placed(self, path: str) -> None:
+        """Save the weights as placed (orbax); `LLM(path, <same layout>)` restores them directly."""
+        from sidp_jax.placed_checkpoint import save_placed
+
+        source = self.model if isinstance(self.model, str) and os.path.isdir(self.model) else None
+        save_placed(path, self.engine.runner.params, self.cfg, self.layout, source)
+
     def stats(self) -> dict:
         s = self.engine.stats()
         s.update(self.kv_info)

@@ -12,6 +12,7 @@ from sidp_jax.config import PRESETS, ModelConfig
 from sidp_jax.memory import compiled_temp_bytes, free_bytes_for_kv
 from sidp_jax.model_runner import ModelRunner, kv_bytes_per_page
 from sidp_jax.models.params import init_params
+from sidp_jax.placed_checkpoint import is_placed_checkpoint, restore_placed
 from sidp_jax.pool.policy import ModePolicy
 from sidp_jax.sampler import SamplerFlags
 from sidp_jax.scheduler import Scheduler
@@ -24,6 +25,8 @@ def place_params(llm, seed: int) -> dict:
     if isinstance(llm.model, ModelConfig) or llm.model in PRESETS:  # random weights, like vLLM's dummy load
         return init_params(llm.layout.param_specs(llm.cfg), jax.random.key(seed), llm.dtype, shardings,
                            ffn_order=llm.layout.ffn_layer_order(llm.cfg))
+    if is_placed_checkpoint(llm.model):
+        return restore_placed(llm.model, llm.cfg, llm.layout, llm.dtype)
     return load_params(llm.model, llm.cfg, llm.dtype, llm.layout)
 
 

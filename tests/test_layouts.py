@@ -121,3 +121,18 @@ def test_owner_placement_puts_layer_l_on_rank_l_mod_d():
     np.testing.assert_array_equal(shards[d0][1], np.asarray(ref["ffn"]["down"][2]))
     np.testing.assert_array_equal(shards[d1][0], np.asarray(ref["ffn"]["down"][1]))
     assert not shards[d1][1].any()
+
+
+def test_placed_weights_restore_from_orbax_into_the_mesh(tmp_path):
+    kw = dict(mesh="dp=2", parallel="sidp", placement="owner", dtype="float32", verbose=False,
+              devices=jax.devices("cpu"), kv_cache_tokens=256)
+    llm = LLM(CKPT, **kw)
+    llm.save_placed(str(tmp_path / "placed"))
+    restored = LLM(str(tmp_path / "placed"), **kw)
+    for a, b in zip(jax.tree.leaves(llm.engine.runner.params), jax.tree.leaves(restored.engine.runner.params)):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    outs = restored.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == WANT
+    with pytest.raises(ValueError, match="re-place it"):
+        LLM(str(tmp_path / "placed"), **{**kw, "placement": "striped"})

@@ -1,0 +1,63 @@
+"""Placed weights saved once with orbax-checkpoint and restored straight into the mesh.
+
+A placed checkpoint is a directory holding `params/` (orbax, arrays in the layout's storage
+order), `sidp_layout.json` (what placement the arrays are stored for) and the source
+checkpoint's config and tokenizer files, so `LLM(model=that_dir)` works like a HF directory.
+Each device reads only its own shards on restore: no host or device holds the whole FFN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+
+from sidp_jax.config import ModelConfig
+
+LAYOUT_FILE = "sidp_layout.json"
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "chat_template.jinja", "special_tokens_map.json")
+
+
+def is_placed_checkpoint(path) -> bool:
+    return isinstance(path, str) and os.path.isfile(os.path.join(path, LAYOUT_FILE))
+
+
+def _layout_record(cfg: ModelConfig, layout) -> dict:
+    return {"parallel": layout.parallel, "placement": layout.placement, "dp": layout.num_replicas,
+            "tp": layout.tp, "ffn_layer_order": layout.ffn_layer_order(cfg).tolist()}
+
+
+def save_placed(path: str, params: dict, cfg: ModelConfig, layout, source_dir: str | None = None) -> None:
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, "params")):
+        raise FileExistsError(f"{path} already holds a placed checkpoint")
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "params"), params)
+        ckptr.wait_until_finished()
+    for name in _COPIED:
+        if source_dir and os.path.isfile(os.path.join(source_dir, name)):
+            shutil.copy(os.path.join(source_dir, name), path)
+    with open(os.path.join(path, LAYOUT_FILE), "w") as f:
+        json.dump(_layout_record(cfg, layout), f)
+
+
+def restore_placed(path: str, cfg: ModelConfig, layout, dtype) -> dict:
+    with open(os.path.join(path, LAYOUT_FILE)) as f:
+        saved = json.load(f)
+    # Only the FFN storage order matters for shapes; any mesh with the same order can restore.
+    if saved["ffn_layer_order"] != layout.ffn_layer_order(cfg).tolist():
+        raise ValueError(
+            f"{path} stores the FFN for parallel={saved['parallel']} placement={saved['placement']} "
+            f"dp={saved['dp']}; this engine uses parallel={layout.parallel} placement={layout.placement} "
+            f"dp={layout.num_replicas}: re-place it from the Hugging Face checkpoint")
+    specs = layout.param_specs(cfg)
+    shardings = layout.param_shardings(cfg)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), specs, shardings,
+                          is_leaf=lambda x: hasattr(x, "axes"))
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
