@@ -29,9 +29,10 @@ SIDP_VARIANTS = [("sidp", "striped", "was"), ("sidp", "striped", "cas"), ("sidp"
 
 
 def run(model, mesh, parallel, placement="striped", ffn_mode="auto", prompts=PROMPTS, **kw):
+    kw.setdefault("devices", jax.devices("cpu"))
     llm = LLM(model, mesh=mesh, parallel=parallel, placement=placement, ffn_mode=ffn_mode, dtype="float32",
               max_num_batched_tokens=16, max_num_seqs=4, kv_cache_tokens=256, ffn_crossover_tokens=8,
-              verbose=False, devices=jax.devices("cpu"), **kw)
+              verbose=False, **kw)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], llm.stats()
 

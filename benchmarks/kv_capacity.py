@@ -1,0 +1,83 @@
+"""Usable KV tokens per GPU per layout, measured after weights and the compiled step are on the
+devices, beside the analytic bound (sidp_jax/capacity.py) with the measured step temporaries as
+workspace. Each configuration runs in its own process so memory from the last one is gone.
+
+  python benchmarks/kv_capacity.py --model qwen3-32b --mesh dp=2 --layouts dp,tp,sidp --util 0.9,0.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+
+def measure(model: str, mesh: str, parallel: str, placement: str, util: float) -> dict:
+    import jax
+
+    from sidp_jax import LLM
+    from sidp_jax.capacity import kv_tokens_per_gpu
+    from sidp_jax.memory import device_memory
+
+    try:
+        llm = LLM(model, mesh=mesh, parallel=parallel, placement=placement, gpu_memory_utilization=util,
+                  max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=2048, verbose=False)
+    except (MemoryError, ValueError) as e:
+        return {"error": str(e)}
+    info = llm.kv_info
+    lay = llm.layout
+    per_gpu = info["tokens_per_replica"] // lay.tp  # tokens held by the whole machine / GPUs
+    mem = device_memory(jax.devices()[0])
+    temp = float(info["kv_sizing"].split("temporaries ")[1].split(" GiB")[0]) * 2**30 if "temporaries" in info[
+        "kv_sizing"] else 0.0
+    D = lay.num_replicas if parallel != "tp" else lay.tp
+    bound = kv_tokens_per_gpu(llm.cfg, parallel, D, mem["total"], util, workspace_bytes=temp,
+                              tp=lay.tp if parallel != "tp" else 1, placement=placement)
+    bound //= lay.tp  # per GPU as above (for tp the formula gives the group's tokens)
+    return {"kv_tokens_per_gpu": per_gpu, "bound": bound, "gap": 1 - per_gpu / bound if bound else None,
+            "step_temp_gib": temp / 2**30, "device_total_gib": mem["total"] / 2**30}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-32b")
+    ap.add_argument("--mesh", default="dp=2")
+    ap.add_argument("--layouts", default="dp,tp,sidp")
+    ap.add_argument("--placement", default="striped")
+    ap.add_argument("--util", default="0.9,0.6")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: 'parallel:util'
+    args = ap.parse_args()
+    if args.one:
+        parallel, util = args.one.split(":")
+        print("RESULT " + json.dumps(measure(args.model, args.mesh, parallel, args.placement, float(util))))
+        return
+    rows = []
+    for util in args.util.split(","):
+        for parallel in args.layouts.split(","):
+            proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--mesh", args.mesh,
+                                   "--placement", args.placement, "--one", f"{parallel}:{util}"],
+                                  capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            res = json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]}
+            res.update({"model": args.model, "mesh": args.mesh, "parallel": parallel, "util": float(util)})
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"\n{'util':>5} {'layout':>6} {'KV tok/GPU':>11} {'bound':>9} {'gap':>6} {'vs dp':>6}")
+    for util in args.util.split(","):
+        dp = next((r.get("kv_tokens_per_gpu") for r in rows if r["parallel"] == "dp" and r["util"] == float(util)), None)
+        for r in (r for r in rows if r["util"] == float(util)):
+            if "error" in r:
+                print(f"{util:>5} {r['parallel']:>6}  error: {r['error'][-120:]}")
+                continue
+            ratio = f"{r['kv_tokens_per_gpu'] / dp:.2f}x" if dp else "-"
+            print(f"{util:>5} {r['parallel']:>6} {r['kv_tokens_per_gpu']:>11,} {r['bound']:>9,} "
+                  f"{100 * r['gap']:>5.1f}% {ratio:>6}")
+
+
+if __name__ == "__main__":
+    main()

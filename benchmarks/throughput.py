@@ -1,0 +1,110 @@
+"""Offline throughput like `vllm bench throughput`, several layouts in ONE invocation.
+
+Random prompts of --input-len tokens, --output-len generated tokens each (ignore_eos), on a preset
+shape with random weights or a checkpoint. Each layout runs in its own process (clean memory).
+A run longer than --time-limit is cut there and its steady-state rate reported (after a warm-up
+window that absorbs compilation); the JSON says so.
+
+  python benchmarks/throughput.py --model qwen3-32b --mesh dp=2 --compare dp,tp,sidp \
+      --input-len 1024 --output-len 2048 --num-prompts 2000 --gpu-memory-utilization 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+
+def run_one(args, parallel: str) -> dict:
+    import numpy as np
+
+    from sidp_jax import LLM, SamplingParams
+
+    llm = LLM(args.model, mesh=args.mesh, parallel=parallel, placement=args.placement, ffn_mode=args.ffn_mode,
+              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.input_len + args.output_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, verbose=True)
+    rng = np.random.default_rng(0)
+    vocab = llm.cfg.vocab_size
+    prompts = [rng.integers(100, vocab - 100, size=args.input_len).tolist() for _ in range(args.num_prompts)]
+    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    engine = llm.engine
+    for req in llm._requests(prompts, sp):
+        engine.add(req)
+    seqs = list(engine.scheduler.waiting)
+    start = time.perf_counter()
+    marks = []  # (time, output tokens so far, prompt tokens computed so far)
+    while engine.scheduler.has_work():
+        engine.step()
+        now = time.perf_counter()
+        out_tok = sum(len(s.output_ids) for s in seqs)
+        in_tok = sum(min(s.num_computed, len(s.prompt_ids)) for s in seqs)
+        marks.append((now - start, out_tok, in_tok))
+        if now - start > args.time_limit:
+            break
+    done = not engine.scheduler.has_work()
+    t_end, out_end, in_end = marks[-1]
+    if done:
+        t0, out0, in0, finished = 0.0, 0, 0, args.num_prompts
+    else:  # steady state: drop the warm-up window
+        t0, out0, in0 = next(m for m in marks if m[0] >= args.warmup)
+        finished = sum(s.finish_reason is not None for s in seqs)
+    dt = t_end - t0
+    stats = llm.stats()
+    return {"parallel": parallel, "complete": done, "window_s": dt, "finished_requests": finished,
+            "requests_per_s": finished / t_end if done else None,
+            "output_tokens_per_s": (out_end - out0) / dt, "total_tokens_per_s": (out_end - out0 + in_end - in0) / dt,
+            "kv_tokens_per_replica": stats["kv_tokens_per_replica"], "num_replicas": stats["num_replicas"],
+            "steps_per_mode": stats["steps_per_mode"], "num_preemptions": stats["num_preemptions"],
+            "host_ms_per_step": stats["host_ms_per_step"], "device_ms_per_step": stats["device_ms_per_step"],
+            "num_steps": stats["num_steps"]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-32b")
+    ap.add_argument("--mesh", default="dp=2")
+    ap.add_argument("--compare", default="dp,tp,sidp")
+    ap.add_argument("--placement", default="striped")
+    ap.add_argument("--ffn-mode", default="auto")
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=2048)
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--time-limit", type=float, default=150.0)
+    ap.add_argument("--warmup", type=float, default=40.0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args, args.one)), flush=True)
+        return
+    rows = []
+    for parallel in args.compare.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", parallel]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        res = json.loads(line[7:]) if line else {"parallel": parallel, "error": proc.stderr[-3000:]}
+        print("\n".join(l for l in proc.stdout.splitlines() if l.startswith("[sidp_jax]")))
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['parallel']}: error {r['error'][-300:]}")
+            continue
+        rps = f"{r['requests_per_s']:.2f}" if r["requests_per_s"] else "n/a (cut)"
+        print(f"{r['parallel']:>5}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
+              f"{r['output_tokens_per_s']:.2f} output tokens/s | KV {r['kv_tokens_per_replica']:,}/replica, "
+              f"modes {r['steps_per_mode']}, preempt {r['num_preemptions']}, "
+              f"host {r['host_ms_per_step']:.1f} ms/step, device {r['device_ms_per_step']:.1f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
