@@ -112,6 +112,7 @@ def device_put_was(devices, L, H, I, T, dtype):
     def run_all(fetch_remote: bool, do_compute: bool):
         hs = list(xs)
         bufs = [owned[0] if 0 % D == r else jax.device_put(owned[0], devices[r]) for r in range(D)]
+        fetched = []  # every copy, so the timer waits for all of them (not only the last layer's)
         for l in range(L):
             nxt = []
             for r, dev in enumerate(devices):
@@ -121,7 +122,8 @@ def device_put_was(devices, L, H, I, T, dtype):
                 if do_compute:
                     hs[r] = step(hs[r], bufs[r] if fetch_remote else owned[l] if l % D == r else owned_local[r])
             bufs = nxt
-        return hs, bufs
+            fetched.append(nxt)
+        return hs, fetched
 
     owned_local = [jax.device_put(owned[0], d) for d in devices]  # compute-only: a local stand-in
 

@@ -23,10 +23,15 @@ from sidp_jax.models.decoder import dense_ffn
 MODES = ("was", "cas")
 
 
-def broadcast_from(x, axis: str, source):
-    """lax.pbroadcast where the backend lowers it (GPU); psum of a masked copy elsewhere (CPU)."""
+def broadcast_from(x, axis: str, source, axis_size: int):
+    """Broadcast x from rank `source` (traced) of `axis`.
+
+    GPU: lax.pbroadcast, which needs a static root in jax 0.11, so a switch over the possible
+    roots (every rank takes the same branch). Elsewhere (no CPU lowering): psum of a masked copy.
+    """
     if jax.default_backend() == "gpu":
-        return jax.lax.pbroadcast(x, axis, source)
+        branches = [lambda v, s=s: jax.lax.pbroadcast(v, axis, s) for s in range(axis_size)]
+        return jax.lax.switch(source, branches, x)
     mine = jax.lax.axis_index(axis) == source
     return jax.tree.map(lambda a: jax.lax.psum(jnp.where(mine, a, jnp.zeros_like(a)), axis), x)
 
@@ -51,7 +56,7 @@ def make_owner_ffns(pool: dict, num_replicas: int):
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer // D, keepdims=False), pool)
 
     def owner_was(x, layer, _):
-        return dense_ffn(x, layer, broadcast_from(local_row(layer), "dp", layer % D))
+        return dense_ffn(x, layer, broadcast_from(local_row(layer), "dp", layer % D, D))
 
     def owner_cas(x, layer, _):
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)
