@@ -13,6 +13,7 @@ from sidp_jax.memory import compiled_temp_bytes, free_bytes_for_kv
 from sidp_jax.model_runner import ModelRunner, kv_bytes_per_page
 from sidp_jax.models.params import init_params
 from sidp_jax.placed_checkpoint import is_placed_checkpoint, restore_placed
+from sidp_jax.pool.calibrate import calibrated_crossover
 from sidp_jax.pool.policy import ModePolicy
 from sidp_jax.sampler import SamplerFlags
 from sidp_jax.scheduler import Scheduler
@@ -30,7 +31,7 @@ def place_params(llm, seed: int) -> dict:
     return load_params(llm.model, llm.cfg, llm.dtype, llm.layout)
 
 
-def _step_temp_bytes(runner: ModelRunner, max_tokens: int, max_rows: int, max_pages: int) -> int:
+def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: int, max_pages: int) -> int:
     """Temporaries of the largest step variant, from XLA's memory analysis of its compilation."""
     D = runner.layout.num_replicas
     i32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.int32)
@@ -40,7 +41,7 @@ def _step_temp_bytes(runner: ModelRunner, max_tokens: int, max_rows: int, max_pa
              "block_tables": i32(S, MB), "sample_index": i32(S)}
     samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),
             "seed": jax.ShapeDtypeStruct((D, S), np.uint32), "step": i32(S), "banned": i32(S, 1)}
-    fn = runner.step_fn("was" if runner.layout.pooled else "local", SamplerFlags())
+    fn = runner.step_fn(mode, SamplerFlags())
     return compiled_temp_bytes(fn.lower(runner.params, runner.kv, batch, samp).compile())
 
 
@@ -48,6 +49,11 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
                  page_size: int, seed: int, kv_cache_tokens: int | None, crossover_tokens: int | None = None):
     cfg, layout = llm.cfg, llm.layout
     params = place_params(llm, seed)
+    fixed = "local" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
+    modes = ["was", "cas"] if fixed is None else [fixed]
+    crossover_source = "given" if crossover_tokens is not None else "cost model defaults"
+    if fixed is None and crossover_tokens is None and jax.default_backend() == "gpu":
+        crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, llm.dtype)  # before the KV
     page_bytes = kv_bytes_per_page(cfg, layout, page_size, llm.dtype)
     max_pages = -(-llm.max_model_len // page_size)
     if kv_cache_tokens is not None:
@@ -61,8 +67,9 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
             num_pages = CPU_DEFAULT_KV_TOKENS // page_size + 1
             source = "CPU default"
         else:
-            temp = _step_temp_bytes(probe, bucket(max_num_batched_tokens, 8, max_num_batched_tokens),
-                                    bucket(max_num_seqs, 4, max_num_seqs), bucket(max_pages, 4, max_pages))
+            temp = max(_step_temp_bytes(probe, mode, bucket(max_num_batched_tokens, 8, max_num_batched_tokens),
+                                        bucket(max_num_seqs, 4, max_num_seqs), bucket(max_pages, 4, max_pages))
+                       for mode in modes)
             free = free_bytes_for_kv(devices, utilization, temp)
             if free < 2 * page_bytes:
                 raise MemoryError(f"no room for the KV cache: {free / 2**30:.2f} GiB free per device after weights "
@@ -73,13 +80,12 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
         del probe
     runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype)
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
-    fixed = "local" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
                         hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement,
                         crossover_tokens=crossover_tokens)
     info = {"tokens_per_replica": (num_pages - 1) * page_size, "num_pages": num_pages, "page_size": page_size,
             "kv_bytes_per_page_per_device": page_bytes, "kv_sizing": source,
-            "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode}
+            "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode, "crossover_source": crossover_source}
     return runner, scheduler, policy, info
 
 
@@ -95,5 +101,5 @@ def report_kv(llm, info: dict) -> str:
                                                         lay.placement, info["tokens_per_replica"], per_token,
                                                         llm.dtype))
         lines.append(f"[sidp_jax] ffn_mode: {info['ffn_mode']} (WaS from {info['mode_crossover_tokens']} "
-                     f"tokens per replica step)")
+                     f"tokens per replica step; {info['crossover_source']})")
     return "\n".join(lines)

@@ -137,3 +137,26 @@ def test_placed_weights_restore_from_orbax_into_the_mesh(tmp_path):
     assert [o.outputs[0].token_ids for o in outs] == WANT
     with pytest.raises(ValueError, match="re-place it"):
         LLM(str(tmp_path / "placed"), **{**kw, "placement": "striped"})
+
+
+@pytest.mark.parametrize("placement", ["striped", "owner"])
+def test_calibration_times_both_modes_and_caches(tmp_path, monkeypatch, placement):
+    from sidp_jax.pool import calibrate
+
+    monkeypatch.setenv("SIDP_JAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "TOKENS", (8, 32))
+    cfg = load_config(CKPT)
+    layout = make_layout("dp=2", "sidp", placement, devices=jax.devices("cpu"))
+    crossover, source = calibrate.calibrated_crossover(layout, cfg, jnp.float32)
+    assert "measured now" in source and crossover >= 8
+    again, source2 = calibrate.calibrated_crossover(layout, cfg, jnp.float32)
+    assert again == crossover and "cached" in source2
+
+
+def test_crossover_from_timings():
+    from sidp_jax.pool.calibrate import crossover_from
+
+    t = {128: {"was": 3.0, "cas": 1.0}, 512: {"was": 3.0, "cas": 2.0}, 2048: {"was": 4.0, "cas": 5.0}}
+    assert crossover_from(t) == 1024
+    assert crossover_from({128: {"was": 1.0, "cas": 2.0}}) == 128
+    assert crossover_from({128: {"was": 3.0, "cas": 2.0}}) > 1 << 20

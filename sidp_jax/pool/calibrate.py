@@ -1,0 +1,105 @@
+"""Measure where WaS starts to beat CaS on this machine, once, and cache it.
+
+Rather than trusting a model of link bandwidth and overlap, time the engine's own FFN strategies
+(sidp_jax.pool.ffn) on a few layers of the model's real shape at a few tokens-per-replica sizes,
+and take the crossover from the timings. Cached per (device kind, mesh, placement, shape) under
+~/.cache/sidp_jax (or $SIDP_JAX_CACHE). Runs on GPUs only; elsewhere the cost model's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sidp_jax.pool import ffn as pool_ffn
+
+log = logging.getLogger("sidp_jax")
+TOKENS = (128, 512, 2048, 8192)
+LAYERS = 4
+
+
+def _cache_path(layout, cfg, dtype) -> str:
+    root = os.environ.get("SIDP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sidp_jax"))
+    kind = layout.mesh.devices.flat[0].device_kind.replace(" ", "_")
+    name = (f"crossover-{kind}-dp{layout.num_replicas}-tp{layout.tp}-{layout.placement}-"
+            f"{cfg.hidden_size}x{cfg.intermediate_size}-{jnp.dtype(dtype).name}.json")
+    return os.path.join(root, name)
+
+
+def _time(fn, *args, reps=3) -> float:
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def measure(layout, cfg, dtype) -> dict:
+    """Seconds per FFN layer for each mode at each size in TOKENS (tokens per replica)."""
+    mesh, D, H, I = layout.mesh, layout.num_replicas, cfg.hidden_size, cfg.intermediate_size
+    owner = layout.placement == "owner"
+    L = -(-LAYERS // D) * D  # owner: whole layers per rank (which layer sits where does not matter here)
+    if owner:
+        w_spec = {"gate_up": P("dp", None, None, "tp"), "down": P("dp", "tp", None)}
+    else:
+        w_spec = {"gate_up": P(None, None, None, ("dp", "tp")), "down": P(None, ("dp", "tp"), None)}
+    shard = lambda s: NamedSharding(mesh, s)
+    make = lambda shape, s: jax.jit(lambda: jnp.full(shape, 0.01, dtype), out_shardings=shard(s))()
+    w = {"gate_up": make((L, H, 2, I), w_spec["gate_up"]), "down": make((L, I, H), w_spec["down"])}
+    tp_axis = "tp" if layout.tp > 1 else None
+
+    def body(mode):
+        def local(x, w):
+            fn = pool_ffn.make_owner_ffns(w, D)[mode] if owner else \
+                {"was": pool_ffn.striped_was, "cas": pool_ffn.striped_cas}[mode]
+
+            def layer(h, l):
+                f = fn(h, l, None if owner else jax.tree.map(lambda a: a[l], w))
+                return h + (jax.lax.psum(f, tp_axis) if tp_axis else f), None
+            return jax.lax.scan(layer, x, jnp.arange(L))[0]
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("dp"), w_spec), out_specs=P("dp"),
+                                     check_vma=False))
+
+    fns = {m: body(m) for m in ("was", "cas")}
+    result = {}
+    for T in TOKENS:
+        x = jax.device_put(jnp.ones((D * T, H), dtype), shard(P("dp")))
+        result[T] = {m: _time(fns[m], x, w) / L for m in fns}
+    return result
+
+
+def crossover_from(timings: dict) -> int:
+    """Smallest measured size where WaS is faster (geometric midpoint to the last CaS win)."""
+    sizes = sorted(int(t) for t in timings)
+    prev = None
+    for t in sizes:
+        row = timings[t] if t in timings else timings[str(t)]
+        if row["was"] < row["cas"]:
+            return t if prev is None else int((prev * t) ** 0.5)
+        prev = t
+    return 1 << 30  # WaS never won: always CaS
+
+
+def calibrated_crossover(layout, cfg, dtype) -> tuple[int, str]:
+    """(crossover tokens, where it came from); measures and caches on GPUs."""
+    path = _cache_path(layout, cfg, dtype)
+    if os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
+        return data["crossover"], f"cached calibration {path}"
+    timings = measure(layout, cfg, dtype)
+    crossover = crossover_from(timings)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"crossover": crossover, "seconds_per_layer": timings}, f, indent=1)
+    summary = ", ".join(f"T={t}: was {1e3 * r['was']:.2f} / cas {1e3 * r['cas']:.2f} ms" for t, r in timings.items())
+    return crossover, f"measured now ({summary}); cached in {path}"
