@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from sidp_jax.config import ModelConfig, rope_inv_freq
 from sidp_jax.kernels.paged_attention import paged_attention_reference, write_kv
 
-# ffn_fn(x [T, H], layer_index, ffn_layer_params) -> [T, H], partial over tp if tp-sharded.
+# ffn_fn(x [T, H], layer_index, ffn_layer_params, active) -> [T, H], partial over tp if tp-sharded.
 FfnFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
 
 
@@ -35,12 +35,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def dense_ffn(x: jax.Array, layer: jax.Array, w: dict) -> jax.Array:
-    """SwiGLU with the layer's own (local) weights: gate_up [H, 2, I], down [I, H]."""
+def dense_ffn(x: jax.Array, layer: jax.Array, w: dict, active=None) -> jax.Array:
+    """SwiGLU with the layer's own (local) weights: gate_up [H, 2, I], down [I, H].
+
+    active: this replica has tokens this step; when False the GEMMs are skipped (the paper's
+    dummy skipping: an idle replica only takes part in the collectives)."""
     del layer
-    gu = jnp.einsum("th,hci->tci", x, w["gate_up"], preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(gu[:, 0]) * gu[:, 1]).astype(x.dtype)
-    return jnp.einsum("ti,ih->th", h, w["down"], preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def run():
+        gu = jnp.einsum("th,hci->tci", x, w["gate_up"], preferred_element_type=jnp.float32)
+        h = (jax.nn.silu(gu[:, 0]) * gu[:, 1]).astype(x.dtype)
+        return jnp.einsum("ti,ih->th", h, w["down"], preferred_element_type=jnp.float32).astype(x.dtype)
+
+    return run() if active is None else jax.lax.cond(active, run, lambda: jnp.zeros_like(x))
 
 
 def attention_block(cfg, w, x, kv, layer, batch, cos, sin, attn_fn, tp_axis):
@@ -82,12 +89,14 @@ def forward(
     """Run one step for one replica.
 
     batch: tokens [T], positions [T], slots [T] (flat cache slot written by each token),
-    token_seq [T], block_tables [S, MB], sample_index [S] (token whose logits row S samples).
+    token_seq [T], block_tables [S, MB], sample_index [S] (token whose logits row S samples),
+    num_tokens [] (real tokens; 0 marks an idle replica, which skips its own compute).
     kv: {"k", "v"} each [L * pages, P, Nkv_local, D]. Returns (logits [S, V] float32, kv).
     ffn_in_scan: feed params["ffn"] to ffn_fn layer by layer (stacked per layer); otherwise
     ffn_fn gets None and reaches its weights itself (SiDP owner placement).
     """
     x = params["embed"][batch["tokens"]]
+    active = batch["num_tokens"] > 0
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     angles = batch["positions"].astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -95,10 +104,12 @@ def forward(
     def layer_step(carry, xs):
         h, kv = carry
         w, ffn_w, layer = xs
-        a, kv = attention_block(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), kv, layer, batch,
-                                cos, sin, attn_fn, tp_axis)
+        a, kv = jax.lax.cond(  # an idle replica (no tokens this step) skips its attention
+            active, lambda: attention_block(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), kv, layer,
+                                            batch, cos, sin, attn_fn, tp_axis),
+            lambda: (jnp.zeros_like(h), kv))
         h = h + a
-        f = ffn_fn(rms_norm(h, w["ffn_norm"], cfg.rms_norm_eps), layer, ffn_w)
+        f = ffn_fn(rms_norm(h, w["ffn_norm"], cfg.rms_norm_eps), layer, ffn_w, active)
         if tp_axis is not None:
             f = jax.lax.psum(f, tp_axis)
         return (h + f, kv), None

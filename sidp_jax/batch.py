@@ -91,6 +91,7 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
                 samp["history_is_output"][r, row, n_prompt:len(hist)] = True
                 for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
                     samp[name][r, row] = getattr(c.seq.params, name)
+    num_tokens = np.array([sum(c.num_tokens for c in p) for p in plans], np.int32)
     batch = {"tokens": tokens, "positions": positions, "slots": slots, "token_seq": token_seq,
-             "block_tables": tables, "sample_index": sample_index}
+             "block_tables": tables, "sample_index": sample_index, "num_tokens": num_tokens}
     return batch, samp, flags

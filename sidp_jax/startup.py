@@ -38,7 +38,7 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
     f32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.float32)
     T, S, MB = max_tokens, max_rows, max_pages
     batch = {"tokens": i32(T), "positions": i32(T), "slots": i32(T), "token_seq": i32(T),
-             "block_tables": i32(S, MB), "sample_index": i32(S)}
+             "block_tables": i32(S, MB), "sample_index": i32(S), "num_tokens": jax.ShapeDtypeStruct((D,), np.int32)}
     samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),
             "seed": jax.ShapeDtypeStruct((D, S), np.uint32), "step": i32(S), "banned": i32(S, 1)}
     fn = runner.step_fn(mode, SamplerFlags())

@@ -39,7 +39,7 @@ def prefill_logits(cfg, params, ids, page_size=4):
              "slots": jnp.asarray(page_size + pos, jnp.int32),  # pages 1..pages, contiguous
              "token_seq": jnp.zeros(T, jnp.int32),
              "block_tables": jnp.arange(1, pages + 1, dtype=jnp.int32)[None],
-             "sample_index": jnp.arange(T, dtype=jnp.int32)}
+             "sample_index": jnp.arange(T, dtype=jnp.int32), "num_tokens": jnp.int32(T)}
     logits, _ = jax.jit(lambda p, kv, b: forward(cfg, p, kv, b))(params, kv, batch)
     return np.asarray(logits)
 

@@ -9,8 +9,10 @@ locally; Compute-as-a-Service (CaS) brings every replica's activations to the we
                consecutive fetches come from different GPUs).
   owner CaS:   all_gather activations, the owner alone computes, a reduce-scatter returns
                each replica its rows (non-owners contribute zeros and skip the GEMMs).
-Each returns a function ffn(x [T, H], layer, w) -> [T, H], where `w` is the layer's stacked
-slice (striped, dense) or None (owner: the function indexes the local pool itself).
+Each returns a function ffn(x [T, H], layer, w, active) -> [T, H], where `w` is the layer's
+stacked slice (striped, dense) or None (owner: the function indexes the local pool itself), and
+`active` is False on a replica without tokens this step: it then skips its own GEMMs and takes
+part only in the collectives (the paper's dummy skipping).
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ def broadcast_from(x, axis: str, source, axis_size: int):
     return jax.tree.map(lambda a: jax.lax.psum(jnp.where(mine, a, jnp.zeros_like(a)), axis), x)
 
 
-def striped_was(x, layer, w):
+def striped_was(x, layer, w, active=None):
     full = {"gate_up": jax.lax.all_gather(w["gate_up"], "dp", axis=2, tiled=True),
             "down": jax.lax.all_gather(w["down"], "dp", axis=0, tiled=True)}
-    return dense_ffn(x, layer, full)
+    return dense_ffn(x, layer, full, active)
 
 
-def striped_cas(x, layer, w):
+def striped_cas(x, layer, w, active=None):  # an idle replica still serves the others' tokens
     everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)  # [D*T, H]
     partial = dense_ffn(everyone, layer, w)  # this rank's 1/D of the intermediate axis
     return jax.lax.psum_scatter(partial, "dp", scatter_dimension=0, tiled=True)
@@ -55,10 +57,10 @@ def make_owner_ffns(pool: dict, num_replicas: int):
     def local_row(layer):
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer // D, keepdims=False), pool)
 
-    def owner_was(x, layer, _):
-        return dense_ffn(x, layer, broadcast_from(local_row(layer), "dp", layer % D, D))
+    def owner_was(x, layer, _, active=None):
+        return dense_ffn(x, layer, broadcast_from(local_row(layer), "dp", layer % D, D), active)
 
-    def owner_cas(x, layer, _):
+    def owner_cas(x, layer, _, active=None):  # only the owner computes, for everyone
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)
         is_owner = jax.lax.axis_index("dp") == layer % D
         y = jax.lax.cond(is_owner, lambda: dense_ffn(everyone, layer, local_row(layer)),
