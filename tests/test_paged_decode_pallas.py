@@ -19,13 +19,12 @@ def make_case(*, S, Nq, Nkv, D, P, MB, L, num_pages, layer, lengths, dtype, q_ga
     Block-table entries past a row's last page hold other random (valid) page ids: the kernel
     must not use them.
     """
-    key = jax.random.key(next(_seed))  # fresh inputs for every case
-    kq, kk, kv, kp = jax.random.split(key, 4)
-    q = (q_gain * jax.random.normal(kq, (S, Nq, D), jnp.float32)).astype(dtype)
-    k = jax.random.normal(kk, (L * num_pages, P, Nkv, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (L * num_pages, P, Nkv, D), jnp.float32).astype(dtype)
+    rng = np.random.default_rng(next(_seed))  # fresh inputs for every case
+    q = jnp.asarray(q_gain * rng.standard_normal((S, Nq, D), np.float32)).astype(dtype)
+    k = jnp.asarray(rng.standard_normal((L * num_pages, P, Nkv, D), np.float32)).astype(dtype)
+    v = jnp.asarray(rng.standard_normal((L * num_pages, P, Nkv, D), np.float32)).astype(dtype)
     assert S * MB <= num_pages - 1
-    pages = 1 + np.asarray(jax.random.permutation(kp, num_pages - 1))[: S * MB]  # page 0 = scratch
+    pages = 1 + rng.permutation(num_pages - 1)[: S * MB]  # page 0 = scratch
     block_tables = jnp.asarray(pages.reshape(S, MB), jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     assert lengths.shape == (S,) and int(lengths.max()) <= MB * P

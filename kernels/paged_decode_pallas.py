@@ -1,0 +1,209 @@
+"""Paged DECODE attention as a Pallas (Triton-lowered) GPU kernel: one query token per sequence.
+
+Same cache layout as `paged_attention.py` (the pure-JAX reference): `[L * num_pages, P, Nkv, D]`,
+the layers' page pools end to end, layer l's page p at row `l * num_pages + p`; the layer is
+selected by the traced scalar `layer_page_offset` (added to the block table's page ids inside the
+kernel, so no slice or copy of the cache is made).
+
+Grid: one program per (sequence, kv head). GQA: the program loads that kv head's K/V pages once
+and attends with the kv head's whole query group (`G = Nq // Nkv` rows) at once, so the K/V bytes,
+which bound decode, are read exactly once per kv head. Triton's `tt.dot` (tensor cores) wants at
+least 16 rows, so a group smaller than `min_rows` (default 16) is zero-padded to `min_rows` rows
+*inside* the kernel (in registers: broadcast + select + reshape, no extra HBM traffic, no extra
+XLA ops); the padded rows only cost tensor-core/exp work, which decode has to spare. The padded
+rows are dropped again before the store. `min_rows=G` turns the padding off (see the benchmark).
+
+Per program: loop over the sequence's pages `pages_per_block` at a time (a dynamic trip count
+`cdiv(length, pages_per_block * P)`: ragged lengths stop at their own length), gathering the
+block's page ids from the block-table row, loading K/V with a masked gather (tokens at or past
+`length` and pages past the sequence's last page are neither read nor used: unused block-table
+entries may hold any value), and an online softmax with float32 logits, max, sum and accumulator.
+Rows with length 0 (padding rows) run no iteration and store zeros.
+
+Constraints (GPU): G (or `min_rows` when padding) and D powers of 2, P * pages_per_block a power
+of 2 >= 16, D >= 16. `interpret=True` runs anywhere (CPU tests) without these limits except G/D
+being powers of 2 when padding is on.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # the Triton GPU backend's compiler params; absent / unusable on a CPU-only build is fine
+    from jax.experimental.pallas import triton as plgpu
+except Exception:  # pragma: no cover
+    plgpu = None
+
+LOG2E = math.log2(math.e)
+NEG_INIT = -1e30  # finite running-max start: exp2(NEG_INIT - m) underflows to 0, never NaN
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def _load(ref, mask, other):
+    """Masked gather load; plain indexing where the masked form is unavailable."""
+    if plgpu is not None and hasattr(plgpu, "load"):
+        return plgpu.load(ref, mask=mask, other=other)
+    return jnp.where(mask, ref[...], other)  # pragma: no cover
+
+
+def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
+                   scale: float, page_size: int, pages_per_block: int, rows: int, precision):
+    # off_ref [1]; len_ref [S]; bt_ref [MBp] (this sequence's row); q_ref/o_ref [G, D];
+    # k_ref/v_ref [L*num_pages, P, D] (this kv head, squeezed).
+    s = pl.program_id(0)
+    length = len_ref[s]
+    offset = off_ref[0]
+    G, D = q_ref.shape
+    P, ppb = page_size, pages_per_block
+    block_k = ppb * P
+    reps = rows // G
+
+    q = q_ref[...]
+    if reps > 1:  # pad the group to `rows` rows with zeros, in registers
+        q3 = jnp.broadcast_to(q[None], (reps, G, D))
+        first = lax.broadcasted_iota(jnp.int32, (reps, G, D), 0) == 0
+        q = jnp.where(first, q3, jnp.zeros_like(q3)).reshape(rows, D)
+
+    n_pages = pl.cdiv(length, P)
+    n_blocks = pl.cdiv(length, block_k)
+    qk_scale = scale * LOG2E  # logits in log2 units: exp2 instead of exp
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
+        page_ids = bt_ref[pl.ds(i * ppb, ppb)]
+        # Pages past the sequence's end: any table value is allowed there, read a safe page
+        # (the load below is masked off for them anyway).
+        page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
+        tok = (i * block_k
+               + lax.broadcasted_iota(jnp.int32, (ppb, P), 0) * P
+               + lax.broadcasted_iota(jnp.int32, (ppb, P), 1))
+        valid = tok < length  # [ppb, P]
+        # All-array indexers [ppb, P, D] (what interpret mode can discharge; on Triton the same
+        # pointer arithmetic as a page gather + slices: contiguous, vectorised along D).
+        shape3 = (ppb, P, D)
+        idx = (jnp.broadcast_to(page_ids[:, None, None], shape3),
+               lax.broadcasted_iota(jnp.int32, shape3, 1),
+               lax.broadcasted_iota(jnp.int32, shape3, 2))
+        lmask = jnp.broadcast_to(valid[:, :, None], shape3)
+        k = _load(k_ref.at[idx], lmask, 0.0).reshape(block_k, D)
+        v = _load(v_ref.at[idx], lmask, 0.0).reshape(block_k, D)
+
+        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
+        valid_k = jnp.broadcast_to(valid.reshape(1, block_k), (rows, block_k))
+        logits = jnp.where(valid_k, logits, -jnp.inf)
+        m_next = jnp.maximum(m_prev, logits.max(axis=-1))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(logits - m_next[:, None])  # masked: exp2(-inf) = 0
+        l_next = alpha * l_prev + p.sum(axis=-1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+        acc = alpha[:, None] * acc + pv
+        return acc, m_next, l_next
+
+    acc = jnp.zeros((rows, D), jnp.float32)
+    m = jnp.full((rows,), NEG_INIT, jnp.float32)
+    l = jnp.zeros((rows,), jnp.float32)
+    acc, m, l = lax.fori_loop(0, n_blocks, body, (acc, m, l))
+
+    l = jnp.where(l > 0, l, 1.0)  # length 0: acc is 0, store zeros (not 0/0)
+    out = acc / l[:, None]
+    if reps > 1:  # drop the padded rows: keep copy 0 of the [reps, G, D] stack
+        out3 = out.reshape(reps, G, D)
+        first = lax.broadcasted_iota(jnp.int32, (reps, G, D), 0) == 0
+        out = jnp.sum(jnp.where(first, out3, 0.0), axis=0)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def default_pages_per_block(page_size: int, block_tokens: int = 128) -> int:
+    return max(1, block_tokens // page_size)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "interpret"),
+)
+def paged_decode_attention(
+    q: jax.Array,  # [S, Nq, D]
+    k_cache: jax.Array,  # [L * num_pages, P, Nkv, D]
+    v_cache: jax.Array,
+    layer_page_offset: jax.Array,  # int32 scalar (traced): layer * num_pages
+    block_tables: jax.Array,  # [S, MB] int32, layer-local page ids
+    lengths: jax.Array,  # [S] int32 valid cached tokens; 0 = padding row (returns zeros)
+    *,
+    scale: float,
+    pages_per_block: int | None = None,
+    min_rows: int = 16,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:
+    """Decode attention of q (one token per sequence row) over its paged K/V. Returns [S, Nq, D].
+
+    Row s attends to cache positions 0..lengths[s]-1 (its own K/V already written), i.e. the
+    reference with token_seq = arange(S), positions = lengths - 1.
+    pages_per_block: pages per inner-loop step (default 128 // P tokens' worth).
+    min_rows: the query group is zero-padded in-kernel to at least this many rows (tt.dot needs
+    16 on GPU); 0/1 disables padding.
+    """
+    S, Nq, D = q.shape
+    NP, P, Nkv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"shape mismatch: q {q.shape}, k {k_cache.shape}, v {v_cache.shape}")
+    if Nq % Nkv:
+        raise ValueError(f"Nq={Nq} must be a multiple of Nkv={Nkv}")
+    G = Nq // Nkv
+    ppb = pages_per_block or default_pages_per_block(P)
+    rows = G
+    if min_rows and G < min_rows:
+        if not (_is_pow2(G) and _is_pow2(min_rows)):
+            raise ValueError(f"padding the group needs powers of 2: G={G}, min_rows={min_rows}")
+        rows = min_rows
+    if not interpret:
+        for name, n in (("group rows", rows), ("head_dim", D), ("block tokens", ppb * P), ("pages/block", ppb)):
+            if not _is_pow2(n):
+                raise ValueError(f"Triton lowering needs {name}={n} to be a power of 2")
+
+    MB = block_tables.shape[1]
+    MBp = -(-MB // ppb) * ppb
+    bt = block_tables.astype(jnp.int32)
+    if MBp != MB:  # whole blocks of table entries (the extra ones are never used)
+        bt = jnp.pad(bt, ((0, 0), (0, MBp - MB)))
+    off = jnp.asarray(layer_page_offset, jnp.int32).reshape(1)
+    lengths = lengths.astype(jnp.int32)
+    q4 = q.reshape(S, Nkv, G, D)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    kernel = functools.partial(_decode_kernel, scale=float(scale), page_size=P, pages_per_block=ppb,
+                               rows=rows, precision=precision)
+    kw = {}
+    if not interpret and plgpu is not None:
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out = pl.pallas_call(
+        kernel,
+        grid=(S, Nkv),
+        in_specs=[
+            pl.BlockSpec((1,), lambda s, h: (0,)),  # layer page offset
+            pl.BlockSpec((S,), lambda s, h: (0,)),  # lengths (read lengths[s])
+            pl.BlockSpec((None, MBp), lambda s, h: (s, 0)),  # block-table row
+            pl.BlockSpec((None, None, G, D), lambda s, h: (s, h, 0, 0)),  # q group
+            pl.BlockSpec((NP, P, None, D), lambda s, h: (0, 0, h, 0)),  # K, kv head h
+            pl.BlockSpec((NP, P, None, D), lambda s, h: (0, 0, h, 0)),  # V, kv head h
+        ],
+        out_specs=pl.BlockSpec((None, None, G, D), lambda s, h: (s, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((S, Nkv, G, D), q.dtype),
+        interpret=interpret,
+        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}",
+        **kw,
+    )(off, lengths, bt, q4, k_cache, v_cache)
+    return out.reshape(S, Nq, D)
