@@ -88,9 +88,11 @@ def err(out, ref) -> float:
 
 def pallas_variants(sweep: bool, P: int):
     if sweep:
-        for block_tokens, w, st, r in itertools.product((64, 128, 256), (4, 8), (1, 2, 3), (16, 8)):
-            yield (f"pallas_bt{block_tokens}_w{w}_s{st}_r{r}",
-                   dict(pages_per_block=max(1, block_tokens // P), num_warps=w, num_stages=st, min_rows=r))
+        for hf, block_tokens, w, st, r in itertools.product((True, False), (32, 64, 128), (2, 4), (2, 3, 4, 5),
+                                                            (16, 8)):
+            yield (f"pallas_{'hf' if hf else 'sf'}_bt{block_tokens}_w{w}_s{st}_r{r}",
+                   dict(pages_per_block=max(1, block_tokens // P), num_warps=w, num_stages=st, min_rows=r,
+                        heads_fastest=hf))
         return
     yield "pallas", dict()
     yield "pallas_r8", dict(min_rows=8)  # unpadded 8-row group, if this Triton takes an M=8 dot

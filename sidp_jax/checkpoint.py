@@ -1,18 +1,20 @@
 """Hugging Face checkpoint -> params pytree, placed shard by shard.
 
-Every leaf is built with `jax.make_array_from_callback`: each device's shard is read from the
-mmapped safetensors, converted (transpose, reshape, dtype) and sent to that device alone, so no
-host buffer or device ever holds more of a tensor than its shard, plus one layer's tensor
-while it is sliced. A layout may store stacked FFN layers in another order (`layer_order`,
+Each device's shard of every leaf is built on that device from the mmapped safetensors (see
+_load_leaf): no host buffer holds more than one tensor's bytes (a read-only mmap view), and no
+device more than its shard plus one layer's raw tensors. A layout may store stacked FFN layers in another order (`layer_order`,
 storage row -> checkpoint layer, -1 for padding rows), as SiDP's owner placement does.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from sidp_jax.config import ModelConfig
 from sidp_jax.models.params import is_spec
@@ -40,7 +42,7 @@ def _sources(cfg: ModelConfig) -> dict[str, tuple[Callable[[int], list[str]], Ca
         "layers/o": (attn("o_proj.weight"), lambda ws: ws[0].T.reshape(Nq, D, H)),
         "layers/ffn_norm": (lambda l: [f"{_layer(l)}.post_attention_layernorm.weight"], ident),
         "ffn/gate_up": (lambda l: [f"{_layer(l)}.mlp.gate_proj.weight", f"{_layer(l)}.mlp.up_proj.weight"],
-                        lambda ws: np.stack([ws[0].T, ws[1].T], axis=1)),
+                        lambda ws: jnp.stack([ws[0].T, ws[1].T], axis=1)),
         "ffn/down": (lambda l: [f"{_layer(l)}.mlp.down_proj.weight"], lambda ws: ws[0].T),
         "embed": (lambda _: ["model.embed_tokens.weight"], ident),
         "final_norm": (lambda _: ["model.norm.weight"], ident),
@@ -105,26 +107,42 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype, layout) -> dict:
     sources = _sources(cfg)
     ffn_order = layout.ffn_layer_order(cfg)
     specs = layout.param_specs(cfg)
-    shardings = layout.param_shardings(cfg)
     flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
-    flat_shardings = jax.tree.leaves(shardings)
-    arrays = []
-    for (path, spec), sharding in zip(flat_specs, flat_shardings):
-        key = "/".join(p.key for p in path)
-        names_of, convert = sources[key]
-        stacked = spec.axes[0] in ("layers", "ffn_layers")
-        rows = ffn_order if key.startswith("ffn/") else np.arange(spec.shape[0]) if stacked else None
-        shape = spec.shape
-
-        def shard(index: Index, names_of=names_of, convert=convert, stacked=stacked, rows=rows, shape=shape):
-            if not stacked:
-                return np.asarray(convert([ckpt.get(n) for n in names_of(0)])[index], dtype=dtype)
-            out = np.zeros((len(range(*index[0].indices(shape[0]))), *[
-                len(range(*s.indices(d))) for s, d in zip(index[1:], shape[1:])]), dtype=dtype)
-            for i, row in enumerate(np.asarray(rows)[index[0]]):
-                if row >= 0:
-                    out[i] = convert([ckpt.get(n) for n in names_of(int(row))])[index[1:]]
-            return out
-
-        arrays.append(jax.make_array_from_callback(shape, sharding, shard))
+    arrays = [_load_leaf(ckpt, spec, sharding, *sources["/".join(p.key for p in path)], dtype,
+                         ffn_order if path[0].key == "ffn" else None)
+              for (path, spec), sharding in zip(flat_specs, jax.tree.leaves(layout.param_shardings(cfg)))]
     return jax.tree.unflatten(jax.tree.structure(specs, is_leaf=is_spec), arrays)
+
+
+@functools.lru_cache(maxsize=None)
+def _converter(convert, index: Index, dtype):
+    """jit: raw HF tensors (on one device) -> our layout, sliced to a shard, cast."""
+    return jax.jit(lambda *ws: convert(ws)[index].astype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_setter():
+    return jax.jit(lambda buf, piece, i: jax.lax.dynamic_update_index_in_dim(buf, piece, i, 0), donate_argnums=0)
+
+
+def _load_leaf(ckpt, spec, sharding, names_of, convert, dtype, ffn_order):
+    """Build each device's shard ON that device: the raw (contiguous) HF tensors are copied over
+    as they are on disk and transposed/sliced/cast there, which is far faster than numpy's
+    strided copies; stacked leaves fill a donated buffer row by row, so the peak is one shard
+    plus one layer's raw tensors."""
+    stacked = spec.axes[0] in ("layers", "ffn_layers")
+    rows = ffn_order if ffn_order is not None else np.arange(spec.shape[0])
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(spec.shape).items():
+        index = tuple(slice(*s.indices(d)) for s, d in zip(index, spec.shape))
+        raw = lambda layer: [jax.device_put(ckpt.get(n), device) for n in names_of(layer)]
+        if not stacked:
+            shards.append(_converter(convert, index, dtype)(*raw(0)))
+            continue
+        shard_shape = tuple(len(range(*s.indices(d))) for s, d in zip(index, spec.shape))
+        buf = jax.jit(lambda: jnp.zeros(shard_shape, dtype), out_shardings=SingleDeviceSharding(device))()
+        for i, row in enumerate(rows[index[0]]):
+            if row >= 0:
+                buf = _row_setter()(buf, _converter(convert, index[1:], dtype)(*raw(int(row))), i)
+        shards.append(buf)
+    return jax.make_array_from_single_device_arrays(spec.shape, sharding, shards)
