@@ -24,6 +24,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -88,16 +89,16 @@ def err(out, ref) -> float:
 
 def pallas_variants(sweep: bool, P: int):
     if sweep:
-        for hf, block_tokens, w, st, r in itertools.product((True, False), (32, 64, 128), (2, 4), (2, 3, 4, 5),
-                                                            (16, 8)):
-            yield (f"pallas_{'hf' if hf else 'sf'}_bt{block_tokens}_w{w}_s{st}_r{r}",
+        for pf, hf, block_tokens, w, st, r in itertools.product(
+                (True, False), (True, False), (32, 64, 128), (2, 4), (2, 3, 4, 5), (16, 8)):
+            yield (f"pallas_{'pf' if pf else 'np'}_{'hf' if hf else 'sf'}_bt{block_tokens}_w{w}_s{st}_r{r}",
                    dict(pages_per_block=max(1, block_tokens // P), num_warps=w, num_stages=st, min_rows=r,
-                        heads_fastest=hf))
+                        heads_fastest=hf, prefetch_table=pf))
         return
-    yield "pallas", dict()
-    yield "pallas_r8", dict(min_rows=8)  # unpadded 8-row group, if this Triton takes an M=8 dot
-    yield "pallas_bt256_w8", dict(pages_per_block=max(1, 256 // P), num_warps=8)
-    yield "pallas_bt64", dict(pages_per_block=max(1, 64 // P))
+    yield "pallas", dict()  # defaults: 64-token blocks, 2 warps, 4 stages, bare 8-row group
+    yield "pallas_r16", dict(min_rows=16)  # group zero-padded to 16 rows in-kernel
+    yield "pallas_noprefetch", dict(prefetch_table=False)
+    yield "pallas_bt128_w4_s2", dict(pages_per_block=max(1, 128 // P), num_warps=4, num_stages=2)
 
 
 def main():
@@ -114,6 +115,7 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--burst", type=int, default=10)
     ap.add_argument("--sweep", action="store_true", help="time a grid of kernel configurations")
+    ap.add_argument("--only", default=None, help="regex: keep the kernel variants whose name matches")
     ap.add_argument("--no-jax-paged", action="store_true")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test of this script)")
     ap.add_argument("--out", default=None)
@@ -141,6 +143,8 @@ def main():
 
         cands = [("reference", ref_fn, (*common, token_seq, positions))]
         for name, kw in pallas_variants(a.sweep, P):
+            if a.only and not re.search(a.only, name):
+                continue
             fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, interpret=a.interpret, **kw))
             cands.append((name, fn, (*common, x["lengths"])))
         if not a.no_jax_paged:

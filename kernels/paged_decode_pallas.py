@@ -56,10 +56,11 @@ def _load(ref, mask, other):
 
 
 def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
-                   scale: float, page_size: int, pages_per_block: int, rows: int, precision):
+                   scale: float, page_size: int, pages_per_block: int, rows: int, precision, seq_axis: int,
+                   prefetch_table: bool):
     # off_ref [1]; len_ref [S]; bt_ref [MBp] (this sequence's row); q_ref/o_ref [G, D];
     # k_ref/v_ref [L*num_pages, P, D] (this kv head, squeezed).
-    s = pl.program_id(0)
+    s = pl.program_id(seq_axis)
     length = len_ref[s]
     offset = off_ref[0]
     G, D = q_ref.shape
@@ -77,10 +78,18 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
     n_blocks = pl.cdiv(length, block_k)
     qk_scale = scale * LOG2E  # logits in log2 units: exp2 instead of exp
 
+    last_block = jnp.maximum(n_blocks - 1, 0)
+
+    def table_block(i):  # block i's page ids (clamped to the last block: always in the row)
+        return bt_ref[pl.ds(jnp.minimum(i, last_block) * ppb, ppb)]
+
     def body(i, carry):
-        acc, m_prev, l_prev = carry
+        acc, m_prev, l_prev, ids = carry
+        if prefetch_table:  # this block's ids came with the carry; fetch the next block's now
+            page_ids, ids = ids, table_block(i + 1)
+        else:
+            page_ids = table_block(i)
         page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
-        page_ids = bt_ref[pl.ds(i * ppb, ppb)]
         # Pages past the sequence's end: any table value is allowed there, read a safe page
         # (the load below is masked off for them anyway).
         page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
@@ -109,12 +118,13 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
         acc = alpha[:, None] * acc + pv
-        return acc, m_next, l_next
+        return acc, m_next, l_next, ids
 
     acc = jnp.zeros((rows, D), jnp.float32)
     m = jnp.full((rows,), NEG_INIT, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
-    acc, m, l = lax.fori_loop(0, n_blocks, body, (acc, m, l))
+    ids = table_block(0) if prefetch_table else jnp.zeros((ppb,), jnp.int32)
+    acc, m, l, _ = lax.fori_loop(0, n_blocks, body, (acc, m, l, ids))
 
     l = jnp.where(l > 0, l, 1.0)  # length 0: acc is 0, store zeros (not 0/0)
     out = acc / l[:, None]
@@ -125,13 +135,14 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def default_pages_per_block(page_size: int, block_tokens: int = 128) -> int:
+def default_pages_per_block(page_size: int, block_tokens: int = 64) -> int:
     return max(1, block_tokens // page_size)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "interpret"),
+    static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "heads_fastest",
+                     "prefetch_table", "interpret"),
 )
 def paged_decode_attention(
     q: jax.Array,  # [S, Nq, D]
@@ -143,9 +154,11 @@ def paged_decode_attention(
     *,
     scale: float,
     pages_per_block: int | None = None,
-    min_rows: int = 16,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    min_rows: int = 8,
+    num_warps: int = 2,
+    num_stages: int = 4,
+    heads_fastest: bool = True,
+    prefetch_table: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention of q (one token per sequence row) over its paged K/V. Returns [S, Nq, D].
@@ -155,6 +168,10 @@ def paged_decode_attention(
     pages_per_block: pages per inner-loop step (default 128 // P tokens' worth).
     min_rows: the query group is zero-padded in-kernel to at least this many rows (tt.dot needs
     16 on GPU); 0/1 disables padding.
+    heads_fastest: launch order with the kv head varying fastest, so the Nkv programs of one
+    sequence run side by side and read the same pages (the [P, Nkv, D] page rows) together.
+    prefetch_table: load the next block's page ids one iteration ahead (in the loop carry), so
+    the K/V gather does not wait on the block-table load.
     """
     S, Nq, D = q.shape
     NP, P, Nkv, Dk = k_cache.shape
@@ -185,22 +202,27 @@ def paged_decode_attention(
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     kernel = functools.partial(_decode_kernel, scale=float(scale), page_size=P, pages_per_block=ppb,
-                               rows=rows, precision=precision)
+                               rows=rows, precision=precision, seq_axis=1 if heads_fastest else 0,
+                               prefetch_table=prefetch_table)
+    if heads_fastest:  # Triton launches program_id(0) fastest: grid (Nkv, S)
+        grid, sh = (Nkv, S), (lambda f: (lambda h, s: f(s, h)))
+    else:
+        grid, sh = (S, Nkv), (lambda f: f)
     kw = {}
     if not interpret and plgpu is not None:
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,
-        grid=(S, Nkv),
+        grid=grid,
         in_specs=[
-            pl.BlockSpec((1,), lambda s, h: (0,)),  # layer page offset
-            pl.BlockSpec((S,), lambda s, h: (0,)),  # lengths (read lengths[s])
-            pl.BlockSpec((None, MBp), lambda s, h: (s, 0)),  # block-table row
-            pl.BlockSpec((None, None, G, D), lambda s, h: (s, h, 0, 0)),  # q group
-            pl.BlockSpec((NP, P, None, D), lambda s, h: (0, 0, h, 0)),  # K, kv head h
-            pl.BlockSpec((NP, P, None, D), lambda s, h: (0, 0, h, 0)),  # V, kv head h
+            pl.BlockSpec((1,), sh(lambda s, h: (0,))),  # layer page offset
+            pl.BlockSpec((S,), sh(lambda s, h: (0,))),  # lengths (read lengths[s])
+            pl.BlockSpec((None, MBp), sh(lambda s, h: (s, 0))),  # block-table row
+            pl.BlockSpec((None, None, G, D), sh(lambda s, h: (s, h, 0, 0))),  # q group
+            pl.BlockSpec((NP, P, None, D), sh(lambda s, h: (0, 0, h, 0))),  # K, kv head h
+            pl.BlockSpec((NP, P, None, D), sh(lambda s, h: (0, 0, h, 0))),  # V, kv head h
         ],
-        out_specs=pl.BlockSpec((None, None, G, D), lambda s, h: (s, h, 0, 0)),
+        out_specs=pl.BlockSpec((None, None, G, D), sh(lambda s, h: (s, h, 0, 0))),
         out_shape=jax.ShapeDtypeStruct((S, Nkv, G, D), q.dtype),
         interpret=interpret,
         name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}",

@@ -59,6 +59,7 @@ CASES = [
     (8, 8, 16, 16, 4, 1, 1, jnp.float32),  # MHA (G=1), no padding, one page per block
     (8, 8, 16, 4, 6, 4, 16, jnp.float32),  # MHA padded to 16 rows
     (8, 1, 32, 16, 3, 2, 8, jnp.float32),  # G=8 unpadded
+    (4, 2, 16, 4, 5, None, 8, jnp.float32),  # defaults: G=2 padded to 8, 16 pages per block
     (4, 2, 32, 4, 8, 4, 16, jnp.bfloat16),
     (8, 1, 16, 16, 4, 2, 16, jnp.bfloat16),
 ]
@@ -85,8 +86,10 @@ def test_layer_offset_is_traced_and_selects_the_layer():
     num_pages = S * MB + 2
     q, k, v, _, bt, lengths = make_case(S=S, Nq=Nq, Nkv=Nkv, D=D, P=P, MB=MB, L=L, num_pages=num_pages,
                                         layer=0, lengths=[5, 12, 1], dtype=jnp.float32)
+    # (also the other launch order and the un-prefetched block-table path)
     f = jax.jit(lambda layer: paged_decode_attention(q, k, v, layer * num_pages, bt, lengths, scale=0.25,
-                                                     pages_per_block=2, interpret=True))
+                                                     pages_per_block=2, heads_fastest=False,
+                                                     prefetch_table=False, interpret=True))
     outs = [np.asarray(f(jnp.int32(layer))) for layer in range(L)]
     for layer in range(L):
         ref = reference(q, k, v, jnp.int32(layer * num_pages), bt, lengths, 0.25)
