@@ -13,15 +13,18 @@ import subprocess
 import sys
 
 
-def measure(model: str, mesh: str, parallel: str, placement: str, util: float) -> dict:
+def measure(model: str, mesh: str, layout_name: str, placement: str, util: float) -> dict:
+    """layout_name: dp | tp | sidp | sidp/was | sidp/cas (forcing an FFN mode)."""
     import jax
 
     from sidp_jax import LLM
     from sidp_jax.capacity import kv_tokens_per_gpu
     from sidp_jax.memory import device_memory
 
+    parallel, _, ffn_mode = layout_name.partition("/")
     try:
-        llm = LLM(model, mesh=mesh, parallel=parallel, placement=placement, gpu_memory_utilization=util,
+        llm = LLM(model, mesh=mesh, parallel=parallel, placement=placement, ffn_mode=ffn_mode or "auto",
+                  gpu_memory_utilization=util,
                   max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=2048, verbose=False)
     except (MemoryError, ValueError) as e:
         return {"error": str(e)}
@@ -33,10 +36,11 @@ def measure(model: str, mesh: str, parallel: str, placement: str, util: float) -
         "kv_sizing"] else 0.0
     D = lay.num_replicas if parallel != "tp" else lay.tp
     bound = kv_tokens_per_gpu(llm.cfg, parallel, D, mem["total"], util, workspace_bytes=temp,
-                              tp=lay.tp if parallel != "tp" else 1, placement=placement)
+                              tp=lay.tp if parallel != "tp" else 1, placement=placement, count_ffn_buffer=False)
     bound //= lay.tp  # per GPU as above (for tp the formula gives the group's tokens)
     return {"kv_tokens_per_gpu": per_gpu, "bound": bound, "gap": 1 - per_gpu / bound if bound else None,
-            "step_temp_gib": temp / 2**30, "device_total_gib": mem["total"] / 2**30}
+            "step_temp_gib": temp / 2**30, "device_total_gib": mem["total"] / 2**30, "kv_sizing": info["kv_sizing"],
+            "ffn_mode_crossover": info["mode_crossover_tokens"]}
 
 
 def main():
@@ -50,8 +54,8 @@ def main():
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: 'parallel:util'
     args = ap.parse_args()
     if args.one:
-        parallel, util = args.one.split(":")
-        print("RESULT " + json.dumps(measure(args.model, args.mesh, parallel, args.placement, float(util))))
+        layout_name, util = args.one.split(":")
+        print("RESULT " + json.dumps(measure(args.model, args.mesh, layout_name, args.placement, float(util))))
         return
     rows = []
     for util in args.util.split(","):

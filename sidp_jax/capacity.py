@@ -44,9 +44,12 @@ def weight_bytes_per_gpu(cfg: ModelConfig, parallel: str, dp: int, tp: int = 1, 
 
 
 def kv_tokens_per_gpu(cfg: ModelConfig, parallel: str, dp: int, memory_bytes: float, utilization: float,
-                      workspace_bytes: float = 3e9, tp: int = 1, placement: str = "striped") -> int:
-    """Analytic bound: KV tokens one GPU can hold (tp: tokens of the whole tp group per GPU)."""
-    free = memory_bytes * utilization - workspace_bytes - weight_bytes_per_gpu(cfg, parallel, dp, tp, placement)
+                      workspace_bytes: float = 3e9, tp: int = 1, placement: str = "striped",
+                      count_ffn_buffer: bool = True) -> int:
+    """Analytic bound: KV tokens one GPU can hold (tp: tokens of the whole tp group per GPU).
+    count_ffn_buffer=False when the workspace already includes it (measured step temporaries)."""
+    free = memory_bytes * utilization - workspace_bytes - weight_bytes_per_gpu(
+        cfg, parallel, dp, tp, placement, include_buffer=count_ffn_buffer)
     shards = dp * tp if parallel == "tp" else tp
     return max(0, int(free // (cfg.kv_bytes_per_token() / shards)))
 

@@ -54,6 +54,11 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
     crossover_source = "given" if crossover_tokens is not None else "cost model defaults"
     if fixed is None and crossover_tokens is None and jax.default_backend() == "gpu":
         crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, llm.dtype)  # before the KV
+    if fixed is None and crossover_tokens is not None:  # size the KV only for modes auto can pick
+        if crossover_tokens > max_num_batched_tokens:
+            modes = ["cas"]
+        elif crossover_tokens <= 1:
+            modes = ["was"]
     page_bytes = kv_bytes_per_page(cfg, layout, page_size, llm.dtype)
     max_pages = -(-llm.max_model_len // page_size)
     if kv_cache_tokens is not None:
@@ -67,16 +72,18 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
             num_pages = CPU_DEFAULT_KV_TOKENS // page_size + 1
             source = "CPU default"
         else:
-            temp = max(_step_temp_bytes(probe, mode, bucket(max_num_batched_tokens, 8, max_num_batched_tokens),
-                                        bucket(max_num_seqs, 4, max_num_seqs), bucket(max_pages, 4, max_pages))
-                       for mode in modes)
+            temps = {mode: _step_temp_bytes(probe, mode, bucket(max_num_batched_tokens, 8, max_num_batched_tokens),
+                                            bucket(max_num_seqs, 4, max_num_seqs), bucket(max_pages, 4, max_pages))
+                     for mode in modes}
+            temp = max(temps.values())
+            step_temps = {m: round(t / 2**30, 2) for m, t in temps.items()}
             free = free_bytes_for_kv(devices, utilization, temp)
             if free < 2 * page_bytes:
                 raise MemoryError(f"no room for the KV cache: {free / 2**30:.2f} GiB free per device after weights "
                                   f"and {temp / 2**30:.2f} GiB of step temporaries at gpu_memory_utilization="
                                   f"{utilization}")
             num_pages = free // page_bytes
-            source = f"free memory (step temporaries {temp / 2**30:.2f} GiB)"
+            source = f"free memory (step temporaries {temp / 2**30:.2f} GiB: {step_temps})"
         del probe
     runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype)
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)

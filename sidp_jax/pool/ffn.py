@@ -17,12 +17,15 @@ part only in the collectives (the paper's dummy skipping).
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
 from sidp_jax.models.decoder import dense_ffn
 
 MODES = ("was", "cas")
+log = logging.getLogger("sidp_jax")
 
 
 def broadcast_from(x, axis: str, source, axis_size: int):
@@ -32,13 +35,23 @@ def broadcast_from(x, axis: str, source, axis_size: int):
     roots (every rank takes the same branch). Elsewhere (no CPU lowering): psum of a masked copy.
     """
     if jax.default_backend() == "gpu":
-        branches = [lambda v, s=s: jax.lax.pbroadcast(v, axis, s) for s in range(axis_size)]
-        return jax.lax.switch(source, branches, x)
+        try:
+            branches = [lambda v, s=s: jax.lax.pbroadcast(v, (axis,), s) for s in range(axis_size)]
+            return jax.lax.switch(source, branches, x)
+        except (NameError, TypeError) as e:  # jax builds whose pbroadcast rejects this at trace time
+            log.warning("lax.pbroadcast unavailable (%s); owner WaS falls back to a masked psum", e)
     mine = jax.lax.axis_index(axis) == source
     return jax.tree.map(lambda a: jax.lax.psum(jnp.where(mine, a, jnp.zeros_like(a)), axis), x)
 
 
+def _pinned(w, x):
+    """Tie weights to this layer's activations so XLA cannot hoist their gather out of the layer
+    loop (which would materialise every layer's gathered weights at once)."""
+    return jax.lax.optimization_barrier((w, x))
+
+
 def striped_was(x, layer, w, active=None):
+    w, x = _pinned(w, x)
     full = {"gate_up": jax.lax.all_gather(w["gate_up"], "dp", axis=2, tiled=True),
             "down": jax.lax.all_gather(w["down"], "dp", axis=0, tiled=True)}
     return dense_ffn(x, layer, full, active)
@@ -58,7 +71,8 @@ def make_owner_ffns(pool: dict, num_replicas: int):
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer // D, keepdims=False), pool)
 
     def owner_was(x, layer, _, active=None):
-        return dense_ffn(x, layer, broadcast_from(local_row(layer), "dp", layer % D, D), active)
+        row, x = _pinned(local_row(layer), x)
+        return dense_ffn(x, layer, broadcast_from(row, "dp", layer % D, D), active)
 
     def owner_cas(x, layer, _, active=None):  # only the owner computes, for everyone
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)
