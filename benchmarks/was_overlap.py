@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
@@ -33,16 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from sidp_jax.config import PRESETS  # noqa: E402
 from sidp_jax.models.decoder import dense_ffn  # noqa: E402
 from sidp_jax.pool.ffn import striped_cas  # noqa: E402
-
-
-def timed(fn, *args, reps: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+from sidp_jax.timing import median_seconds  # noqa: E402
 
 
 def gather(w):
@@ -127,16 +116,8 @@ def device_put_was(devices, L, H, I, T, dtype):
 
     owned_local = [jax.device_put(owned[0], d) for d in devices]  # compute-only: a local stand-in
 
-    def timed_run(fetch_remote, do_compute, reps=5):
-        jax.block_until_ready(run_all(fetch_remote, do_compute))
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(run_all(fetch_remote, do_compute))
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-
-    return {"compute": timed_run(False, True), "fetch": timed_run(True, False), "was": timed_run(True, True)}
+    return {"compute": median_seconds(run_all, False, True), "fetch": median_seconds(run_all, True, False),
+            "was": median_seconds(run_all, True, True)}
 
 
 def efficiency(fetch, compute, both):
@@ -167,9 +148,9 @@ def main():
     rows = []
     for T in [int(t) for t in args.tokens.split(",")]:
         x = jax.device_put(jnp.ones((D * T, H), dtype), NamedSharding(mesh, P("dp")))
-        r = {"tokens_per_replica": T, "compute": timed(fns["compute"], x, w_full), "fetch": timed(fns["fetch"], x, w_striped)}
+        r = {"tokens_per_replica": T, "compute": median_seconds(fns["compute"], x, w_full), "fetch": median_seconds(fns["fetch"], x, w_striped)}
         for name in ("was:scan", "was:scan_prefetch", "was:unrolled", "cas"):
-            r[name] = timed(fns[name], x, w_striped)
+            r[name] = median_seconds(fns[name], x, w_striped)
         dput = device_put_was(devices, L, H, I, T, dtype)
         r.update({"device_put:compute": dput["compute"], "device_put:fetch": dput["fetch"], "was:device_put": dput["was"]})
         for name in ("was:scan", "was:scan_prefetch", "was:unrolled"):

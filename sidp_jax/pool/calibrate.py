@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.pool import ffn as pool_ffn
+from sidp_jax.timing import median_seconds
 
 log = logging.getLogger("sidp_jax")
 TOKENS = (128, 512, 2048, 8192)
@@ -31,16 +30,6 @@ def _cache_path(layout, cfg, dtype) -> str:
     name = (f"crossover-{kind}-dp{layout.num_replicas}-tp{layout.tp}-{layout.placement}-"
             f"{cfg.hidden_size}x{cfg.intermediate_size}-{jnp.dtype(dtype).name}.json")
     return os.path.join(root, name)
-
-
-def _time(fn, *args, reps=3) -> float:
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def measure(layout, cfg, dtype) -> dict:
@@ -73,7 +62,7 @@ def measure(layout, cfg, dtype) -> dict:
     result = {}
     for T in TOKENS:
         x = jax.device_put(jnp.ones((D * T, H), dtype), shard(P("dp")))
-        result[T] = {m: _time(fns[m], x, w) / L for m in fns}
+        result[T] = {m: median_seconds(fns[m], x, w, reps=3) / L for m in fns}
     return result
 
 
