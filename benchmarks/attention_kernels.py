@@ -14,7 +14,9 @@ then one block ("us_burst", which hides the Python dispatch gap). GB/s counts th
 sequences' lengths need, read once.
 
   python benchmarks/attention_kernels.py --out attn.json
-  python benchmarks/attention_kernels.py --batch 64 --context 2048 --sweep   # tune the kernel
+  python benchmarks/attention_kernels.py --batch 64 --context 2048 --sweep --only 'w2_s(4|5)'  # tune
+  python benchmarks/attention_kernels.py --interpret --batch 4 --context 64 --q-heads 16 --kv-heads 2 \
+      --head-dim 32 --min-pages 64 --reps 3 --burst 2      # CPU smoke test of the script itself
 """
 
 from __future__ import annotations
