@@ -3,6 +3,10 @@
 Shapes are rounded up to powers of two (tokens T, sequence rows S, pages per row MB) so the
 number of compiled step variants stays small. Padding tokens write to the reserved page 0 and
 padding rows are greedy, penalty-free and never read back.
+
+A decode-only step (every chunk of every replica is one token) is laid out with token i in row i
+and as many token slots as rows (T == S, one bucket), so the paged decode kernel can read the
+block tables row by row (sidp_jax.kernels.attention); build_batch says so with `decode_only`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ def bucket(n: int, lo: int, hi: int) -> int:
 
 def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[int],
                 max_tokens_bucket: int, max_rows_bucket: int, max_pages_bucket: int):
-    """Returns (batch arrays, sampling arrays, SamplerFlags, shape key)."""
+    """Returns (batch arrays, sampling arrays, SamplerFlags, decode_only)."""
     D = len(plans)
-    T = bucket(max(sum(c.num_tokens for c in p) for p in plans), 8, max_tokens_bucket)
-    S = bucket(max(len(p) for p in plans), 4, max_rows_bucket)
+    decode_only = all(c.num_tokens == 1 for p in plans for c in p)
+    if decode_only:  # token i is row i (decode chunks come first in a plan, so the loop below agrees)
+        T = S = bucket(max(len(p) for p in plans), 4, min(max_tokens_bucket, max_rows_bucket))
+    else:
+        T = bucket(max(sum(c.num_tokens for c in p) for p in plans), 8, max_tokens_bucket)
+        S = bucket(max(len(p) for p in plans), 4, max_rows_bucket)
     MB = bucket(max((len(c.seq.pages) for p in plans for c in p), default=1), 4, max_pages_bucket)
     seqs = [c.seq for p in plans for c in p]
     flags = SamplerFlags(
@@ -39,6 +47,8 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     positions = np.zeros((D, T), np.int32)
     slots = np.zeros((D, T), np.int32)
     token_seq = np.zeros((D, T), np.int32)
+    if decode_only:
+        token_seq[:] = np.arange(T)  # padding tokens: their own (all-zero, scratch-page) rows
     tables = np.zeros((D, S, MB), np.int32)
     sample_index = np.zeros((D, S), np.int32)
     samp = {
@@ -94,4 +104,4 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     num_tokens = np.array([sum(c.num_tokens for c in p) for p in plans], np.int32)
     batch = {"tokens": tokens, "positions": positions, "slots": slots, "token_seq": token_seq,
              "block_tables": tables, "sample_index": sample_index, "num_tokens": num_tokens}
-    return batch, samp, flags
+    return batch, samp, flags, decode_only

@@ -8,6 +8,7 @@ from typing import Iterator
 
 from sidp_jax.config import PRESETS, ModelConfig, dtype_from_name, load_config
 from sidp_jax.engine import Engine, Request
+from sidp_jax.kernels.attention import ATTENTION_CHOICES
 from sidp_jax.layouts import make_layout
 from sidp_jax.outputs import RequestOutput
 from sidp_jax.sampling_params import SamplingParams
@@ -25,9 +26,15 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, kv_block_size: int = 16,
                  seed: int = 0, kv_cache_tokens: int | None = None, ffn_crossover_tokens: int | None = None,
-                 devices=None, verbose: bool = True):
+                 devices=None, verbose: bool = True, attention: str = "auto"):
+        """attention: "auto" runs decode-only steps with the Pallas paged decode kernel on GPU (where
+        the model's shapes allow it) and everything else with the pure-JAX reference; "reference"
+        never uses the kernel; "pallas-interpret" is for tests only (the kernel in interpret mode,
+        also on CPU). stats()["steps_with_decode_kernel"] counts the steps that ran the kernel."""
         if ffn_mode not in FFN_MODES:
             raise ValueError(f"ffn_mode must be one of {FFN_MODES}, got {ffn_mode!r}")
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -44,7 +51,7 @@ class LLM:
         runner, scheduler, policy, kv_info = build_runner(
             self, ffn_mode=ffn_mode, utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, page_size=kv_block_size, seed=seed,
-            kv_cache_tokens=kv_cache_tokens, crossover_tokens=ffn_crossover_tokens)
+            kv_cache_tokens=kv_cache_tokens, crossover_tokens=ffn_crossover_tokens, attention=attention)
         self.kv_info = kv_info
         if self.max_model_len > kv_info["tokens_per_replica"]:
             print(f"[sidp_jax] max_model_len {self.max_model_len} exceeds one replica's KV capacity; "

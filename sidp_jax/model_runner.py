@@ -4,6 +4,11 @@ Each replica runs `models.decoder.forward` on its own batch row and KV pages und
 `jax.shard_map`; the layout decides where weights live and the FFN strategy (sidp_jax.pool)
 how a replica reaches pooled FFN weights. Sampling happens in the same program, so only the
 sampled token ids (and requested logprobs) come back to the host.
+
+Attention: decode-only steps (sidp_jax/batch.py) run the Pallas paged decode kernel where
+`attention` allows it ("auto": on GPU, when the kernel's constraints hold for the model's shapes;
+"pallas-interpret": the kernel in interpret mode on any backend, for the CPU tests only;
+"reference": never); every other step runs the pure-JAX reference.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.config import ModelConfig
+from sidp_jax.kernels.attention import ATTENTION_CHOICES, decode_attention, decode_kernel_supported
+from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.layouts import Layout
 from sidp_jax.models.decoder import dense_ffn, forward
 from sidp_jax.pool import ffn as pool_ffn
@@ -30,7 +37,9 @@ def kv_bytes_per_page(cfg: ModelConfig, layout: Layout, page_size: int, dtype) -
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, layout: Layout, params: dict, *, num_pages: int, page_size: int,
-                 kv_dtype):
+                 kv_dtype, attention: str = "auto"):
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
         self.cfg, self.layout, self.params = cfg, layout, params
         self.num_pages, self.page_size = num_pages, page_size
         self.kv_sharding = NamedSharding(layout.mesh, KV_SPEC)
@@ -39,6 +48,16 @@ class ModelRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype), out_shardings=self.kv_sharding)
         self.kv = {"k": zeros(), "v": zeros()}
         self._steps: dict = {}
+        self.decode_attn_fn = self._decode_attn_fn(attention)
+        self.steps_with_decode_kernel = 0
+
+    def _decode_attn_fn(self, attention: str):
+        """attn_fn for decode-only steps, or None where they run the reference too."""
+        if attention == "reference" or not decode_kernel_supported(self.cfg, self.layout, self.page_size):
+            return None
+        if attention == "pallas-interpret":
+            return functools.partial(decode_attention, interpret=True)
+        return decode_attention if jax.default_backend() == "gpu" else None
 
     def _ffn(self, mode: str, local_params: dict):
         """(ffn_fn, ffn_in_scan) for this layout and mode ("local" where the FFN is not pooled)."""
@@ -49,15 +68,17 @@ class ModelRunner:
             return {"was": pool_ffn.striped_was, "cas": pool_ffn.striped_cas}[mode], True
         return pool_ffn.make_owner_ffns(local_params["ffn"], lay.num_replicas)[mode], False
 
-    def _build(self, mode: str, flags: SamplerFlags):
+    def _build(self, mode: str, flags: SamplerFlags, decode_kernel: bool):
         cfg, lay = self.cfg, self.layout
         tp_axis = "tp" if lay.tp > 1 else None
+        attn_fn = self.decode_attn_fn if decode_kernel else paged_attention_reference
 
         def local(params, kv, batch, samp):
             squeeze = functools.partial(jax.tree.map, lambda a: a[0])
             kv, batch, samp = squeeze(kv), squeeze(batch), squeeze(samp)
             ffn_fn, in_scan = self._ffn(mode, params)
-            logits, kv = forward(cfg, params, kv, batch, ffn_fn=ffn_fn, tp_axis=tp_axis, ffn_in_scan=in_scan)
+            logits, kv = forward(cfg, params, kv, batch, ffn_fn=ffn_fn, attn_fn=attn_fn, tp_axis=tp_axis,
+                                 ffn_in_scan=in_scan)
             out = sample(logits, samp, flags)
             expand = functools.partial(jax.tree.map, lambda a: a[None])
             return expand(out), expand(kv)
@@ -67,14 +88,21 @@ class ModelRunner:
                                 out_specs=(P("dp"), kv_specs), check_vma=False)
         return jax.jit(stepped, donate_argnums=(1,))
 
-    def step_fn(self, mode: str, flags: SamplerFlags):
-        key = (mode, flags)
+    def uses_decode_kernel(self, decode_only: bool) -> bool:
+        return decode_only and self.decode_attn_fn is not None
+
+    def step_fn(self, mode: str, flags: SamplerFlags, decode_only: bool = False):
+        key = (mode, flags, self.uses_decode_kernel(decode_only))  # no kernel: decode-only = any step
         if key not in self._steps:
-            self._steps[key] = self._build(mode, flags)
+            self._steps[key] = self._build(*key)
         return self._steps[key]
 
-    def run(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "local") -> dict:
-        """Run one step; returns numpy arrays [D, S, ...] of sampled tokens and logprobs."""
+    def run(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "local",
+            decode_only: bool = False) -> dict:
+        """Run one step; returns numpy arrays [D, S, ...] of sampled tokens and logprobs.
+
+        decode_only: the batch was built as a decode-only step (token i in row i, S == T)."""
         batch, samp = jax.device_put((batch, samp), self.batch_sharding)
-        out, self.kv = self.step_fn(mode, flags)(self.params, self.kv, batch, samp)
+        out, self.kv = self.step_fn(mode, flags, decode_only)(self.params, self.kv, batch, samp)
+        self.steps_with_decode_kernel += self.uses_decode_kernel(decode_only)
         return jax.device_get(out)

@@ -32,7 +32,10 @@ def place_params(llm, seed: int) -> dict:
 
 
 def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: int, max_pages: int) -> int:
-    """Temporaries of the largest step variant, from XLA's memory analysis of its compilation."""
+    """Temporaries of the largest step variant, from XLA's memory analysis of its compilation.
+
+    That is a mixed step on the reference attention: decode-only steps (the decode kernel's) have
+    at most as many tokens and no gathered K/V."""
     D = runner.layout.num_replicas
     i32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.int32)
     f32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.float32)
@@ -46,7 +49,8 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
 
 
 def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
-                 page_size: int, seed: int, kv_cache_tokens: int | None, crossover_tokens: int | None = None):
+                 page_size: int, seed: int, kv_cache_tokens: int | None, crossover_tokens: int | None = None,
+                 attention: str = "auto"):
     cfg, layout = llm.cfg, llm.layout
     params = place_params(llm, seed)
     fixed = "local" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
@@ -85,14 +89,16 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
             num_pages = free // page_bytes
             source = f"free memory (step temporaries {temp / 2**30:.2f} GiB: {step_temps})"
         del probe
-    runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype)
+    runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype,
+                         attention=attention)
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
                         hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement,
                         crossover_tokens=crossover_tokens)
     info = {"tokens_per_replica": (num_pages - 1) * page_size, "num_pages": num_pages, "page_size": page_size,
             "kv_bytes_per_page_per_device": page_bytes, "kv_sizing": source,
-            "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode, "crossover_source": crossover_source}
+            "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode, "crossover_source": crossover_source,
+            "attention": attention, "decode_kernel_enabled": runner.decode_attn_fn is not None}
     return runner, scheduler, policy, info
 
 

@@ -1,0 +1,40 @@
+"""Which attention a step runs: the Pallas decode kernel for decode-only steps, else the reference.
+
+`decode_attention` has the decoder's `attn_fn` signature (models/decoder.py) and is only valid for
+a batch built as a decode-only step (sidp_jax/batch.py): one token per sequence row, token i in
+row i (S == T), so the block tables are already aligned to the tokens and `token_seq` is not needed.
+Padding tokens sit at position 0 of a padding row whose block-table row is all zeros: they attend
+to one token of the scratch page 0 (finite: zeros or padding writes) and their output is never
+used; real tokens' outputs are exact.
+"""
+
+from __future__ import annotations
+
+from sidp_jax.kernels.paged_decode_pallas import default_pages_per_block, paged_decode_attention
+
+ATTENTION_CHOICES = ("auto", "reference", "pallas-interpret")  # "pallas-interpret": tests only (CPU)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def decode_kernel_supported(cfg, layout, page_size: int) -> bool:
+    """The kernel's GPU constraints hold for this model, layout (tp-local heads) and page size."""
+    if cfg.num_heads % layout.tp or cfg.num_kv_heads % layout.tp or cfg.num_heads % cfg.num_kv_heads:
+        return False
+    group = cfg.num_heads // cfg.num_kv_heads  # the same on every tp shard
+    ppb = default_pages_per_block(page_size)
+    return (_is_pow2(group) and _is_pow2(cfg.head_dim) and cfg.head_dim >= 16
+            and _is_pow2(ppb) and _is_pow2(ppb * page_size) and ppb * page_size >= 16)
+
+
+def decode_attention(q, k_cache, v_cache, offset, block_tables, token_seq, positions, *, scale: float,
+                     interpret: bool = False):
+    """attn_fn for decode-only steps: q [T, Nq, D] with token i in row i of block_tables [T, MB]."""
+    del token_seq  # == arange(T) in a decode-only step
+    if block_tables.shape[0] != q.shape[0]:
+        raise ValueError(f"decode-only step needs one row per token: {block_tables.shape[0]} rows, "
+                         f"{q.shape[0]} tokens")
+    return paged_decode_attention(q, k_cache, v_cache, offset, block_tables, positions + 1, scale=scale,
+                                  interpret=interpret)

@@ -1,0 +1,54 @@
+"""Decode-only steps through the Pallas paged decode kernel (interpret mode on CPU) in the engine."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import pytest
+
+from sidp_jax import LLM, SamplingParams
+from sidp_jax.config import load_config
+from sidp_jax.kernels.attention import decode_kernel_supported
+from sidp_jax.layouts import make_layout
+
+CKPT = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints", "tiny-qwen3")
+GREEDY16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+with open(os.path.join(os.path.dirname(__file__), "fixtures", "reference", "tiny-qwen3.json")) as f:
+    _META = json.load(f)
+PROMPTS = [p["token_ids"] for p in _META["prompts"]]
+WANT = [p["greedy_token_ids"] for p in _META["prompts"]]
+
+
+@pytest.mark.parametrize("layout", [
+    dict(mesh="dp=1", devices=jax.devices("cpu")[:1]),
+    dict(mesh="dp=2", parallel="sidp", placement="striped", ffn_mode="cas", devices=jax.devices("cpu")),
+], ids=["dp1", "sidp-dp2"])
+def test_decode_kernel_greedy_equals_transformers(layout):
+    llm = LLM(CKPT, attention="pallas-interpret", dtype="float32", max_num_batched_tokens=64,
+              kv_cache_tokens=512, verbose=False, **layout)
+    outs = llm.generate(PROMPTS, GREEDY16, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == WANT
+    stats = llm.stats()
+    assert 0 < stats["steps_with_decode_kernel"] < stats["num_steps"]  # prefill steps use the reference
+
+
+def test_reference_option_and_cpu_auto_never_use_the_kernel():
+    for attention in ("reference", "auto"):  # auto: the kernel is GPU-only
+        llm = LLM(CKPT, attention=attention, dtype="float32", max_num_batched_tokens=64, kv_cache_tokens=512,
+                  devices=jax.devices("cpu")[:1], verbose=False)
+        outs = llm.generate(PROMPTS[:1], GREEDY16, use_tqdm=False)
+        assert outs[0].outputs[0].token_ids == WANT[0]
+        assert llm.stats()["steps_with_decode_kernel"] == 0
+    with pytest.raises(ValueError, match="attention"):
+        LLM(CKPT, attention="triton", dtype="float32", devices=jax.devices("cpu")[:1], verbose=False)
+
+
+def test_kernel_constraints():
+    cfg = load_config(CKPT)  # head_dim 32, 4 q heads / 2 kv heads
+    lay = make_layout("dp=1", devices=jax.devices("cpu")[:1])
+    assert decode_kernel_supported(cfg, lay, 16)
+    assert not decode_kernel_supported(cfg, lay, 24)  # 64 // 24 = 2 pages of 24: 48-token blocks
+    assert not decode_kernel_supported(dataclasses.replace(cfg, head_dim=8), lay, 16)
+    assert not decode_kernel_supported(dataclasses.replace(cfg, num_heads=6), lay, 16)  # group of 3
