@@ -74,6 +74,34 @@ def attention_block(cfg, w, x, kv, layer, batch, cos, sin, attn_fn, tp_axis):
     return out.astype(dt), {"k": k_cache, "v": v_cache}
 
 
+def embed(cfg: ModelConfig, params: dict, batch: dict):
+    """Token embeddings and the RoPE angles of this step's positions: (x [T, H], cos, sin)."""
+    x = params["embed"][batch["tokens"]]
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    angles = batch["positions"].astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return x, jnp.cos(angles), jnp.sin(angles)
+
+
+def attention_residual(cfg, w, h, kv, layer, batch, cos, sin, attn_fn, tp_axis, active):
+    """h + attention(norm(h)), writing this step's K/V; an idle replica skips it all."""
+    a, kv = jax.lax.cond(
+        active, lambda: attention_block(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), kv, layer, batch,
+                                        cos, sin, attn_fn, tp_axis),
+        lambda: (jnp.zeros_like(h), kv))
+    return h + a, kv
+
+
+def ffn_input(cfg: ModelConfig, w: dict, h: jax.Array) -> jax.Array:
+    return rms_norm(h, w["ffn_norm"], cfg.rms_norm_eps)
+
+
+def head_logits(cfg: ModelConfig, params: dict, x: jax.Array, batch: dict) -> jax.Array:
+    """float32 logits [S, V] of the tokens each sequence row samples from."""
+    h = rms_norm(x[batch["sample_index"]], params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("sh,hv->sv", h, head, preferred_element_type=jnp.float32)
+
+
 def forward(
     cfg: ModelConfig,
     params: dict,
@@ -95,21 +123,14 @@ def forward(
     ffn_in_scan: feed params["ffn"] to ffn_fn layer by layer (stacked per layer); otherwise
     ffn_fn gets None and reaches its weights itself (SiDP owner placement).
     """
-    x = params["embed"][batch["tokens"]]
+    x, cos, sin = embed(cfg, params, batch)
     active = batch["num_tokens"] > 0
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    angles = batch["positions"].astype(jnp.float32)[:, None] * inv_freq[None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
 
     def layer_step(carry, xs):
         h, kv = carry
         w, ffn_w, layer = xs
-        a, kv = jax.lax.cond(  # an idle replica (no tokens this step) skips its attention
-            active, lambda: attention_block(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), kv, layer,
-                                            batch, cos, sin, attn_fn, tp_axis),
-            lambda: (jnp.zeros_like(h), kv))
-        h = h + a
-        f = ffn_fn(rms_norm(h, w["ffn_norm"], cfg.rms_norm_eps), layer, ffn_w, active)
+        h, kv = attention_residual(cfg, w, h, kv, layer, batch, cos, sin, attn_fn, tp_axis, active)
+        f = ffn_fn(ffn_input(cfg, w, h), layer, ffn_w, active)
         if tp_axis is not None:
             f = jax.lax.psum(f, tp_axis)
         return (h + f, kv), None
@@ -117,7 +138,4 @@ def forward(
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     ffn_xs = params["ffn"] if ffn_in_scan else None
     (x, kv), _ = jax.lax.scan(layer_step, (x, kv), (params["layers"], ffn_xs, layers), unroll=unroll)
-    h = rms_norm(x[batch["sample_index"]], params["final_norm"], cfg.rms_norm_eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("sh,hv->sv", h, head, preferred_element_type=jnp.float32)
-    return logits, kv
+    return head_logits(cfg, params, x, batch), kv

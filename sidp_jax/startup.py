@@ -6,10 +6,10 @@ import jax
 import numpy as np
 
 from sidp_jax.batch import bucket
-from sidp_jax.capacity import dp_comparison_line
+from sidp_jax.capacity import dp_comparison_line, weight_bytes_per_gpu
 from sidp_jax.checkpoint import load_params
 from sidp_jax.config import PRESETS, ModelConfig
-from sidp_jax.memory import compiled_temp_bytes, free_bytes_for_kv
+from sidp_jax.memory import compiled_temp_bytes, device_memory, free_bytes_for_kv
 from sidp_jax.model_runner import ModelRunner, kv_bytes_per_page
 from sidp_jax.models.params import init_params
 from sidp_jax.placed_checkpoint import is_placed_checkpoint, restore_placed
@@ -19,6 +19,22 @@ from sidp_jax.sampler import SamplerFlags
 from sidp_jax.scheduler import Scheduler
 
 CPU_DEFAULT_KV_TOKENS = 32768  # per replica, where the device reports no memory (CPU)
+
+
+def check_weights_fit(llm, utilization: float) -> None:
+    """Fail early, with the numbers, when a layout's weights alone exceed the memory budget."""
+    lay = llm.layout
+    mem = device_memory(lay.mesh.devices.flat[0])
+    if mem is None:
+        return
+    need = weight_bytes_per_gpu(llm.cfg, lay.parallel, lay.num_replicas, lay.tp, lay.placement, llm.dtype,
+                                include_buffer=lay.pooled)
+    budget = mem["total"] * utilization
+    if need > budget:
+        raise MemoryError(
+            f"parallel={lay.parallel} on mesh dp={lay.num_replicas},tp={lay.tp} needs {need / 1e9:.1f} GB of weights "
+            f"per GPU, more than gpu_memory_utilization={utilization} of {mem['total'] / 1e9:.1f} GB allows "
+            f"({budget / 1e9:.1f} GB): use parallel='sidp' or 'tp', more GPUs, or a higher utilization")
 
 
 def place_params(llm, seed: int) -> dict:
@@ -52,6 +68,7 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
                  page_size: int, seed: int, kv_cache_tokens: int | None, crossover_tokens: int | None = None,
                  attention: str = "auto"):
     cfg, layout = llm.cfg, llm.layout
+    check_weights_fit(llm, utilization)
     params = place_params(llm, seed)
     fixed = "local" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
     modes = ["was", "cas"] if fixed is None else [fixed]

@@ -160,3 +160,11 @@ def test_crossover_from_timings():
     assert crossover_from(t) == 1024
     assert crossover_from({128: {"was": 1.0, "cas": 2.0}}) == 128
     assert crossover_from({128: {"was": 3.0, "cas": 2.0}}) > 1 << 20
+
+
+def test_a_layout_whose_weights_do_not_fit_fails_early_with_numbers(monkeypatch):
+    import sidp_jax.startup as startup
+
+    monkeypatch.setattr(startup, "device_memory", lambda d: {"total": 150e9, "limit": 142e9, "in_use": 0})
+    with pytest.raises(MemoryError, match=r"parallel=dp on mesh dp=2,tp=1 needs 141\.\d GB of weights"):
+        LLM("llama3.1-70b", mesh="dp=2", parallel="dp", verbose=False, devices=jax.devices("cpu"))
