@@ -26,8 +26,12 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, kv_block_size: int = 16,
                  seed: int = 0, kv_cache_tokens: int | None = None, ffn_crossover_tokens: int | None = None,
-                 devices=None, verbose: bool = True, attention: str = "auto"):
-        """attention: "auto" runs decode-only steps with the Pallas paged decode kernel on GPU (where
+                 devices=None, verbose: bool = True, attention: str = "auto", was_runner: str = "auto"):
+        """was_runner: how sidp runs Weight-as-a-Service steps: "replicas" (per-replica programs, the
+        next layer's FFN slices copied by async device_put while this layer computes; striped
+        placement, tp=1), "spmd" (all-gathers inside the one SPMD step), "auto" (replicas where
+        it applies).
+        attention: "auto" runs decode-only steps with the Pallas paged decode kernel on GPU (where
         the model's shapes allow it) and everything else with the pure-JAX reference; "reference"
         never uses the kernel; "pallas-interpret" is for tests only (the kernel in interpret mode,
         also on CPU). stats()["steps_with_decode_kernel"] counts the steps that ran the kernel."""
@@ -51,7 +55,8 @@ class LLM:
         runner, scheduler, policy, kv_info = build_runner(
             self, ffn_mode=ffn_mode, utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, page_size=kv_block_size, seed=seed,
-            kv_cache_tokens=kv_cache_tokens, crossover_tokens=ffn_crossover_tokens, attention=attention)
+            kv_cache_tokens=kv_cache_tokens, crossover_tokens=ffn_crossover_tokens, attention=attention,
+            was_runner=was_runner)
         self.kv_info = kv_info
         if self.max_model_len > kv_info["tokens_per_replica"]:
             print(f"[sidp_jax] max_model_len {self.max_model_len} exceeds one replica's KV capacity; "

@@ -25,6 +25,7 @@ from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.layouts import Layout
 from sidp_jax.models.decoder import dense_ffn, forward
 from sidp_jax.pool import ffn as pool_ffn
+from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
 from sidp_jax.sampler import SamplerFlags, sample
 
 KV_SPEC = P("dp", None, None, "tp", None)  # [replica, L*pages, page, kv_heads, head_dim]
@@ -37,7 +38,7 @@ def kv_bytes_per_page(cfg: ModelConfig, layout: Layout, page_size: int, dtype) -
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, layout: Layout, params: dict, *, num_pages: int, page_size: int,
-                 kv_dtype, attention: str = "auto"):
+                 kv_dtype, attention: str = "auto", was_runner: str = "auto"):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
         self.cfg, self.layout, self.params = cfg, layout, params
@@ -50,6 +51,8 @@ class ModelRunner:
         self._steps: dict = {}
         self.decode_attn_fn = self._decode_attn_fn(attention)
         self.steps_with_decode_kernel = 0
+        self.replica_was = ReplicaWaS(cfg, layout, params, self.kv_sharding) \
+            if uses_replica_was(layout, was_runner) else None
 
     def _decode_attn_fn(self, attention: str):
         """attn_fn for decode-only steps, or None where they run the reference too."""
@@ -102,6 +105,9 @@ class ModelRunner:
         """Run one step; returns numpy arrays [D, S, ...] of sampled tokens and logprobs.
 
         decode_only: the batch was built as a decode-only step (token i in row i, S == T)."""
+        if mode == "was" and self.replica_was is not None:  # WaS by per-replica programs
+            out, self.kv = self.replica_was.run(self.kv, batch, samp, flags)
+            return out
         batch, samp = jax.device_put((batch, samp), self.batch_sharding)
         out, self.kv = self.step_fn(mode, flags, decode_only)(self.params, self.kv, batch, samp)
         self.steps_with_decode_kernel += self.uses_decode_kernel(decode_only)

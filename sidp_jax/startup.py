@@ -15,6 +15,7 @@ from sidp_jax.models.params import init_params
 from sidp_jax.placed_checkpoint import is_placed_checkpoint, restore_placed
 from sidp_jax.pool.calibrate import calibrated_crossover
 from sidp_jax.pool.policy import ModePolicy
+from sidp_jax.pool.replica_was import replica_was_extra_bytes, uses_replica_was
 from sidp_jax.sampler import SamplerFlags
 from sidp_jax.scheduler import Scheduler
 
@@ -66,15 +67,16 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
 
 def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
                  page_size: int, seed: int, kv_cache_tokens: int | None, crossover_tokens: int | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", was_runner: str = "auto"):
     cfg, layout = llm.cfg, llm.layout
+    replicas = uses_replica_was(layout, was_runner)
     check_weights_fit(llm, utilization)
     params = place_params(llm, seed)
     fixed = "local" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
     modes = ["was", "cas"] if fixed is None else [fixed]
     crossover_source = "given" if crossover_tokens is not None else "cost model defaults"
     if fixed is None and crossover_tokens is None and jax.default_backend() == "gpu":
-        crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, llm.dtype)  # before the KV
+        crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, llm.dtype, replicas)  # before KV
     if fixed is None and crossover_tokens is not None:  # size the KV only for modes auto can pick
         if crossover_tokens > max_num_batched_tokens:
             modes = ["cas"]
@@ -86,16 +88,20 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
         num_pages = -(-kv_cache_tokens // page_size) + 1
         source = "kv_cache_tokens"
     else:
-        probe = ModelRunner(cfg, layout, params, num_pages=2, page_size=page_size, kv_dtype=llm.dtype)
+        probe = ModelRunner(cfg, layout, params, num_pages=2, page_size=page_size, kv_dtype=llm.dtype,
+                            was_runner="spmd")
         devices = layout.mesh.devices.flatten()
         free = free_bytes_for_kv(devices, utilization, 0)
         if free is None:
             num_pages = CPU_DEFAULT_KV_TOKENS // page_size + 1
             source = "CPU default"
         else:
-            temps = {mode: _step_temp_bytes(probe, mode, bucket(max_num_batched_tokens, 8, max_num_batched_tokens),
-                                            bucket(max_num_seqs, 4, max_num_seqs), bucket(max_pages, 4, max_pages))
-                     for mode in modes}
+            shape = (bucket(max_num_batched_tokens, 8, max_num_batched_tokens), bucket(max_num_seqs, 4, max_num_seqs),
+                     bucket(max_pages, 4, max_pages))
+            temps = {mode: _step_temp_bytes(probe, mode, *shape) for mode in modes if not (replicas and mode == "was")}
+            if replicas and "was" in modes:  # per-replica WaS: the attention as in a step, plus the FFN buffers
+                temps["was"] = _step_temp_bytes(probe, "cas", *shape) + replica_was_extra_bytes(
+                    cfg, layout.num_replicas, shape[0], llm.dtype)
             temp = max(temps.values())
             step_temps = {m: round(t / 2**30, 2) for m, t in temps.items()}
             free = free_bytes_for_kv(devices, utilization, temp)
@@ -107,7 +113,7 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
             source = f"free memory (step temporaries {temp / 2**30:.2f} GiB: {step_temps})"
         del probe
     runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype,
-                         attention=attention)
+                         attention=attention, was_runner=was_runner)
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
                         hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement,
@@ -115,7 +121,8 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
     info = {"tokens_per_replica": (num_pages - 1) * page_size, "num_pages": num_pages, "page_size": page_size,
             "kv_bytes_per_page_per_device": page_bytes, "kv_sizing": source,
             "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode, "crossover_source": crossover_source,
-            "attention": attention, "decode_kernel_enabled": runner.decode_attn_fn is not None}
+            "attention": attention, "decode_kernel_enabled": runner.decode_attn_fn is not None,
+            "was_runner": "replicas" if replicas else "spmd"}
     return runner, scheduler, policy, info
 
 

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from test_layouts import CKPT, SIDP_VARIANTS, WANT, run
+from test_layouts import CKPT, PROMPTS, SIDP_VARIANTS, WANT, run
 
 pytestmark = pytest.mark.gpu
 
@@ -28,3 +28,15 @@ def gpus():
 def test_layouts_match_transformers_on_two_gpus(parallel, placement, ffn_mode):
     got, stats = run(CKPT, "dp=2", parallel, placement, ffn_mode, devices=gpus()[:2])
     assert got == WANT
+
+
+@pytest.mark.skipif(len(gpus()) < 1, reason="needs a GPU")
+def test_engine_with_the_decode_kernel_matches_transformers():
+    from sidp_jax import LLM, SamplingParams
+
+    llm = LLM(CKPT, dtype="float32", devices=gpus()[:1], verbose=False, kv_cache_tokens=512,
+              max_num_batched_tokens=16)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == WANT
+    assert llm.stats()["steps_with_decode_kernel"] > 0
+

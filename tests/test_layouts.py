@@ -168,3 +168,25 @@ def test_a_layout_whose_weights_do_not_fit_fails_early_with_numbers(monkeypatch)
     monkeypatch.setattr(startup, "device_memory", lambda d: {"total": 150e9, "limit": 142e9, "in_use": 0})
     with pytest.raises(MemoryError, match=r"parallel=dp on mesh dp=2,tp=1 needs 141\.\d GB of weights"):
         LLM("llama3.1-70b", mesh="dp=2", parallel="dp", verbose=False, devices=jax.devices("cpu"))
+
+
+@pytest.mark.parametrize("mesh", ["dp=2", "dp=8"])
+@pytest.mark.parametrize("was_runner", ["replicas", "spmd"])
+def test_both_was_runners_match(mesh, was_runner):
+    got, stats = run(CKPT, mesh, "sidp", "striped", "was", was_runner=was_runner)
+    assert got == WANT and stats["was_runner"] == was_runner
+
+
+def test_replica_was_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="was_runner='replicas' needs"):
+        run(CKPT, "dp=2", "sidp", "owner", "was", was_runner="replicas")
+
+
+def test_calibration_of_replica_was(tmp_path, monkeypatch):
+    from sidp_jax.pool import calibrate
+
+    monkeypatch.setenv("SIDP_JAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "TOKENS", (8, 32))
+    layout = make_layout("dp=2", "sidp", "striped", devices=jax.devices("cpu"))
+    timings = calibrate.measure(layout, load_config(CKPT), jnp.float32, replicas=True)
+    assert all(row["was"] > 0 and row["cas"] > 0 for row in timings.values())

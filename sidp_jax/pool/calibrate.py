@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.pool import ffn as pool_ffn
+from sidp_jax.pool.replica_was import ffn_chain_seconds
 from sidp_jax.timing import median_seconds
 
 log = logging.getLogger("sidp_jax")
@@ -24,15 +25,15 @@ TOKENS = (128, 512, 2048, 8192)
 LAYERS = 4
 
 
-def _cache_path(layout, cfg, dtype) -> str:
+def _cache_path(layout, cfg, dtype, replicas: bool) -> str:
     root = os.environ.get("SIDP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sidp_jax"))
     kind = layout.mesh.devices.flat[0].device_kind.replace(" ", "_")
     name = (f"crossover-{kind}-dp{layout.num_replicas}-tp{layout.tp}-{layout.placement}-"
-            f"{cfg.hidden_size}x{cfg.intermediate_size}-{jnp.dtype(dtype).name}.json")
+            f"{cfg.hidden_size}x{cfg.intermediate_size}-{jnp.dtype(dtype).name}{'-replicas' if replicas else ''}.json")
     return os.path.join(root, name)
 
 
-def measure(layout, cfg, dtype) -> dict:
+def measure(layout, cfg, dtype, replicas: bool = False) -> dict:
     """Seconds per FFN layer for each mode at each size in TOKENS (tokens per replica)."""
     mesh, D, H, I = layout.mesh, layout.num_replicas, cfg.hidden_size, cfg.intermediate_size
     owner = layout.placement == "owner"
@@ -63,6 +64,8 @@ def measure(layout, cfg, dtype) -> dict:
     for T in TOKENS:
         x = jax.device_put(jnp.ones((D * T, H), dtype), shard(P("dp")))
         result[T] = {m: median_seconds(fns[m], x, w, reps=3) / L for m in fns}
+        if replicas:  # the engine runs WaS as per-replica programs: time that instead
+            result[T]["was"] = ffn_chain_seconds(layout, w, x, L)
     return result
 
 
@@ -78,14 +81,15 @@ def crossover_from(timings: dict) -> int:
     return 1 << 30  # WaS never won: always CaS
 
 
-def calibrated_crossover(layout, cfg, dtype) -> tuple[int, str]:
-    """(crossover tokens, where it came from); measures and caches on GPUs."""
-    path = _cache_path(layout, cfg, dtype)
+def calibrated_crossover(layout, cfg, dtype, replicas: bool = False) -> tuple[int, str]:
+    """(crossover tokens, where it came from); measures and caches on GPUs.
+    replicas: WaS runs as per-replica programs (sidp_jax.pool.replica_was), not in the SPMD step."""
+    path = _cache_path(layout, cfg, dtype, replicas)
     if os.path.isfile(path):
         with open(path) as f:
             data = json.load(f)
         return data["crossover"], f"cached calibration {path}"
-    timings = measure(layout, cfg, dtype)
+    timings = measure(layout, cfg, dtype, replicas)
     crossover = crossover_from(timings)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
