@@ -3,7 +3,8 @@
 Each replica runs `models.decoder.forward` on its own batch row and KV pages under
 `jax.shard_map`; the layout decides where weights live and the FFN strategy (sidp_jax.pool)
 how a replica reaches pooled FFN weights. Sampling happens in the same program, so only the
-sampled token ids (and requested logprobs) come back to the host.
+sampled token ids (and requested logprobs) come back to the host. WaS steps of a striped sidp
+layout instead run as per-replica programs (sidp_jax/pool/replica_was.py) on the same KV cache.
 
 Attention: decode-only steps (sidp_jax/batch.py) run the Pallas paged decode kernel where
 `attention` allows it ("auto": on GPU, when the kernel's constraints hold for the model's shapes;
