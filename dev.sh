@@ -21,8 +21,11 @@ install() {
   if [ ! -x .venv/bin/python ]; then
     "$(find_python)" -m venv .venv
   fi
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e ".[test]"
+  echo "installing into .venv (log: .venv/install.log) ..." >&2
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[test]"; } \
+      >.venv/install.log 2>&1; then
+    tail -40 .venv/install.log >&2; echo "install failed" >&2; exit 1
+  fi
 }
 
 cmd="${1:-}"; shift || true
