@@ -10,7 +10,8 @@ Input (JSONL, one object per line; blank lines are ignored)::
   (a list of {"role": str, "content": str}, rendered with the tokenizer's chat template with
   add_generation_prompt=True, then encoded without adding special tokens).
 * any other key is a SamplingParams field (vLLM's names) overriding the command line's value
-  for that line; an unknown key is an error.
+  for that line; an unknown key is an error. The fields may also come as one object,
+  "sampling_params": {...} (the shape of ray.data.llm's rows).
 
 Output (JSONL, appended and flushed as each request finishes, in completion order)::
 
@@ -33,7 +34,11 @@ file: results and errors with an "id" are keyed by id, id-less errors by line nu
 input must not change between runs). At start, a last line that lacks its newline or does not
 parse (a write torn by kill -9) is truncated away and its request runs again.
 
-Input formats plug into `READERS` (file suffix -> reader yielding (line number, object)).
+Input formats plug into `READERS` (file suffix -> reader yielding (line number, object)):
+JSONL (.jsonl, .ndjson) and Parquet (.parquet, needs pyarrow; "line" is the row number from 1
+and a row's null columns are left out).
+
+`--ray [ADDRESS]` runs the same job on a Ray cluster, one SiDP group per node: see sidp_jax/ray.py.
 """
 
 from __future__ import annotations
@@ -79,9 +84,32 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 yield line_no, MalformedLine(f"invalid JSON: {e}")
 
 
+def read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a Parquet file as objects, numbered from 1; null fields are left out (a column a
+    row does not use reads as null)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("reading Parquet needs pyarrow: pip install pyarrow (or 'sidp-jax[ray]')") from None
+    row_no = 0
+    for batch in pq.ParquetFile(path).iter_batches():
+        for row in batch.to_pylist():
+            row_no += 1
+            yield row_no, drop_nulls(row)
+
+
+def drop_nulls(row: dict) -> dict:
+    """A row from a columnar source without its null fields (and a null-free "sampling_params")."""
+    out = {k: v for k, v in row.items() if v is not None}
+    if isinstance(out.get("sampling_params"), dict):
+        out["sampling_params"] = {k: v for k, v in out["sampling_params"].items() if v is not None}
+    return out
+
+
 READERS: dict[str, Callable[[Path], Iterator[tuple[int, Any]]]] = {
     ".jsonl": read_jsonl,
     ".ndjson": read_jsonl,
+    ".parquet": read_parquet,
 }
 
 
@@ -145,8 +173,7 @@ def parse_line(line: int, obj: Any, base_sampling: dict) -> Request | LineError:
         return LineError(line, f"invalid 'id' {rid!r}: must be a non-empty string or an integer")
     try:
         prompt, messages = _prompt_fields(obj)
-        overrides = {k: v for k, v in obj.items() if k not in PROMPT_KEYS}
-        params = make_sampling_params(base_sampling, overrides)
+        params = make_sampling_params(base_sampling, _overrides(obj))
     except ValueError as e:
         return LineError(line, str(e), id=rid)
     return Request(line, rid, prompt, messages, params)
@@ -168,6 +195,21 @@ def _prompt_fields(obj: dict) -> tuple[str | None, list[dict] | None]:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"'messages'[{i}] must be an object with string 'role' and 'content'")
     return None, messages
+
+
+def _overrides(obj: dict) -> dict:
+    """A line's sampling fields: its own keys, and those of a "sampling_params" object (as in
+    ray.data.llm's rows) under them; the same field in both is an error."""
+    overrides = {k: v for k, v in obj.items() if k not in PROMPT_KEYS and k != "sampling_params"}
+    if "sampling_params" in obj:
+        nested = obj["sampling_params"]
+        if not isinstance(nested, dict):
+            raise ValueError("'sampling_params' must be an object of SamplingParams fields")
+        twice = sorted(set(nested) & set(overrides))
+        if twice:
+            raise ValueError(f"sampling field(s) given both in 'sampling_params' and on the line: {', '.join(twice)}")
+        overrides.update(nested)
+    return overrides
 
 
 def make_sampling_params(base: dict, overrides: dict) -> SamplingParams:
@@ -321,6 +363,11 @@ class JobSummary:
     wall_s: float = 0.0  # the whole job, model loading included
     engine_stats: dict | None = None  # llm.stats(); None when nothing had to run
 
+    def count_result(self, record: dict) -> None:
+        self.requests_completed += 1
+        self.prompt_tokens += record["prompt_tokens"]
+        self.output_tokens += record["output_tokens"]
+
     def rates(self) -> dict[str, float]:
         t = self.elapsed_s
         per_s = (lambda x: x / t) if t > 0 else (lambda x: 0.0)
@@ -363,34 +410,50 @@ def run_job(cfg: JobConfig, llm_factory: LLMFactory = default_llm_factory) -> Jo
     return summary
 
 
+def tokenize_requests(requests: list[Request], tokenizer) -> tuple[list[Request], list[LineError]]:
+    """Fill in each request's prompt_ids; a prompt that cannot be rendered/encoded is an error."""
+    runnable, errors = [], []
+    for req in requests:
+        try:
+            req.prompt_ids = tokenize(req, tokenizer)
+        except Exception as e:  # chat templates raise whatever they like (jinja2, raise_exception)
+            errors.append(LineError(req.line, f"could not render/encode the prompt: {e}", id=req.id))
+            continue
+        runnable.append(req)
+    return runnable, errors
+
+
+def stream_records(llm, runnable: list[Request], *, use_tqdm: bool = False) -> Iterator[tuple[Request, dict | LineError]]:
+    """Run tokenized requests; yield (request, result record or LineError) as each finishes."""
+    if not runnable:
+        return
+    stream = llm.stream([r.prompt_ids for r in runnable], [r.params for r in runnable], use_tqdm=use_tqdm)
+    for i, out in stream:
+        req = runnable[i]
+        if out.error is not None:
+            yield req, LineError(req.line, out.error, id=req.id)
+        else:
+            yield req, result_record(req, out)
+
+
 def _generate(requests: list[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: ResultWriter,
               summary: JobSummary) -> None:
     llm = llm_factory(**cfg.engine_kwargs)
-    runnable = []
-    for req in requests:
-        try:
-            req.prompt_ids = tokenize(req, llm.tokenizer)
-        except Exception as e:  # chat templates raise whatever they like (jinja2, raise_exception)
-            writer.write(LineError(req.line, f"could not render/encode the prompt: {e}", id=req.id).record())
-            summary.requests_errored += 1
-            continue
-        runnable.append(req)
+    runnable, errors = tokenize_requests(requests, llm.tokenizer)
+    for err in errors:
+        writer.write(err.record())
+    summary.requests_errored += len(errors)
     if not runnable:
         return
 
     start = time.perf_counter()
-    stream = llm.stream([r.prompt_ids for r in runnable], [r.params for r in runnable], use_tqdm=cfg.progress)
-    for i, out in stream:
-        req = runnable[i]
-        if out.error is not None:
-            writer.write(LineError(req.line, out.error, id=req.id).record())
+    for _, result in stream_records(llm, runnable, use_tqdm=cfg.progress):
+        if isinstance(result, LineError):
+            writer.write(result.record())
             summary.requests_errored += 1
             continue
-        record = result_record(req, out)
-        writer.write(record)
-        summary.requests_completed += 1
-        summary.prompt_tokens += record["prompt_tokens"]
-        summary.output_tokens += record["output_tokens"]
+        writer.write(result)
+        summary.count_result(result)
     summary.elapsed_s = time.perf_counter() - start
     summary.engine_stats = llm.stats()
 
@@ -450,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments, runs the bundled tiny model on the bundled example prompts.",
     )
     p.add_argument("--model", default=None, help="checkpoint directory or preset name (default: bundled tiny model)")
-    p.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="prompts file (.jsonl)")
+    p.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="prompts file (.jsonl or .parquet)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results file, appended (default out/results.jsonl)")
     engine = p.add_argument_group("engine")
     for flag, typ, choices, help_ in ENGINE_FLAGS:
@@ -461,6 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
     sampling.add_argument("--ignore-eos", action="store_true", default=None)
+    ray = p.add_argument_group("Ray (across hosts: one SiDP group per node; needs 'sidp-jax[ray]')")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run on a Ray cluster: ray.init(address=ADDRESS), or RAY_ADDRESS/a local cluster without one")
+    ray.add_argument("--ray-concurrency", type=int, default=None, metavar="N",
+                     help="SiDP groups (Ray actors; default: one per node)")
+    ray.add_argument("--ray-batch-size", type=int, default=512, metavar="ROWS",
+                     help="rows per batch sent to a group (default 512)")
+    ray.add_argument("--ray-num-gpus-per-actor", type=float, default=None, metavar="G",
+                     help="GPUs each group takes (default: all of a node's)")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--llm-factory", default=None, help=argparse.SUPPRESS)  # tests: module:callable
@@ -491,10 +563,27 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
         SamplingParams.from_dict(cfg.sampling)
     except ValueError as e:
         parser.error(str(e))
-    if llm_factory is None:
-        llm_factory = load_factory(args.llm_factory) if args.llm_factory else default_llm_factory
+    if args.ray_concurrency is not None and args.ray_concurrency < 1:
+        parser.error("--ray-concurrency must be at least 1")
+    if args.ray_batch_size < 1:
+        parser.error("--ray-batch-size must be at least 1")
+    if args.ray is not None:
+        if llm_factory is not None or args.llm_factory:
+            parser.error("--ray builds its engines in the Ray actors: no --llm-factory")
+        try:
+            from sidp_jax import ray as sidp_ray
 
-    summary = run_job(cfg, llm_factory)
+            sidp_ray.import_ray()
+        except ImportError as e:
+            print(f"error: --ray needs Ray Data: {e}", file=sys.stderr)
+            return 2
+        opts = sidp_ray.RayOptions(address=args.ray or None, concurrency=args.ray_concurrency,
+                                   batch_size=args.ray_batch_size, num_gpus_per_actor=args.ray_num_gpus_per_actor)
+        summary = sidp_ray.run_ray_job(cfg, opts)
+    else:
+        if llm_factory is None:
+            llm_factory = load_factory(args.llm_factory) if args.llm_factory else default_llm_factory
+        summary = run_job(cfg, llm_factory)
     print(format_summary(summary))
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)

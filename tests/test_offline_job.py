@@ -342,3 +342,31 @@ def test_real_engine_end_to_end(tmp_path):
         assert "error" not in r, r
         assert 1 <= len(r["token_ids"]) <= 4 and r["finish_reason"] in ("stop", "length")
     assert len(records["two"]["completions"]) == 2
+
+
+def test_ray_flag_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    rc = main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--ray"])
+    assert rc == 2
+    assert "pip install 'sidp-jax[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_parquet_input(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.Table.from_pylist([  # a column a row does not use is null there: left out
+        {"id": "a", "prompt": "hello", "messages": None, "max_tokens": None},
+        {"id": "b", "prompt": None, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        {"id": "c", "prompt": None, "messages": None, "max_tokens": None},
+    ])
+    inp = tmp_path / "in.parquet"
+    pq.write_table(table, inp)
+    out = tmp_path / "results.jsonl"
+    rec = Recorder()
+    assert main(["--input", str(inp), "--output", str(out), "--no-progress"], llm_factory=rec) == 0
+    records = read_records(out)
+    got = by_id(records)
+    assert got["a"]["text"] == "olleh0" and got["b"]["output_tokens"] == 3
+    assert got["c"]["line"] == 3 and "exactly one" in got["c"]["error"]
