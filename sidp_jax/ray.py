@@ -62,19 +62,9 @@ import time
 import warnings
 from typing import Any, Callable
 
-from sidp_jax.offline_job import (
-    JobConfig,
-    JobSummary,
-    LineError,
-    ResultWriter,
-    drop_nulls,
-    parse_line,
-    plan_job,
-    reader_for,
-    recover_output,
-    stream_records,
-    tokenize_requests,
-)
+from sidp_jax.job_input import LineError, drop_nulls, parse_line, plan_job, reader_for
+from sidp_jax.job_output import ResultWriter, recover_output
+from sidp_jax.offline_job import JobConfig, JobSummary, stream_records, tokenize_requests
 
 INSTALL_HINT = "pip install 'sidp-jax[ray]'"
 Row = dict[str, Any]
