@@ -112,11 +112,22 @@ def default_llm_factory(**engine_kwargs):
     return LLM(**engine_kwargs)
 
 
-def run_job(cfg: JobConfig, llm_factory: LLMFactory = default_llm_factory) -> JobSummary:
+Generate = Callable[[list[Request], dict[int, Any] | None, ResultWriter, JobSummary], None]
+
+
+def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False) -> JobSummary:
+    """The job around any engine: plan the input against what the output already holds, write the
+    input's error records, then `generate(requests, lines, writer, summary)` the rest.
+    keep_lines: also hand over every line's raw object by line number (None otherwise)."""
     start = time.perf_counter()
     summary = JobSummary(output=str(cfg.output))
     done = recover_output(cfg.output)
-    plan = plan_job(reader_for(cfg.input)(cfg.input), cfg.sampling, done)
+    entries = reader_for(cfg.input)(cfg.input)
+    lines = None
+    if keep_lines:
+        entries = list(entries)
+        lines = dict(entries)
+    plan = plan_job(iter(entries), cfg.sampling, done)
     summary.requests_skipped = plan.skipped
     if plan.skipped:
         print(f"Resuming: {plan.skipped} records already in {cfg.output} are skipped")
@@ -128,11 +139,16 @@ def run_job(cfg: JobConfig, llm_factory: LLMFactory = default_llm_factory) -> Jo
             writer.write(err.record())
         summary.requests_errored += len(plan.errors)
         if plan.requests:
-            _generate(plan.requests, cfg, llm_factory, writer, summary)
+            generate(plan.requests, lines, writer, summary)
     finally:
         writer.close()
     summary.wall_s = time.perf_counter() - start
     return summary
+
+
+def run_job(cfg: JobConfig, llm_factory: LLMFactory = default_llm_factory) -> JobSummary:
+    return execute_job(cfg, lambda requests, _lines, writer, summary:
+                       _generate(requests, cfg, llm_factory, writer, summary))
 
 
 def tokenize_requests(requests: list[Request], tokenizer) -> tuple[list[Request], list[LineError]]:

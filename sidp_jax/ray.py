@@ -62,9 +62,9 @@ import time
 import warnings
 from typing import Any, Callable
 
-from sidp_jax.job_input import LineError, drop_nulls, parse_line, plan_job, reader_for
-from sidp_jax.job_output import ResultWriter, recover_output
-from sidp_jax.offline_job import JobConfig, JobSummary, stream_records, tokenize_requests
+from sidp_jax.job_input import LineError, drop_nulls, parse_line
+from sidp_jax.job_output import ResultWriter
+from sidp_jax.offline_job import JobConfig, JobSummary, execute_job, stream_records, tokenize_requests
 
 INSTALL_HINT = "pip install 'sidp-jax[ray]'"
 Row = dict[str, Any]
@@ -282,27 +282,8 @@ class RayOptions:
 def run_ray_job(cfg: JobConfig, opts: RayOptions) -> JobSummary:
     """offline_job.run_job on a Ray cluster: same input, output, resume and error records."""
     ray = import_ray()
-    start = time.perf_counter()
-    summary = JobSummary(output=str(cfg.output))
-    done = recover_output(cfg.output)
-    entries = list(reader_for(cfg.input)(cfg.input))
-    plan = plan_job(iter(entries), cfg.sampling, done)
-    summary.requests_skipped = plan.skipped
-    if plan.skipped:
-        print(f"Resuming: {plan.skipped} records already in {cfg.output} are skipped")
-    print(f"{len(plan.requests)} requests to run, {len(plan.errors)} input lines with errors")
-
-    writer = ResultWriter(cfg.output)
-    try:
-        for err in plan.errors:
-            writer.write(err.record())
-        summary.requests_errored += len(plan.errors)
-        if plan.requests:
-            _run_on_ray(ray, dict(entries), plan.requests, cfg, opts, writer, summary)
-    finally:
-        writer.close()
-    summary.wall_s = time.perf_counter() - start
-    return summary
+    return execute_job(cfg, lambda requests, lines, writer, summary:
+                       _run_on_ray(ray, lines, requests, cfg, opts, writer, summary), keep_lines=True)
 
 
 def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOptions, writer: ResultWriter,
