@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+
+from child_process import report, run_child  # benchmarks/ is on sys.path when run as a script
 
 
 def measure(model: str, mesh: str, layout_name: str, placement: str, util: float) -> dict:
@@ -55,16 +55,13 @@ def main():
     args = ap.parse_args()
     if args.one:
         layout_name, util = args.one.split(":")
-        print("RESULT " + json.dumps(measure(args.model, args.mesh, layout_name, args.placement, float(util))))
+        report(measure(args.model, args.mesh, layout_name, args.placement, float(util)))
         return
     rows = []
     for util in args.util.split(","):
         for parallel in args.layouts.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--mesh", args.mesh,
-                                   "--placement", args.placement, "--one", f"{parallel}:{util}"],
-                                  capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            res = json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]}
+            res, _ = run_child([__file__, "--model", args.model, "--mesh", args.mesh, "--placement", args.placement,
+                                "--one", f"{parallel}:{util}"], error_chars=2000)
             res.update({"model": args.model, "mesh": args.mesh, "parallel": parallel, "util": float(util)})
             rows.append(res)
             print(json.dumps(res), flush=True)

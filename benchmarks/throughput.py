@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
+
+from child_process import report, run_child  # benchmarks/ is on sys.path when run as a script
 
 
 def run_one(args, parallel: str) -> dict:
@@ -81,15 +82,13 @@ def main():
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args, args.one)), flush=True)
+        report(run_one(args, args.one))
         return
     rows = []
     for parallel in args.compare.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--one", parallel]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        res = json.loads(line[7:]) if line else {"parallel": parallel, "error": proc.stderr[-3000:]}
-        print("\n".join(l for l in proc.stdout.splitlines() if l.startswith("[sidp_jax]")))
+        res, stdout = run_child([__file__, *sys.argv[1:], "--one", parallel])
+        res.setdefault("parallel", parallel)
+        print("\n".join(l for l in stdout.splitlines() if l.startswith("[sidp_jax]")))
         rows.append(res)
         print(json.dumps(res), flush=True)
     if args.out:
