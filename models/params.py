@@ -64,10 +64,6 @@ def is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def abstract_params(cfg: ModelConfig, dtype) -> dict:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=is_spec)
-
-
 def _fan_in(spec: ParamSpec) -> int:
     """Input width: the hidden size, or for projections back into it (o, down) the dims in between."""
     if spec.axes[-1] == "embed" and spec.axes[0] != "vocab":

@@ -39,10 +39,6 @@ class ModelConfig:
     qk_norm: bool
     checkpoint_dtype: str = "bfloat16"
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     def num_params(self) -> int:
         h, i, l = self.hidden_size, self.intermediate_size, self.num_layers
         attn = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.num_heads * self.head_dim * h
@@ -53,9 +49,6 @@ class ModelConfig:
             attn += 2 * self.head_dim
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return l * (attn + ffn + 2 * h) + emb + h
-
-    def ffn_params_per_layer(self) -> int:
-        return 3 * self.hidden_size * self.intermediate_size
 
     def kv_bytes_per_token(self, dtype=jnp.bfloat16) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * jnp.dtype(dtype).itemsize

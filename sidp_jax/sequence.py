@@ -46,10 +46,6 @@ class Sequence:
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
 
-    @property
-    def in_decode(self) -> bool:
-        return self.num_uncomputed == 1 and bool(self.output_ids)
-
     def reset_for_recompute(self) -> None:
         """Preempted: drop the cache; prompt + generated tokens are prefilled again later."""
         self.pages = []

@@ -88,22 +88,24 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
         num_pages = -(-kv_cache_tokens // page_size) + 1
         source = "kv_cache_tokens"
     else:
-        probe = ModelRunner(cfg, layout, params, num_pages=2, page_size=page_size, kv_dtype=llm.dtype,
-                            was_runner="spmd")
         devices = layout.mesh.devices.flatten()
         free = free_bytes_for_kv(devices, utilization, 0)
         if free is None:
             num_pages = CPU_DEFAULT_KV_TOKENS // page_size + 1
             source = "CPU default"
-        else:
+        else:  # compile the largest step on a 2-page cache to learn its temporaries
+            probe = ModelRunner(cfg, layout, params, num_pages=2, page_size=page_size, kv_dtype=llm.dtype,
+                                was_runner="spmd")
             shape = (bucket(max_num_batched_tokens, 8, max_num_batched_tokens), bucket(max_num_seqs, 4, max_num_seqs),
                      bucket(max_pages, 4, max_pages))
-            temps = {mode: _step_temp_bytes(probe, mode, *shape) for mode in modes if not (replicas and mode == "was")}
-            if replicas and "was" in modes:  # per-replica WaS: the attention as in a step, plus the FFN buffers
-                temps["was"] = _step_temp_bytes(probe, "cas", *shape) + replica_was_extra_bytes(
-                    cfg, layout.num_replicas, shape[0], llm.dtype)
+            # per-replica WaS: the attention as in a CaS step, plus the FFN buffers
+            spmd_modes = {"cas" if replicas and mode == "was" else mode for mode in modes}
+            temps = {mode: _step_temp_bytes(probe, mode, *shape) for mode in spmd_modes}
+            del probe
+            if replicas and "was" in modes:
+                temps["was"] = temps["cas"] + replica_was_extra_bytes(cfg, layout.num_replicas, shape[0], llm.dtype)
             temp = max(temps.values())
-            step_temps = {m: round(t / 2**30, 2) for m, t in temps.items()}
+            step_temps = {m: round(t / 2**30, 2) for m, t in temps.items() if m in modes}
             free = free_bytes_for_kv(devices, utilization, temp)
             if free < 2 * page_bytes:
                 raise MemoryError(f"no room for the KV cache: {free / 2**30:.2f} GiB free per device after weights "
@@ -111,14 +113,13 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
                                   f"{utilization}")
             num_pages = free // page_bytes
             source = f"free memory (step temporaries {temp / 2**30:.2f} GiB: {step_temps})"
-        del probe
     runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype,
                          attention=attention, was_runner=was_runner)
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
                         hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement,
                         crossover_tokens=crossover_tokens)
-    info = {"tokens_per_replica": (num_pages - 1) * page_size, "num_pages": num_pages, "page_size": page_size,
+    info = {"tokens_per_replica": scheduler.blocks[0].capacity_tokens, "num_pages": num_pages, "page_size": page_size,
             "kv_bytes_per_page_per_device": page_bytes, "kv_sizing": source,
             "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode, "crossover_source": crossover_source,
             "attention": attention, "decode_kernel_enabled": runner.decode_attn_fn is not None,

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 from sidp_jax.models.decoder import dense_ffn
 
-MODES = ("was", "cas")
 log = logging.getLogger("sidp_jax")
 
 

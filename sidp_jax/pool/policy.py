@@ -6,13 +6,13 @@ matmul rate R, HBM bandwidth B, link bandwidth N and a per-collective latency la
   CaS striped: each GPU runs its F/D slice on all D*T tokens: max(2TF/R, 2F/(D*B)), plus an
                all-gather and a reduce-scatter of D*T*H activations, on the critical path.
   CaS owner:   the owner runs all D*T tokens: max(2DTF/R, 2F/B) plus the same activation traffic.
-The constants come from a calibration on the machine (Calibration.measure) or the defaults.
+The constants are defaults from H200 figures; on GPUs the engine measures the crossover itself
+instead (sidp_jax/pool/calibrate.py) and hands it to ModePolicy as `crossover_tokens`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
 log = logging.getLogger("sidp_jax")
@@ -26,9 +26,6 @@ class Calibration:
     collective_latency: float = 20e-6
     overlap_efficiency: float = 0.7  # share of the fetch hidden behind compute in WaS
     source: str = "defaults (H200 figures)"
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
 
 
 class ModePolicy:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sidp_jax.capacity import ffn_layer_bytes
 from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.models.decoder import attention_residual, embed, ffn_input, head_logits
 from sidp_jax.sampler import SamplerFlags, sample
@@ -41,7 +42,7 @@ def uses_replica_was(layout, was_runner: str) -> bool:
 def replica_was_extra_bytes(cfg, num_replicas: int, max_tokens: int, dtype) -> int:
     """Memory a per-replica WaS step needs beyond a step's attention temporaries: two layers'
     FFN slices in flight (fetched + cut for peers) and the float32 gate/up activations."""
-    layer = 3 * cfg.hidden_size * cfg.intermediate_size * jnp.dtype(dtype).itemsize
+    layer = ffn_layer_bytes(cfg, dtype)
     del num_replicas  # the slices' activations may all be live at once: count the whole width
     return 2 * layer + max_tokens * 2 * cfg.intermediate_size * 4
 
