@@ -1,4 +1,8 @@
-"""Which attention a step runs: the Pallas decode kernel for decode-only steps, else the reference.
+"""Which attention a step runs: the Pallas kernels on GPU, the pure-JAX reference elsewhere.
+
+Decode-only steps run the decode kernel alone. Mixed steps (prefill chunks beside decode tokens)
+run the decode kernel over the leading one-token rows and the chunk kernel
+(paged_prefill_pallas.py) over the tiles of every other chunk (`mixed_attention`).
 
 `decode_attention` has the decoder's `attn_fn` signature (models/decoder.py) and is only valid for
 a batch built as a decode-only step (sidp_jax/batch.py): one token per sequence row, token i in
@@ -10,7 +14,10 @@ used; real tokens' outputs are exact.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from sidp_jax.kernels.paged_decode_pallas import default_pages_per_block, paged_decode_attention
+from sidp_jax.kernels.paged_prefill_pallas import DEFAULT_TILE_TOKENS, paged_prefill_attention
 
 ATTENTION_CHOICES = ("auto", "reference", "pallas-interpret")  # "pallas-interpret": tests only (CPU)
 
@@ -38,3 +45,20 @@ def decode_attention(q, k_cache, v_cache, offset, block_tables, token_seq, posit
                          f"{q.shape[0]} tokens")
     return paged_decode_attention(q, k_cache, v_cache, offset, block_tables, positions + 1, scale=scale,
                                   interpret=interpret)
+
+
+def mixed_attention(q, k_cache, v_cache, offset, block_tables, token_seq, positions, *, decode_len, tiles,
+                    scale: float, tile_tokens: int = DEFAULT_TILE_TOKENS, interpret: bool = False):
+    """attn_fn for mixed steps laid out by sidp_jax.batch with `tile_tokens` (decode_len, tiles).
+
+    Rows with decode_len > 0 have their one token at the row's own index: the decode kernel fills
+    those tokens (and zeros for the rest of the first min(S, T) tokens); the chunk kernel then
+    writes every tiled token over that. Padding tokens stay zero."""
+    del token_seq, positions  # the tiles and decode_len carry what the kernels need
+    T = q.shape[0]
+    rows = min(block_tables.shape[0], T)
+    dec = paged_decode_attention(q[:rows], k_cache, v_cache, offset, block_tables[:rows], decode_len[:rows],
+                                 scale=scale, interpret=interpret)
+    init = jnp.concatenate([dec, jnp.zeros((T - rows, *q.shape[1:]), q.dtype)]) if rows < T else dec
+    return paged_prefill_attention(q, k_cache, v_cache, offset, block_tables, tiles, init, scale=scale,
+                                   tile_tokens=tile_tokens, interpret=interpret)

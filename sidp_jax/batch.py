@@ -7,6 +7,12 @@ padding rows are greedy, penalty-free and never read back.
 A decode-only step (every chunk of every replica is one token) is laid out with token i in row i
 and as many token slots as rows (T == S, one bucket), so the paged decode kernel can read the
 block tables row by row (sidp_jax.kernels.attention); build_batch says so with `decode_only`.
+
+For the Pallas kernels of a MIXED step (`tile_tokens` given) the batch also says which rows the
+decode kernel takes (`decode_len`: the leading one-token rows, whose token sits at the row's own
+index because decode chunks come first) and cuts every other chunk into tiles of at most
+`tile_tokens` tokens (`tiles`, see kernels/paged_prefill_pallas.py). Their count is fixed by
+T and S (each chunk adds at most one partial tile), so they add no compiled shapes.
 """
 
 from __future__ import annotations
@@ -24,9 +30,41 @@ def bucket(n: int, lo: int, hi: int) -> int:
     return max(lo, min(b, hi)) if n <= hi else n
 
 
+def num_tiles(T: int, S: int, tile_tokens: int) -> int:
+    """Tiles a T-token, S-row step can need: sum(ceil(n_i / tile)) <= T // tile + rows."""
+    return T // tile_tokens + min(S, T)
+
+
+def mixed_step_layout(chunks: list[tuple[int, int, int, int]], S: int, T: int, tile_tokens: int):
+    """(decode_len [S], tiles [NT, 4]) for one replica's chunks given as (row, t0, n, p0)."""
+    decode_len = np.zeros(S, np.int32)
+    tiles = np.zeros((num_tiles(T, S, tile_tokens), 4), np.int32)
+    i = 0
+    for row, t0, n, p0 in chunks:
+        if n == 1 and t0 == row:  # the decode kernel's row: token index == row index
+            decode_len[row] = p0 + 1
+            continue
+        for k in range(0, n, tile_tokens):
+            tiles[i] = (row, t0 + k, min(tile_tokens, n - k), p0 + k)
+            i += 1
+    return decode_len, tiles
+
+
+def chunk_spans(plan: list[ScheduledChunk]) -> list[tuple[int, int, int, int]]:
+    """(row, first flat token, tokens, first position) of each chunk, in build_batch's layout."""
+    spans, t = [], 0
+    for row, c in enumerate(plan):
+        spans.append((row, t, c.num_tokens, c.start))
+        t += c.num_tokens
+    return spans
+
+
 def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[int],
-                max_tokens_bucket: int, max_rows_bucket: int, max_pages_bucket: int):
-    """Returns (batch arrays, sampling arrays, SamplerFlags, decode_only)."""
+                max_tokens_bucket: int, max_rows_bucket: int, max_pages_bucket: int,
+                tile_tokens: int | None = None):
+    """Returns (batch arrays, sampling arrays, SamplerFlags, decode_only).
+
+    tile_tokens: also lay out a mixed step for the Pallas kernels (`decode_len`, `tiles`)."""
     D = len(plans)
     decode_only = all(c.num_tokens == 1 for p in plans for c in p)
     if decode_only:  # token i is row i (decode chunks come first in a plan, so the loop below agrees)
@@ -104,4 +142,8 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     num_tokens = np.array([sum(c.num_tokens for c in p) for p in plans], np.int32)
     batch = {"tokens": tokens, "positions": positions, "slots": slots, "token_seq": token_seq,
              "block_tables": tables, "sample_index": sample_index, "num_tokens": num_tokens}
+    if tile_tokens and not decode_only:
+        layouts = [mixed_step_layout(chunk_spans(plan), S, T, tile_tokens) for plan in plans]
+        batch["decode_len"] = np.stack([d for d, _ in layouts])
+        batch["tiles"] = np.stack([t for _, t in layouts])
     return batch, samp, flags, decode_only

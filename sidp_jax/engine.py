@@ -67,7 +67,8 @@ class Engine:
         if not chunks:
             raise RuntimeError("scheduler produced an empty step although work is pending (KV cache too small?)")
         batch, samp, flags, decode_only = build_batch(plans, self.runner.page_size, self.eos_ids,
-                                                      self.max_num_batched_tokens, self.max_num_seqs, self.max_pages)
+                                                      self.max_num_batched_tokens, self.max_num_seqs, self.max_pages,
+                                                      self.runner.tile_tokens)
         mode = self.mode_policy(plans)
         t1 = time.perf_counter()
         out = self.runner.run(batch, samp, flags, mode, decode_only)
@@ -127,5 +128,5 @@ class Engine:
     def stats(self) -> dict:
         return {"num_steps": self.num_steps, "steps_per_mode": dict(self.steps_per_mode),
                 "num_preemptions": self.scheduler.num_preemptions,
-                "steps_with_decode_kernel": self.runner.steps_with_decode_kernel,
+                "steps_per_attention": dict(self.runner.steps_per_attention),
                 "host_seconds": self.host_seconds, "device_seconds": self.device_seconds}

@@ -31,10 +31,11 @@ class LLM:
         next layer's FFN slices copied by async device_put while this layer computes; striped
         placement, tp=1), "spmd" (all-gathers inside the one SPMD step), "auto" (replicas where
         it applies).
-        attention: "auto" runs decode-only steps with the Pallas paged decode kernel on GPU (where
-        the model's shapes allow it) and everything else with the pure-JAX reference; "reference"
-        never uses the kernel; "pallas-interpret" is for tests only (the kernel in interpret mode,
-        also on CPU). stats()["steps_with_decode_kernel"] counts the steps that ran the kernel."""
+        attention: "auto" runs the Pallas attention kernels on GPU where the model's shapes allow
+        them (decode-only steps: the paged decode kernel; mixed steps: decode + chunk kernels),
+        else the pure-JAX reference; "reference" never uses them; "pallas-interpret" is for tests
+        only (the kernels in interpret mode, also on CPU). stats()["steps_per_attention"] counts
+        steps by the attention they ran ("decode", "mixed" or "reference")."""
         if ffn_mode not in FFN_MODES:
             raise ValueError(f"ffn_mode must be one of {FFN_MODES}, got {ffn_mode!r}")
         if attention not in ATTENTION_CHOICES:

@@ -6,10 +6,11 @@ how a replica reaches pooled FFN weights. Sampling happens in the same program, 
 sampled token ids (and requested logprobs) come back to the host. WaS steps of a striped sidp
 layout instead run as per-replica programs (sidp_jax/pool/replica_was.py) on the same KV cache.
 
-Attention: decode-only steps (sidp_jax/batch.py) run the Pallas paged decode kernel where
-`attention` allows it ("auto": on GPU, when the kernel's constraints hold for the model's shapes;
-"pallas-interpret": the kernel in interpret mode on any backend, for the CPU tests only;
-"reference": never); every other step runs the pure-JAX reference.
+Attention: where `attention` allows the Pallas kernels ("auto": on GPU, when their constraints
+hold for the model's shapes; "pallas-interpret": interpret mode on any backend, for the CPU tests
+only; "reference": never), decode-only steps run the paged decode kernel and mixed steps the
+decode + chunk kernels (sidp_jax/kernels/attention.py); otherwise every step runs the pure-JAX
+reference. The per-replica WaS path runs the same attention.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.config import ModelConfig
-from sidp_jax.kernels.attention import ATTENTION_CHOICES, decode_attention, decode_kernel_supported
+from sidp_jax.kernels.attention import (ATTENTION_CHOICES, DEFAULT_TILE_TOKENS, decode_attention,
+                                        decode_kernel_supported, mixed_attention)
 from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.layouts import Layout
 from sidp_jax.models.decoder import dense_ffn, forward
@@ -50,18 +52,29 @@ class ModelRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype), out_shardings=self.kv_sharding)
         self.kv = {"k": zeros(), "v": zeros()}
         self._steps: dict = {}
-        self.decode_attn_fn = self._decode_attn_fn(attention)
-        self.steps_with_decode_kernel = 0
-        self.replica_was = ReplicaWaS(cfg, layout, params, self.kv_sharding) \
+        self.kernels = self._kernels(attention)
+        self.tile_tokens = DEFAULT_TILE_TOKENS if self.kernels else None  # build_batch lays out tiles
+        self.steps_per_attention: dict[str, int] = {}
+        self.replica_was = ReplicaWaS(cfg, layout, params, self.kv_sharding, self._attn_fn) \
             if uses_replica_was(layout, was_runner) else None
 
-    def _decode_attn_fn(self, attention: str):
-        """attn_fn for decode-only steps, or None where they run the reference too."""
+    def _kernels(self, attention: str):
+        """None (reference attention everywhere), "gpu" or "interpret" (the Pallas kernels)."""
         if attention == "reference" or not decode_kernel_supported(self.cfg, self.layout, self.page_size):
             return None
         if attention == "pallas-interpret":
-            return functools.partial(decode_attention, interpret=True)
-        return decode_attention if jax.default_backend() == "gpu" else None
+            return "interpret"
+        return "gpu" if jax.default_backend() == "gpu" else None
+
+    def _attn_fn(self, attn: str, batch: dict):
+        """attn_fn of a step whose attention is "decode", "mixed" or "reference"."""
+        interpret = self.kernels == "interpret"
+        if attn == "decode":
+            return functools.partial(decode_attention, interpret=interpret)
+        if attn == "mixed":
+            return functools.partial(mixed_attention, decode_len=batch["decode_len"], tiles=batch["tiles"],
+                                     tile_tokens=self.tile_tokens, interpret=interpret)
+        return paged_attention_reference
 
     def _ffn(self, mode: str, local_params: dict):
         """(ffn_fn, ffn_in_scan) for this layout and mode ("local" where the FFN is not pooled)."""
@@ -72,15 +85,15 @@ class ModelRunner:
             return {"was": pool_ffn.striped_was, "cas": pool_ffn.striped_cas}[mode], True
         return pool_ffn.make_owner_ffns(local_params["ffn"], lay.num_replicas)[mode], False
 
-    def _build(self, mode: str, flags: SamplerFlags, decode_kernel: bool):
+    def _build(self, mode: str, flags: SamplerFlags, attn: str):
         cfg, lay = self.cfg, self.layout
         tp_axis = "tp" if lay.tp > 1 else None
-        attn_fn = self.decode_attn_fn if decode_kernel else paged_attention_reference
 
         def local(params, kv, batch, samp):
             squeeze = functools.partial(jax.tree.map, lambda a: a[0])
             kv, batch, samp = squeeze(kv), squeeze(batch), squeeze(samp)
             ffn_fn, in_scan = self._ffn(mode, params)
+            attn_fn = self._attn_fn(attn, batch)
             logits, kv = forward(cfg, params, kv, batch, ffn_fn=ffn_fn, attn_fn=attn_fn, tp_axis=tp_axis,
                                  ffn_in_scan=in_scan)
             out = sample(logits, samp, flags)
@@ -92,11 +105,13 @@ class ModelRunner:
                                 out_specs=(P("dp"), kv_specs), check_vma=False)
         return jax.jit(stepped, donate_argnums=(1,))
 
-    def uses_decode_kernel(self, decode_only: bool) -> bool:
-        return decode_only and self.decode_attn_fn is not None
+    def attention_kind(self, decode_only: bool) -> str:
+        if not self.kernels:
+            return "reference"
+        return "decode" if decode_only else "mixed"
 
     def step_fn(self, mode: str, flags: SamplerFlags, decode_only: bool = False):
-        key = (mode, flags, self.uses_decode_kernel(decode_only))  # no kernel: decode-only = any step
+        key = (mode, flags, self.attention_kind(decode_only))
         if key not in self._steps:
             self._steps[key] = self._build(*key)
         return self._steps[key]
@@ -105,11 +120,13 @@ class ModelRunner:
             decode_only: bool = False) -> dict:
         """Run one step; returns numpy arrays [D, S, ...] of sampled tokens and logprobs.
 
-        decode_only: the batch was built as a decode-only step (token i in row i, S == T)."""
+        decode_only: the batch was built as a decode-only step (token i in row i, S == T); a
+        mixed step for the kernels must carry build_batch's `decode_len` and `tiles`."""
+        attn = self.attention_kind(decode_only)
+        self.steps_per_attention[attn] = self.steps_per_attention.get(attn, 0) + 1
         if mode == "was" and self.replica_was is not None:  # WaS by per-replica programs
-            out, self.kv = self.replica_was.run(self.kv, batch, samp, flags)
+            out, self.kv = self.replica_was.run(self.kv, batch, samp, flags, attn)
             return out
         batch, samp = jax.device_put((batch, samp), self.batch_sharding)
         out, self.kv = self.step_fn(mode, flags, decode_only)(self.params, self.kv, batch, samp)
-        self.steps_with_decode_kernel += self.uses_decode_kernel(decode_only)
         return jax.device_get(out)

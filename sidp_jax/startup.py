@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from sidp_jax.batch import bucket
+from sidp_jax.batch import bucket, num_tiles
 from sidp_jax.capacity import dp_comparison_line, weight_bytes_per_gpu
 from sidp_jax.checkpoint import load_params
 from sidp_jax.config import PRESETS, ModelConfig
@@ -51,14 +51,16 @@ def place_params(llm, seed: int) -> dict:
 def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: int, max_pages: int) -> int:
     """Temporaries of the largest step variant, from XLA's memory analysis of its compilation.
 
-    That is a mixed step on the reference attention: decode-only steps (the decode kernel's) have
-    at most as many tokens and no gathered K/V."""
+    That is a mixed step (on the reference attention: its gathered K/V; or on the kernels):
+    decode-only steps have at most as many tokens and run the decode kernel or the reference."""
     D = runner.layout.num_replicas
     i32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.int32)
     f32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.float32)
     T, S, MB = max_tokens, max_rows, max_pages
     batch = {"tokens": i32(T), "positions": i32(T), "slots": i32(T), "token_seq": i32(T),
              "block_tables": i32(S, MB), "sample_index": i32(S), "num_tokens": jax.ShapeDtypeStruct((D,), np.int32)}
+    if runner.tile_tokens:
+        batch.update(decode_len=i32(S), tiles=i32(num_tiles(T, S, runner.tile_tokens), 4))
     samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),
             "seed": jax.ShapeDtypeStruct((D, S), np.uint32), "step": i32(S), "banned": i32(S, 1)}
     fn = runner.step_fn(mode, SamplerFlags())
@@ -122,7 +124,7 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
     info = {"tokens_per_replica": scheduler.blocks[0].capacity_tokens, "num_pages": num_pages, "page_size": page_size,
             "kv_bytes_per_page_per_device": page_bytes, "kv_sizing": source,
             "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode, "crossover_source": crossover_source,
-            "attention": attention, "decode_kernel_enabled": runner.decode_attn_fn is not None,
+            "attention": attention, "attention_kernels": runner.kernels,
             "was_runner": "replicas" if replicas else "spmd"}
     return runner, scheduler, policy, info
 

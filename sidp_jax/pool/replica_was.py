@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sidp_jax.capacity import ffn_layer_bytes
-from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.models.decoder import attention_residual, embed, ffn_input, head_logits
 from sidp_jax.sampler import SamplerFlags, sample
 
@@ -116,27 +115,29 @@ def ffn_chain_seconds(layout, pool: dict, x: jax.Array, num_layers: int) -> floa
 class ReplicaWaS:
     """Runs a WaS step as D independent per-replica programs (striped sidp layout, tp == 1)."""
 
-    def __init__(self, cfg, layout, params: dict, kv_sharding):
+    def __init__(self, cfg, layout, params: dict, kv_sharding, attn_fn_for):
+        """attn_fn_for(kind, batch): the attention a step of that kind runs (ModelRunner._attn_fn)."""
         assert layout.placement == "striped" and layout.tp == 1 and layout.pooled
-        self.cfg, self.kv_sharding = cfg, kv_sharding
+        self.cfg, self.kv_sharding, self.attn_fn_for = cfg, kv_sharding, attn_fn_for
         self.devices = list(layout.mesh.devices[:, 0])
         self.local = [jax.tree.map(lambda a, d=d: shard_on(a, d), params) for d in self.devices]
         self.fetcher = FfnFetcher([p["ffn"] for p in self.local], self.devices)
         self._embed = jax.jit(lambda p, b: embed(cfg, p, b))
-        self._attn = jax.jit(self._attention, donate_argnums=(2,))
+        self._attn = jax.jit(self._attention, donate_argnums=(2,), static_argnums=(7,))
         self._ffn = jax.jit(lambda h, w_layers, layer, pool, fetched: h + sliced_ffn(
             ffn_input(cfg, _row(w_layers, layer), h), [_row(pool, layer), *fetched]))
         self._head = jax.jit(lambda p, x, b, s, flags: sample(head_logits(cfg, p, x, b), s, flags),
                              static_argnums=(4,))
 
-    def _attention(self, w_layers, h, kv, layer, batch, cos, sin):
+    def _attention(self, w_layers, h, kv, layer, batch, cos, sin, attn: str):
         kv = jax.tree.map(lambda a: a[0], kv)
         h, kv = attention_residual(self.cfg, _row(w_layers, layer), h, kv, layer, batch, cos, sin,
-                                   paged_attention_reference, None, jnp.bool_(True))
+                                   self.attn_fn_for(attn, batch), None, jnp.bool_(True))
         return h, jax.tree.map(lambda a: a[None], kv)
 
-    def run(self, kv: dict, batch: dict, samp: dict, flags: SamplerFlags):
-        """kv: the global cache; batch/samp: numpy [D, ...]. Returns (outputs [D, ...], kv)."""
+    def run(self, kv: dict, batch: dict, samp: dict, flags: SamplerFlags, attn: str = "reference"):
+        """kv: the global cache; batch/samp: numpy [D, ...]; attn: the step's attention kind
+        (ModelRunner.attention_kind). Returns (outputs [D, ...], kv)."""
         D, L = len(self.devices), self.cfg.num_layers
         active = [r for r in range(D) if batch["num_tokens"][r] > 0]
         kvs = [{k: shard_on(v, d) for k, v in kv.items()} for d in self.devices]
@@ -151,7 +152,7 @@ class ReplicaWaS:
                 self.fetcher.prefetch(layer + 1, active)  # lands while this layer computes
             for r in active:
                 x, b, cos, sin = state[r]
-                x, kvs[r] = self._attn(self.local[r]["layers"], x, kvs[r], layer, b, cos, sin)
+                x, kvs[r] = self._attn(self.local[r]["layers"], x, kvs[r], layer, b, cos, sin, attn)
                 state[r][0] = self._ffn(x, self.local[r]["layers"], layer, self.local[r]["ffn"],
                                         self.fetcher.take(layer, r))
             self.fetcher.drop(layer)

@@ -1,4 +1,4 @@
-"""Decode-only steps through the Pallas paged decode kernel (interpret mode on CPU) in the engine."""
+"""The engine on the Pallas attention kernels (interpret mode on CPU): decode-only and mixed steps."""
 
 import dataclasses
 import json
@@ -23,15 +23,17 @@ WANT = [p["greedy_token_ids"] for p in _META["prompts"]]
 
 @pytest.mark.parametrize("layout", [
     dict(mesh="dp=1", devices=jax.devices("cpu")[:1]),
+    dict(mesh="dp=1", devices=jax.devices("cpu")[:1], max_num_batched_tokens=8),  # chunks continuing a prefix
     dict(mesh="dp=2", parallel="sidp", placement="striped", ffn_mode="cas", devices=jax.devices("cpu")),
-], ids=["dp1", "sidp-dp2"])
-def test_decode_kernel_greedy_equals_transformers(layout):
-    llm = LLM(CKPT, attention="pallas-interpret", dtype="float32", max_num_batched_tokens=64,
-              kv_cache_tokens=512, verbose=False, **layout)
+    dict(mesh="dp=2", parallel="sidp", placement="striped", ffn_mode="was", devices=jax.devices("cpu")),
+], ids=["dp1", "dp1-chunked", "sidp-dp2-cas", "sidp-dp2-was-replicas"])
+def test_kernels_greedy_equal_transformers(layout):
+    layout = {"max_num_batched_tokens": 64, **layout}
+    llm = LLM(CKPT, attention="pallas-interpret", dtype="float32", kv_cache_tokens=512, verbose=False, **layout)
     outs = llm.generate(PROMPTS, GREEDY16, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == WANT
-    stats = llm.stats()
-    assert 0 < stats["steps_with_decode_kernel"] < stats["num_steps"]  # prefill steps use the reference
+    steps = llm.stats()["steps_per_attention"]
+    assert steps.get("decode", 0) > 0 and steps.get("mixed", 0) > 0 and "reference" not in steps, steps
 
 
 def test_reference_option_and_cpu_auto_never_use_the_kernel():
@@ -40,7 +42,7 @@ def test_reference_option_and_cpu_auto_never_use_the_kernel():
                   devices=jax.devices("cpu")[:1], verbose=False)
         outs = llm.generate(PROMPTS[:1], GREEDY16, use_tqdm=False)
         assert outs[0].outputs[0].token_ids == WANT[0]
-        assert llm.stats()["steps_with_decode_kernel"] == 0
+        assert set(llm.stats()["steps_per_attention"]) == {"reference"}
     with pytest.raises(ValueError, match="attention"):
         LLM(CKPT, attention="triton", dtype="float32", devices=jax.devices("cpu")[:1], verbose=False)
 

@@ -1,0 +1,154 @@
+"""A large-batch decode step against its roofline floor, on one GPU.
+
+floor = max((bytes of weights read + KV bytes read) / measured HBM bandwidth,
+            FLOPs / measured bf16 matmul rate)
+measured on the same GPU in the same process:
+  HBM bandwidth  a jitted elementwise pass over a 4 GiB bf16 array (read + write bytes / time)
+  matmul rate    a jitted 8192^3 bf16 matmul with float32 accumulation
+  decode step    the engine's own compiled step (ModelRunner, dp=1, the model's preset shape with
+                 random weights) on a decode-only batch: S sequences, each with `context` cached
+                 tokens on distinct pages, decode attention kernel where the engine uses it, greedy
+                 sampling included. Median of --reps steps (the KV cache is carried through).
+Weights read per step: every parameter except the embedding table (rows are gathered; a tied
+table is read whole as the LM head). FLOPs: 2 x (matmul parameters) x S + attention 4 x S x context
+x Nq x D per layer.
+
+  python benchmarks/roofline.py --model qwen3-32b --batch 128,256 --context 1024,512 --out roofline.json
+  python benchmarks/roofline.py --model tiny --batch 8 --context 64 --reps 2   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sidp_jax.sampler import SamplerFlags  # noqa: E402
+
+
+def median_s(fn, reps: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def hbm_bandwidth(gib: float, reps: int) -> float:
+    n = int(gib * 2**30) // 2
+    x = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.5))
+    dt = median_s(lambda: f(x), reps)
+    del x
+    return 2 * n * 2 / dt  # read + write
+
+
+def matmul_rate(n: int, reps: int) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * n**3 / median_s(lambda: f(a, b), reps)
+
+
+def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
+    """A decode-only step as sidp_jax.batch lays it out: token i in row i, one replica."""
+    rng = np.random.default_rng(seed)
+    MB = -(-(context + 1) // page_size)
+    pages = (1 + np.arange(S * MB, dtype=np.int32)).reshape(S, MB)
+    pos = np.full(S, context, np.int32)  # `context` cached tokens before this one
+    one = lambda a: a[None]
+    batch = {"tokens": rng.integers(100, vocab - 100, S).astype(np.int32), "positions": pos,
+             "slots": pages[np.arange(S), pos // page_size] * page_size + pos % page_size,
+             "token_seq": np.arange(S, dtype=np.int32), "block_tables": pages,
+             "sample_index": np.arange(S, dtype=np.int32), "num_tokens": np.int32(S)}
+    samp = {"temperature": np.zeros(S, np.float32), "top_p": np.ones(S, np.float32),
+            "top_k": np.zeros(S, np.int32), "min_p": np.zeros(S, np.float32), "seed": np.zeros(S, np.uint32),
+            "step": np.zeros(S, np.int32), "banned": np.full((S, 1), -1, np.int32)}
+    return jax.tree.map(one, batch), jax.tree.map(one, samp), S * MB
+
+
+def step_cost(cfg, params: dict, S: int, context: int, dtype_bytes: int) -> tuple[float, float, float]:
+    """(weight bytes read, KV bytes read, FLOPs) of one decode step of S sequences."""
+    sizes = {"/".join(str(getattr(k, "key", k)) for k in path): a.size
+             for path, a in jax.tree_util.tree_leaves_with_path(params)}
+    embed = sizes.get("embed", 0)
+    total = sum(sizes.values())
+    read = total - (0 if cfg.tie_word_embeddings else embed)
+    matmul = total - embed + (embed if cfg.tie_word_embeddings else 0)  # norms/biases: negligible
+    kv_read = 2 * cfg.num_layers * S * (context + 1) * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    attn_flops = 4 * S * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    return read * dtype_bytes, kv_read, 2 * matmul * S + attn_flops
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-32b", help="a preset name, or 'tiny' (the bundled model)")
+    ap.add_argument("--batch", default="128,256")
+    ap.add_argument("--context", default="1024,512", help="one per --batch entry")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--hbm-gib", type=float, default=4.0)
+    ap.add_argument("--matmul-n", type=int, default=8192)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from sidp_jax import LLM
+
+    dev = jax.devices()[:1]
+    bw = hbm_bandwidth(a.hbm_gib, a.reps)
+    rate = matmul_rate(a.matmul_n, a.reps)
+    print(f"device: {dev[0].device_kind}  jax {jax.__version__}  HBM {bw / 1e12:.2f} TB/s  "
+          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+    cases = list(zip([int(b) for b in a.batch.split(",")], [int(c) for c in a.context.split(",")]))
+    P = 16
+    max_pages = max(S * -(-(c + 1) // P) for S, c in cases) + 1
+    llm = LLM(None if a.model == "tiny" else a.model, mesh="dp=1", devices=dev, kv_cache_tokens=max_pages * P,
+              max_num_seqs=max(S for S, _ in cases), max_num_batched_tokens=max(S for S, _ in cases),
+              kv_block_size=P, verbose=False)
+    runner = llm.engine.runner
+    rows = []
+    for S, ctx in cases:
+        batch, samp, _ = decode_batch(S, ctx, P, llm.cfg.vocab_size, seed=S + ctx)
+        fn = runner.step_fn("local", SamplerFlags(), decode_only=True)
+        b, s = jax.device_put((batch, samp), runner.batch_sharding)
+
+        def step():
+            out, runner.kv = fn(runner.params, runner.kv, b, s)
+            return out
+
+        dt = median_s(step, a.reps)
+        w_bytes, kv_bytes, flops = step_cost(llm.cfg, runner.params, S, ctx, jnp.dtype(llm.dtype).itemsize)
+        mem_floor, compute_floor = (w_bytes + kv_bytes) / bw, flops / rate
+        floor = max(mem_floor, compute_floor)
+        row = dict(batch=S, context=ctx, step_ms=dt * 1e3, floor_ms=floor * 1e3, ratio=dt / floor,
+                   memory_floor_ms=mem_floor * 1e3, compute_floor_ms=compute_floor * 1e3,
+                   weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9, TFLOP=flops / 1e12,
+                   attention=runner.attention_kind(True))
+        rows.append(row)
+        print(f"  S={S} ctx={ctx}: step {dt * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
+              f"(memory {mem_floor * 1e3:.2f}, compute {compute_floor * 1e3:.2f}) -> {dt / floor:.2f}x", flush=True)
+
+    print("\n| batch | context | step ms | floor ms (memory / compute) | step / floor | attention |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} "
+              f"({r['memory_floor_ms']:.2f} / {r['compute_floor_ms']:.2f}) | {r['ratio']:.2f}x | {r['attention']} |")
+    if a.out:
+        meta = dict(device=dev[0].device_kind, jax=jax.__version__, model=a.model, hbm_bytes_per_s=bw,
+                    matmul_flops_per_s=rate, argv=sys.argv[1:])
+        with open(a.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
