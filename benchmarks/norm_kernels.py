@@ -1,0 +1,230 @@
+"""RMSNorm (+ residual add) on one GPU: XLA's jitted reference vs the fused Pallas kernel.
+
+For activations x [T, H] (T tokens of a step, H = 5120 Qwen3-32B / 8192 Llama-70B, bf16) times,
+in two modes:
+  norm  y = rms_norm(x, w, eps)                               (first layer, final norm)
+  add   h = x + r; y = rms_norm(h, w, eps); returns (y, h)   (the decoder's attn/ffn norms)
+each as
+  reference      kernels/rms_norm_pallas.py::rms_norm_reference under jax.jit (XLA fuses it)
+  pallas         kernels/rms_norm_pallas.py::fused_rms_norm, default block_rows / num_warps
+  pallas_r{R}_w{W}  the kernel at block_rows=R, num_warps=W (defaults: 1/4, 1/8, 2/16; --sweep:
+                 block_rows 1, 2, 4 x num_warps 4, 8, 16, 32)
+and checks each against the reference run op by op, without jit (every intermediate rounded to
+its dtype, as written; the jitted reference may differ from it: XLA's default
+--xla_allow_excess_precision lets its fusion normalise the float32 x + r rather than the rounded
+h): "err" = max |y - y_ref| / max |y_ref| (bf16: a one-ulp rounding flip is up to 2**-7 = 7.8e-3
+of a value), "y_diff" = elements of y not bit-equal to it, "h_diff" = elements of h that differ
+from x + r (must be 0).
+Times: median of --reps calls after warm-up, each followed by jax.block_until_ready ("us"), and
+the median per call of --burst back-to-back calls then one block ("us_burst": hides the Python
+dispatch gap, but at T=256 the kernels take a few us and both columns are launch/dispatch-bound).
+--chain K adds "us_chain": one jitted program of K dependent calls (optimisation barriers between
+them, so XLA cannot fuse across calls), per call: device time without dispatch gaps.
+GB/s = bytes read + written (x, w, y; add: also r, h) / us_burst. At T=256 the inputs fit in the
+H200's L2, so small-T GB/s can exceed HBM bandwidth.
+
+  python benchmarks/norm_kernels.py                       # defaults: T 256,2048,8192 x H 5120,8192
+  python benchmarks/norm_kernels.py --tokens 8192 --hidden 5120 --modes add --chain 10
+  python benchmarks/norm_kernels.py --tokens 2048 --modes add --sweep      # tune block_rows / num_warps
+  python benchmarks/norm_kernels.py --interpret --tokens 8,13 --hidden 80,128 --reps 2 --burst 2 \\
+      --out /tmp/norm.json                                # CPU smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+from sidp_jax.kernels.rms_norm_pallas import (  # noqa: E402
+    default_block_rows, default_num_warps, fused_rms_norm, rms_norm_reference)
+
+EPS = 1e-6
+
+
+def timed(fn, *args, reps: int, burst: int) -> tuple[float, float]:
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    single = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        single.append(time.perf_counter() - t)
+    bursts = []
+    for _ in range(max(3, reps // 4)):
+        t = time.perf_counter()
+        outs = [fn(*args) for _ in range(burst)]
+        jax.block_until_ready(outs)
+        bursts.append((time.perf_counter() - t) / burst)
+    return statistics.median(single) * 1e6, statistics.median(bursts) * 1e6
+
+
+def chained(step, k: int, add: bool):
+    """One jitted program of k dependent applications of `step` (the next call's input is this
+    call's output; an optimisation barrier keeps XLA from fusing one call into the next)."""
+    def run(x, w, r):
+        for _ in range(k):
+            if add:
+                y, h = lax.optimization_barrier(step(x, w, r))
+                x, r = y.astype(x.dtype), h
+            else:
+                x = lax.optimization_barrier(step(x, w, r)).astype(x.dtype)
+        return (x, r) if add else x
+    return jax.jit(run)
+
+
+def pallas_variants(H: int, sweep: bool):
+    """(name, block_rows, num_warps): the defaults, then a few settings around them (--sweep: a
+    grid of block_rows x num_warps)."""
+    yield "pallas", None, None
+    grid = itertools.product((1, 2, 4), (4, 8, 16, 32)) if sweep else ((1, 4), (1, 8), (2, 16))
+    for br, nw in grid:
+        if br * pl_next_pow2(H) <= 65536:
+            yield f"pallas_r{br}_w{nw}", br, nw
+
+
+def pl_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@jax.jit
+def err_stats(y, h, ry, rh):
+    yf, ryf = y.astype(jnp.float32), ry.astype(jnp.float32)
+    err = jnp.max(jnp.abs(yf - ryf)) / jnp.max(jnp.abs(ryf))
+    y_diff = jnp.sum(y != ry)
+    h_diff = jnp.sum(h != rh) if h is not None else jnp.int32(0)
+    return err, y_diff, h_diff
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="256,2048,8192")
+    ap.add_argument("--hidden", default="5120,8192")
+    ap.add_argument("--modes", default="norm,add")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--burst", type=int, default=10)
+    ap.add_argument("--chain", type=int, default=0, help="also time K dependent calls in one program (us_chain)")
+    ap.add_argument("--sweep", action="store_true", help="time a grid of block_rows x num_warps")
+    ap.add_argument("--only", default=None, help="regex: keep the kernel variants whose name matches (the reference always runs)")
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test of this script)")
+    ap.add_argument("--out", default=None,
+                    help="JSON output (default benchmarks/results/<date>-norm-kernels.json)")
+    a = ap.parse_args()
+    t_start = time.perf_counter()
+
+    dtype = jnp.dtype(a.dtype)
+    device = jax.devices()[0].device_kind
+    modes = [m for m in a.modes.split(",") if m]
+    if not modes:
+        raise SystemExit("--modes: give norm, add or both")
+    for m in modes:
+        if m not in ("norm", "add"):
+            raise SystemExit(f"unknown mode {m!r} (norm, add)")
+    print(f"device: {device}  jax {jax.__version__}  {dtype.name}  eps={EPS}", flush=True)
+    rows = []
+    for T, H in itertools.product([int(t) for t in a.tokens.split(",")], [int(h) for h in a.hidden.split(",")]):
+        kx, kr, kw = jax.random.split(jax.random.key(T * 100003 + H), 3)
+        x = jax.random.normal(kx, (T, H), jnp.float32).astype(dtype)
+        r = (2.0 * jax.random.normal(kr, (T, H), jnp.float32)).astype(dtype)
+        w = (1.0 + 0.1 * jax.random.normal(kw, (H,), jnp.float32)).astype(dtype)
+        for mode in modes:
+            add = mode == "add"
+            n_arrays = 4 if add else 2
+            nbytes = n_arrays * T * H * dtype.itemsize + H * dtype.itemsize
+
+            def ref_step(x, w, r, add=add):
+                return rms_norm_reference(x, w, EPS, r if add else None)
+
+            # Ground truth: the reference run op by op (every intermediate rounded to its dtype, as
+            # written). Under jit XLA may keep excess precision inside its fusion (add mode: the norm
+            # of the float32 sum instead of the bf16-rounded h), which the "reference" row's
+            # err / y_diff then show.
+            ref = jax.block_until_ready(ref_step(x, w, r))
+            ry, rh = ref if add else (ref, None)
+            cands = [("reference", ref_step)]
+            for name, br, nw in pallas_variants(H, a.sweep):
+                def step(x, w, r, br=br, nw=nw, add=add):
+                    return fused_rms_norm(x, w, EPS, r if add else None, block_rows=br, num_warps=nw,
+                                          interpret=a.interpret)
+                cands.append((name, step))
+            for name, step in cands:
+                if a.only and name != "reference" and not re.search(a.only, name):
+                    continue
+                br, nw = None, None
+                if name.startswith("pallas"):
+                    m = re.match(r"pallas_r(\d+)_w(\d+)", name)
+                    br = int(m.group(1)) if m else default_block_rows(H)
+                    nw = int(m.group(2)) if m else default_num_warps(br * pl_next_pow2(H))
+                row = dict(mode=mode, T=T, H=H, impl=name, block_rows=br, num_warps=nw, bytes=nbytes)
+                try:
+                    fn = jax.jit(step)
+                    out = jax.block_until_ready(fn(x, w, r))
+                    y, h = out if add else (out, None)
+                    e, yd, hd = (v.item() for v in err_stats(y, h, ry, rh))
+                    row.update(err=e, y_diff=int(yd), h_diff=int(hd))
+                    row["us"], row["us_burst"] = timed(fn, x, w, r, reps=a.reps, burst=a.burst)
+                    row["GB_s"] = nbytes / (row["us_burst"] * 1e-6) / 1e9
+                    if a.chain:
+                        cfn = chained(step, a.chain, add)
+                        jax.block_until_ready(cfn(x, w, r))
+                        us_c, _ = timed(cfn, x, w, r, reps=max(3, a.reps // 2), burst=1)
+                        row["us_chain"] = us_c / a.chain
+                        row["GB_s_chain"] = nbytes / (row["us_chain"] * 1e-6) / 1e9
+                except Exception as ex:  # noqa: BLE001
+                    row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:300] if str(ex) else ''}"
+                rows.append(row)
+                if "error" in row:
+                    print(f"  {mode:4s} T={T:5d} H={H:5d} {name:16s} FAILED {row['error']}", flush=True)
+                else:
+                    chain = f"  {row['us_chain']:8.1f} us_chain" if a.chain else ""
+                    print(f"  {mode:4s} T={T:5d} H={H:5d} {name:16s} {row['us']:8.1f} us {row['us_burst']:8.1f} "
+                          f"us_burst{chain} {row['GB_s']:7.0f} GB/s  err {row['err']:.1e} y_diff {row['y_diff']} "
+                          f"h_diff {row['h_diff']}", flush=True)
+        del x, r, w, ref, ry, rh
+
+    elapsed = time.perf_counter() - t_start
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                f"{datetime.date.today().isoformat()}-norm-kernels.json")
+    meta = dict(device=device, jax=jax.__version__, dtype=dtype.name, eps=EPS, reps=a.reps, burst=a.burst,
+                chain=a.chain, interpret=a.interpret, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+                elapsed_s=round(elapsed, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"wrote {out} ({elapsed:.1f} s)")
+
+    chain_h = " us/call (chain) |" if a.chain else ""
+    print(f"\n| mode | T | H | impl | us/call | us/call (burst) |{chain_h} GB/s | vs ref | max rel err | y diff | h diff |")
+    print("|---|---|---|---|---|---|" + ("---|" if a.chain else "") + "---|---|---|---|---|")
+    ref_us = {}
+    for row in rows:
+        if row["impl"] == "reference" and "error" not in row:
+            ref_us[(row["mode"], row["T"], row["H"])] = row["us_burst"]
+    for row in rows:
+        head = f"| {row['mode']} | {row['T']} | {row['H']} | {row['impl']} |"
+        if "error" in row:
+            print(f"{head} failed | |" + (" |" if a.chain else "") + f" | | {row['error'][:80]} | | |")
+            continue
+        base = ref_us.get((row["mode"], row["T"], row["H"]))
+        speed = f"{base / row['us_burst']:.2f}x" if base else "-"
+        chain = f" {row['us_chain']:.1f} |" if a.chain else ""
+        print(f"{head} {row['us']:.1f} | {row['us_burst']:.1f} |{chain} {row['GB_s']:.0f} | {speed} | "
+              f"{row['err']:.1e} | {row['y_diff']} | {row['h_diff']} |")
+
+
+if __name__ == "__main__":
+    main()
