@@ -9,6 +9,8 @@ measured on the same GPU in the same process:
                  random weights) on a decode-only batch: S sequences, each with `context` cached
                  tokens on distinct pages, decode attention kernel where the engine uses it, greedy
                  sampling included. Median of --reps steps (the KV cache is carried through).
+Beside it, the GEMMs of one layer at M = S timed alone, times the layer count: how much of the
+step the projections and FFN take by themselves.
 Weights read per step: every parameter except the embedding table (rows are gathered; a tied
 table is read whole as the LM head). FLOPs: 2 x (matmul parameters) x S + attention 4 x S x context
 x Nq x D per layer.
@@ -46,19 +48,42 @@ def median_s(fn, reps: int) -> float:
 
 
 def hbm_bandwidth(gib: float, reps: int) -> float:
+    """The best of a scale pass (read + write) and a sum (read only) over `gib` GiB of bf16."""
     n = int(gib * 2**30) // 2
     x = jnp.ones((n,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * jnp.bfloat16(1.5))
-    dt = median_s(lambda: f(x), reps)
+    scale = jax.jit(lambda a: a * jnp.bfloat16(1.5))
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    best = max(2 * n * 2 / median_s(lambda: scale(x), reps), n * 2 / median_s(lambda: total(x), reps))
     del x
-    return 2 * n * 2 / dt  # read + write
+    return best
 
 
 def matmul_rate(n: int, reps: int) -> float:
+    """The best bf16 rate of n^3 matmuls with bf16 and with float32 outputs."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    return 2 * n**3 / median_s(lambda: f(a, b), reps)
+    rates = []
+    for out in (jnp.bfloat16, jnp.float32):
+        f = jax.jit(lambda a, b, out=out: jnp.dot(a, b, preferred_element_type=out))
+        rates.append(2 * n**3 / median_s(lambda: f(a, b), reps))
+    return max(rates)
+
+
+def layer_gemms_ms(params: dict, S: int, reps: int) -> float:
+    """One layer's projections and FFN GEMMs (bf16, float32 accumulation) at M = S rows, alone."""
+    w = jax.tree.map(lambda a: a[0], params["layers"])
+    f = jax.tree.map(lambda a: a[0], params["ffn"])
+    x = jnp.ones((S, w["q"].shape[0]), w["q"].dtype)
+
+    def gemms(x, w, f):
+        ein = lambda s, a, b: jnp.einsum(s, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+        q, k, v = ein("th,hnd->tnd", x, w["q"]), ein("th,hnd->tnd", x, w["k"]), ein("th,hnd->tnd", x, w["v"])
+        o = ein("tnd,ndh->th", q, w["o"]) + (k.sum() + v.sum()).astype(x.dtype)
+        gu = ein("th,hci->tci", o, f["gate_up"])
+        return ein("ti,ih->th", gu[:, 0] * gu[:, 1], f["down"])
+
+    fn = jax.jit(gemms)
+    return median_s(lambda: fn(x, w, f), reps) * 1e3
 
 
 def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
@@ -129,19 +154,23 @@ def main():
         w_bytes, kv_bytes, flops = step_cost(llm.cfg, runner.params, S, ctx, jnp.dtype(llm.dtype).itemsize)
         mem_floor, compute_floor = (w_bytes + kv_bytes) / bw, flops / rate
         floor = max(mem_floor, compute_floor)
+        gemm_ms = layer_gemms_ms(runner.params, S, a.reps) * llm.cfg.num_layers
         row = dict(batch=S, context=ctx, step_ms=dt * 1e3, floor_ms=floor * 1e3, ratio=dt / floor,
+                   layer_gemms_alone_ms=gemm_ms,
                    memory_floor_ms=mem_floor * 1e3, compute_floor_ms=compute_floor * 1e3,
                    weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9, TFLOP=flops / 1e12,
                    attention=runner.attention_kind(True))
         rows.append(row)
         print(f"  S={S} ctx={ctx}: step {dt * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
-              f"(memory {mem_floor * 1e3:.2f}, compute {compute_floor * 1e3:.2f}) -> {dt / floor:.2f}x", flush=True)
+              f"(memory {mem_floor * 1e3:.2f}, compute {compute_floor * 1e3:.2f}) -> {dt / floor:.2f}x; "
+              f"the layers' GEMMs alone {gemm_ms:.2f} ms", flush=True)
 
-    print("\n| batch | context | step ms | floor ms (memory / compute) | step / floor | attention |")
+    print("\n| batch | context | step ms | floor ms (memory / compute) | step / floor | layers' GEMMs alone ms |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} "
-              f"({r['memory_floor_ms']:.2f} / {r['compute_floor_ms']:.2f}) | {r['ratio']:.2f}x | {r['attention']} |")
+              f"({r['memory_floor_ms']:.2f} / {r['compute_floor_ms']:.2f}) | {r['ratio']:.2f}x | "
+              f"{r['layer_gemms_alone_ms']:.2f} |")
     if a.out:
         meta = dict(device=dev[0].device_kind, jax=jax.__version__, model=a.model, hbm_bytes_per_s=bw,
                     matmul_flops_per_s=rate, argv=sys.argv[1:])

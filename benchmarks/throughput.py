@@ -24,9 +24,11 @@ def run_one(args, parallel: str) -> dict:
 
     from sidp_jax import LLM, SamplingParams
 
+    t_start = time.perf_counter()
     llm = LLM(args.model, mesh=args.mesh, parallel=parallel, placement=args.placement, ffn_mode=args.ffn_mode,
               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.input_len + args.output_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, verbose=True)
+    startup_s = time.perf_counter() - t_start
     rng = np.random.default_rng(0)
     vocab = llm.cfg.vocab_size
     prompts = [rng.integers(100, vocab - 100, size=args.input_len).tolist() for _ in range(args.num_prompts)]
@@ -60,7 +62,8 @@ def run_one(args, parallel: str) -> dict:
             "kv_tokens_per_replica": stats["kv_tokens_per_replica"], "num_replicas": stats["num_replicas"],
             "steps_per_mode": stats["steps_per_mode"], "num_preemptions": stats["num_preemptions"],
             "host_ms_per_step": stats["host_ms_per_step"], "device_ms_per_step": stats["device_ms_per_step"],
-            "num_steps": stats["num_steps"]}
+            "num_steps": stats["num_steps"], "steps_per_attention": stats["steps_per_attention"],
+            "startup_s": startup_s}
 
 
 def main():

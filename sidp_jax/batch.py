@@ -64,7 +64,10 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
                 tile_tokens: int | None = None):
     """Returns (batch arrays, sampling arrays, SamplerFlags, decode_only).
 
-    tile_tokens: also lay out a mixed step for the Pallas kernels (`decode_len`, `tiles`)."""
+    tile_tokens: lay out the step for the Pallas kernels: a mixed step gets `decode_len` and
+    `tiles`, and block tables are always max_pages_bucket wide (the kernels stop at each row's
+    length, so width costs nothing but a few KB of transfer, and growing contexts compile no new
+    step variants; the reference's cost grows with the width, so it keeps the bucketed width)."""
     D = len(plans)
     decode_only = all(c.num_tokens == 1 for p in plans for c in p)
     if decode_only:  # token i is row i (decode chunks come first in a plan, so the loop below agrees)
@@ -72,7 +75,8 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     else:
         T = bucket(max(sum(c.num_tokens for c in p) for p in plans), 8, max_tokens_bucket)
         S = bucket(max(len(p) for p in plans), 4, max_rows_bucket)
-    MB = bucket(max((len(c.seq.pages) for p in plans for c in p), default=1), 4, max_pages_bucket)
+    MB = max_pages_bucket if tile_tokens else bucket(max((len(c.seq.pages) for p in plans for c in p), default=1),
+                                                     4, max_pages_bucket)
     seqs = [c.seq for p in plans for c in p]
     flags = SamplerFlags(
         filters=any(s.params.uses_filters and not s.params.greedy for s in seqs),

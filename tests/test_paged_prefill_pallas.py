@@ -52,7 +52,8 @@ def run_case(dtype, interpret, tile_tokens=4, **kw):
     scale = kw["D"] ** -0.5
     out = mixed_attention(q, k, v, off, bt, token_seq, positions, decode_len=decode_len, tiles=tiles,
                           scale=scale, tile_tokens=tile_tokens, interpret=interpret)
-    ref = paged_attention_reference(q, k, v, off, bt, token_seq, positions, scale=scale)
+    with jax.default_matmul_precision("highest"):  # GPU: no TF32 in the float32 reference
+        ref = paged_attention_reference(q, k, v, off, bt, token_seq, positions, scale=scale)
     out = np.asarray(out.astype(jnp.float32))
     ref = np.asarray(ref.astype(jnp.float32))
     assert np.isfinite(out).all()
