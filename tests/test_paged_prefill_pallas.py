@@ -46,7 +46,7 @@ def make_mixed_case(*, chunks, T, S, Nq, Nkv, D, P, MB, L, num_pages, layer, dty
             jnp.asarray(positions), jnp.asarray(decode_len), jnp.asarray(tiles), real)
 
 
-def run_case(dtype, interpret, tile_tokens=4, **kw):
+def run_case(dtype, interpret, tile_tokens=4, f32_tol=2e-5, **kw):
     q, k, v, off, bt, token_seq, positions, decode_len, tiles, real = make_mixed_case(
         dtype=dtype, tile_tokens=tile_tokens, **kw)
     scale = kw["D"] ** -0.5
@@ -60,7 +60,7 @@ def run_case(dtype, interpret, tile_tokens=4, **kw):
     assert (out[~real] == 0).all(), "padding tokens must stay zero"
     o, r = out[real], ref[real]
     if dtype == jnp.float32:
-        np.testing.assert_allclose(o, r, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(o, r, rtol=f32_tol, atol=f32_tol)
     else:
         rel = np.linalg.norm(o - r) / np.linalg.norm(r)
         assert rel < 2e-2, rel
@@ -93,5 +93,6 @@ def test_mixed_attention_gpu(dtype):
         pytest.skip("needs a GPU")
     rng = np.random.default_rng(7)
     chunks = [(1, int(p)) for p in rng.integers(0, 900, 48)] + [(300, 0), (200, 700), (33, 100), (1, 5)]
-    run_case(dtype, False, tile_tokens=16, chunks=chunks, T=1024, S=64, Nq=64, Nkv=8, D=128, P=16, MB=64,
+    # float32 on GPU: exact (IEEE) dots, but the GPU's exp2 is an approximation: 1e-4
+    run_case(dtype, False, tile_tokens=16, f32_tol=1e-4, chunks=chunks, T=1024, S=64, Nq=64, Nkv=8, D=128, P=16, MB=64,
              L=2, num_pages=64 * 64 + 1, layer=1)

@@ -30,7 +30,7 @@ def f32(a):
     return np.asarray(jnp.asarray(a).astype(jnp.float32))
 
 
-def check_close(out, ref, dtype):
+def check_close(out, ref, dtype, ulps: int = 1):
     o, r = f32(out), f32(ref)
     assert np.isfinite(o).all()
     if jnp.dtype(dtype) == jnp.float32:
@@ -39,7 +39,7 @@ def check_close(out, ref, dtype):
         # summation order / rsqrt may move a value across a rounding boundary: at most 1 ulp
         # (2**-7 relative for bf16, 2**-10 for f16), and only rarely
         ulp = 2.0 ** -7 if jnp.dtype(dtype) == jnp.bfloat16 else 2.0 ** -10
-        np.testing.assert_allclose(o, r, rtol=ulp, atol=1e-6 * np.abs(r).max())
+        np.testing.assert_allclose(o, r, rtol=ulps * ulp, atol=1e-6 * np.abs(r).max())
         assert (o != r).mean() < 0.02, (o != r).mean()
 
 
@@ -159,8 +159,11 @@ def test_matches_reference_on_gpu(block_rows, num_warps):
     # instead of the rounded h (about 20% of bf16 outputs then differ by an ulp)
     ry = rms_norm_reference(x, w, eps)
     ry2, rh2 = rms_norm_reference(x, w, eps, residual=r)
-    check_close(y, ry, jnp.bfloat16)
-    check_close(y2, ry2, jnp.bfloat16)
+    # 2 ulps: the reference rounds x * inv_rms to bf16 and then w * that; the compiled kernel's
+    # float32 math (and GPU rsqrt) lands up to 2 ulps away in a handful of the 10M outputs
+    # (measured on H200: 7 elements of one row)
+    check_close(y, ry, jnp.bfloat16, ulps=2)
+    check_close(y2, ry2, jnp.bfloat16, ulps=2)
     np.testing.assert_array_equal(f32(h2), f32(rh2))
 
 
