@@ -164,7 +164,7 @@ def paged_decode_attention(
     pages_per_block: int | None = None,
     min_rows: int = 8,
     num_warps: int = 2,
-    num_stages: int = 4,
+    num_stages: int | None = None,
     heads_fastest: bool = True,
     prefetch_table: bool = True,
     interpret: bool = False,
@@ -175,7 +175,9 @@ def paged_decode_attention(
     reference with token_seq = arange(S), positions = lengths - 1.
     pages_per_block: pages per inner-loop step (default: 64 tokens' worth, 64 // P).
     min_rows: the query group is zero-padded in-kernel to at least this many rows; 0/1 disables
-    padding. num_warps / num_stages: Triton launch parameters (defaults tuned on an H200).
+    padding. num_warps / num_stages: Triton launch parameters (defaults tuned on an H200; stages:
+    4 for 2-byte inputs, 2 for float32, whose 4 stages of 64-token D=128 K/V blocks would need
+    260 KB of shared memory, more than the H200's 227 KB).
     heads_fastest: launch order with the kv head varying fastest, so the Nkv programs of one
     sequence run side by side and read the same pages (the [P, Nkv, D] page rows) together.
     prefetch_table: load the next block's page ids one iteration ahead (in the loop carry), so
@@ -189,6 +191,7 @@ def paged_decode_attention(
         raise ValueError(f"Nq={Nq} must be a multiple of Nkv={Nkv}")
     G = Nq // Nkv
     ppb = pages_per_block or default_pages_per_block(P)
+    num_stages = num_stages or (4 if jnp.dtype(q.dtype).itemsize <= 2 else 2)
     rows = G
     if min_rows and G < min_rows:
         if not (_is_pow2(G) and _is_pow2(min_rows)):
