@@ -6,6 +6,11 @@ that runs dry simply takes the next queued requests. A sequence is bound to a re
 first prefill chunk until it finishes or is preempted (its KV lives there). When a replica runs
 out of pages, its most recently started sequence is preempted by recompute: its pages are freed
 and it goes back to the FRONT of the queue, to be prefilled again (prompt + tokens so far).
+
+Admission keeps preemption from thrashing (a victim re-admitted at once, chunk by chunk, only to
+be the newest sequence and the next victim, its recompute thrown away again): nothing is admitted
+in a step that preempted, and a replica admits a sequence only if its WHOLE remaining prefill
+fits beside a reserve of one page per running sequence (their next tokens' growth).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class ScheduledChunk:
 
 
 class Scheduler:
+    thrash_guard = True  # the admission rules above; False: admit whatever fits now (for comparison)
+
     def __init__(self, num_replicas: int, num_pages: int, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int):
         self.blocks = [BlockManager(num_pages, page_size) for _ in range(num_replicas)]
@@ -58,13 +65,24 @@ class Scheduler:
         self.num_preemptions += 1
         return victim
 
+    def _fits(self, r: int, seq: Sequence, first_chunk: int) -> bool:
+        """Admission test: the first chunk now, and room for the rest of the prefill plus a page
+        of growth per running sequence."""
+        blocks = self.blocks[r]
+        if not self.thrash_guard:
+            return blocks.can_allocate(seq, first_chunk)
+        reserve = blocks.pages_needed(seq, seq.num_uncomputed) + len(self.running[r])
+        return blocks.can_allocate(seq, first_chunk) and reserve <= blocks.num_free
+
     def schedule(self) -> list[list[ScheduledChunk]]:
         plans: list[list[ScheduledChunk]] = [[] for _ in self.blocks]
         budgets = [self.max_num_batched_tokens] * len(self.blocks)
+        preempted_before = self.num_preemptions
         for r in range(len(self.blocks)):
             self._schedule_running(r, plans[r], budgets)
-        # Admit queued sequences, emptiest replica first, one at a time so replicas fill evenly.
-        while self.waiting:
+        # Admit queued sequences, emptiest replica first, one at a time so replicas fill evenly;
+        # none after a preemption (the pages it freed are the running sequences' growth).
+        while self.waiting and (self.num_preemptions == preempted_before or not self.thrash_guard):
             open_replicas = [r for r in range(len(self.blocks))
                              if budgets[r] > 0 and len(self.running[r]) < self.max_num_seqs]
             if not open_replicas:
@@ -72,7 +90,7 @@ class Scheduler:
             r = max(open_replicas, key=lambda i: (self.blocks[i].num_free, budgets[i]))
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budgets[r])
-            if not self.blocks[r].can_allocate(seq, n):
+            if not self._fits(r, seq, n):
                 break
             self.waiting.popleft()
             self.blocks[r].allocate(seq, n)
