@@ -55,20 +55,23 @@ def plot_kv_capacity() -> None:
 
 
 def plot_throughput() -> None:
-    runs = load("*-throughput-*.json")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels, dp, sidp = [], [], []
-    for run in runs:
+    """Output tokens/s per layout of each run on the attention kernels (one run per group)."""
+    runs = load("*-kernels-throughput-*.json")
+    layouts = ["dp", "tp", "sidp"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels, seen = [], set()
+    for j, run in enumerate(runs):
         a = run["args"]
         by = {r["parallel"]: r["output_tokens_per_s"] for r in run["rows"] if "error" not in r}
-        labels.append(f"{a['input_len']}/{a['output_len']}, util {a['gpu_memory_utilization']}")
-        dp.append(by.get("dp", 0))
-        sidp.append(by.get("sidp", 0))
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], dp, 0.4, label="dp")
-    ax.bar([x + 0.2 for x in xs], sidp, 0.4, label="sidp")
-    ax.set_xticks(list(xs), labels)
-    ax.set(ylabel="output tokens/s (2 GPUs)", title="Offline throughput, Qwen3-32B shape, 2x H200")
+        model = a["model"].replace("llama3.1-70b", "Llama-70B").replace("qwen3-32b", "Qwen3-32B")
+        guard = " (guard)" if "guard" in run.get("note", "") else ""
+        labels.append(f"{model}{guard}\n{a['input_len']}/{a['output_len']}, util {a['gpu_memory_utilization']}")
+        for i, lay in enumerate(layouts):
+            if lay in by:
+                ax.bar(j + (i - 1) * 0.27, by[lay], 0.27, color=f"C{i}", label=None if lay in seen else lay)
+                seen.add(lay)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set(ylabel="output tokens/s (2 GPUs)", title="Offline throughput, 2x H200 (random weights; see RESULTS.md)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "throughput.png"), dpi=110)

@@ -21,6 +21,11 @@ decode rows of a mixed step are filled there by the decode kernel first, padding
 zero). Queries and outputs are read and written with masked gathers/scatters of the tile's rows,
 so tiles need no alignment and no padded copy of q is made.
 
+Measured (H200, jax 0.11.2, bf16, Qwen3-32B heads, one layer; benchmarks/mixed_attention.py):
+a 2048-token chunk over a 2048-token prefix 780 us (the reference: 25.4 ms); a mixed step of 240
+decode rows + a 256-token chunk 500 us with the decode kernel (reference 3.6 ms). Tiles of 16
+tokens x 8 heads, 4 warps, 2 stages won the sweep; 32/64-token tiles are 1.1-3.9x slower.
+
 Constraints (GPU): G, tile_tokens, D, pages_per_block and pages_per_block * P powers of 2,
 D >= 16 and pages_per_block * P >= 16. `interpret=True` runs anywhere (the CPU tests).
 """

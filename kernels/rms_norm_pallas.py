@@ -27,7 +27,10 @@ shape [H]; block_rows and num_warps powers of 2; the tile block_rows * BH at mos
 elements (H up to 65536 at block_rows=1: the row is held in registers, no loop over H).
 `interpret=True` runs anywhere (the CPU tests) with the same code path.
 
-Measured: (to be filled in from benchmarks/norm_kernels.py on the GPU)
+Measured (H200, jax 0.11.2, bf16, H=5120/8192, defaults, vs XLA's fused reference): with the
+residual add 1.03-1.04x at T=256, 1.09-1.14x at T=2048, 1.13-1.19x at T=8192; plain norm
+0.81-0.84x at T=256, up to 1.33x at T=8192. Under 1 ms per engine step at best, a loss at decode
+sizes: the engine does not use it (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
