@@ -101,29 +101,45 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     }
     banned_rows: dict[tuple[int, int], list[int]] = {}
     history_rows: dict[tuple[int, int], tuple[list[int], int]] = {}
+    # Per-row work is plain Python into lists, written to the arrays once per replica: a step has
+    # hundreds of decode rows, and per-element numpy writes dominated the host's time per step.
+    P = page_size
     for r, plan in enumerate(plans):
         t = 0
+        ids_r, pos_r, slot_r, seq_r = [], [], [], []
+        temperature, top_p, top_k, min_p, seed, gen_step = [], [], [], [], [], []
         for row, c in enumerate(plan):
-            seq, n = c.seq, c.num_tokens
-            ids = seq.all_ids[c.start:c.start + n]
-            pos = np.arange(c.start, c.start + n)
-            pages = np.asarray(seq.pages, np.int32)
-            tokens[r, t:t + n] = ids
-            positions[r, t:t + n] = pos
-            slots[r, t:t + n] = pages[pos // page_size] * page_size + pos % page_size
-            token_seq[r, t:t + n] = row
-            tables[r, row, :len(pages)] = pages
-            sample_index[r, row] = t + n - 1
+            seq, n, start = c.seq, c.num_tokens, c.start
+            pages = seq.pages
+            if n == 1:
+                ids_r.append(seq.token_at(start))
+                pos_r.append(start)
+                slot_r.append(pages[start // P] * P + start % P)
+                seq_r.append(row)
+            else:
+                ids_r.extend(seq.token_slice(start, n))
+                pos = np.arange(start, start + n)
+                pos_r.extend(pos.tolist())
+                slot_r.extend((np.asarray(pages, np.int32)[pos // P] * P + pos % P).tolist())
+                seq_r.extend([row] * n)
+            tables[r, row, :len(pages)] = seq.page_array()
             t += n
+            sample_index[r, row] = t - 1
             p = seq.params
-            samp["temperature"][r, row] = p.temperature
-            samp["top_p"][r, row], samp["top_k"][r, row], samp["min_p"][r, row] = p.top_p, p.top_k, p.min_p
-            samp["seed"][r, row] = seq.seed
-            samp["step"][r, row] = len(seq.output_ids)
+            temperature.append(p.temperature)
+            top_p.append(p.top_p)
+            top_k.append(p.top_k)
+            min_p.append(p.min_p)
+            seed.append(seq.seed)
+            gen_step.append(len(seq.output_ids))
             if len(seq.output_ids) < p.min_tokens:
                 banned_rows[r, row] = ([] if p.ignore_eos else list(eos_ids)) + p.stop_token_ids
             if flags.penalties:
                 history_rows[r, row] = (seq.all_ids, len(seq.prompt_ids))
+        tokens[r, :t], positions[r, :t], slots[r, :t], token_seq[r, :t] = ids_r, pos_r, slot_r, seq_r
+        for k, vals in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
+                        ("seed", seed), ("step", gen_step)):
+            samp[k][r, :len(vals)] = vals
     if banned_rows:
         width = bucket(max(len(v) for v in banned_rows.values()), 1, 1 << 16)
         samp["banned"] = np.full((D, S, width), -1, np.int32)

@@ -36,4 +36,4 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         self._free.extend(reversed(seq.pages))
-        seq.pages = []
+        seq.clear_pages()

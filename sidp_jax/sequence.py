@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
+
 from sidp_jax.sampling_params import SamplingParams
 
 
@@ -28,6 +30,7 @@ class Sequence:
         self.status = Status.WAITING
         self.replica: int | None = None
         self.pages: list[int] = []
+        self._page_array: np.ndarray | None = None  # page_array()'s cache
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.num_preemptions = 0
         self.finish_reason: str | None = None
@@ -42,13 +45,37 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def page_array(self) -> np.ndarray:
+        """self.pages as int32 numpy (a block-table row), converted again only when pages were added:
+        the list only grows until clear_pages()."""
+        if self._page_array is None or len(self._page_array) != len(self.pages):
+            self._page_array = np.asarray(self.pages, np.int32)
+        return self._page_array
+
+    def clear_pages(self) -> None:
+        self.pages = []
+        self._page_array = None
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+    def token_slice(self, start: int, length: int) -> list[int]:
+        """all_ids[start:start + length] without concatenating the whole sequence."""
+        n, end = len(self.prompt_ids), start + length
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
+
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
 
     def reset_for_recompute(self) -> None:
         """Preempted: drop the cache; prompt + generated tokens are prefilled again later."""
-        self.pages = []
+        self.clear_pages()
         self.num_computed = 0
         self.status = Status.WAITING
         self.num_preemptions += 1
