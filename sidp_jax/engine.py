@@ -115,7 +115,15 @@ class Engine:
         return True
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
+        """Checked after every token, so a stop string that just appeared ends in the newest token:
+        decode only a tail window wide enough to hold it (4 tokens per character covers byte-level
+        pieces, plus slack for the window's ragged start), and the whole output only on a hit (to
+        cut the text exactly), instead of decoding the whole output every step."""
         if self.tokenizer is None:
+            return False
+        window = 4 * max(len(s) for s in seq.params.stop) + 8
+        if len(seq.output_ids) > window and not any(
+                s in self.tokenizer.decode(seq.output_ids[-window:]) for s in seq.params.stop):
             return False
         text = self.tokenizer.decode(seq.output_ids)
         hits = [(text.find(s), s) for s in seq.params.stop if s in text]

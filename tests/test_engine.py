@@ -86,6 +86,20 @@ def test_stop_strings_are_cut_from_the_text(qwen3):
     assert stop not in cut.text and cut.token_ids == full.token_ids[:len(cut.token_ids)]
 
 
+def test_stop_string_far_into_a_long_output(qwen3):
+    """Past the tail window the engine decodes each step: the first occurrence still cuts exactly."""
+    prompts, _ = fixture_prompts("tiny-qwen3")
+    sp = dict(temperature=0, max_tokens=96, ignore_eos=True)
+    full = qwen3.generate(prompts[1], SamplingParams(**sp), use_tqdm=False)[0].outputs[0]
+    early = qwen3.tokenizer.decode(full.token_ids[:40])  # well past a 2-char stop's 16-token window
+    stop = next((full.text[i:i + 2] for i in range(len(early), len(full.text) - 2)
+                 if full.text[i:i + 2].strip() and full.text.index(full.text[i:i + 2]) >= len(early)), None)
+    assert stop is not None, "no 2-char string first appears late in this output"
+    cut = qwen3.generate(prompts[1], SamplingParams(**sp, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop and len(cut.token_ids) > 40
+    assert cut.text == full.text[:full.text.index(stop)]
+
+
 def test_n_samples_and_seeds_reproduce_across_batches(qwen3):
     prompts, _ = fixture_prompts("tiny-qwen3")
     sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=8, seed=123, n=3, ignore_eos=True)
