@@ -110,19 +110,19 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
         temperature, top_p, top_k, min_p, seed, gen_step = [], [], [], [], [], []
         for row, c in enumerate(plan):
             seq, n, start = c.seq, c.num_tokens, c.start
-            pages = seq.pages
+            pages = seq.page_array()
             if n == 1:
                 ids_r.append(seq.token_at(start))
                 pos_r.append(start)
-                slot_r.append(pages[start // P] * P + start % P)
+                slot_r.append(int(pages[start // P]) * P + start % P)
                 seq_r.append(row)
             else:
                 ids_r.extend(seq.token_slice(start, n))
                 pos = np.arange(start, start + n)
                 pos_r.extend(pos.tolist())
-                slot_r.extend((np.asarray(pages, np.int32)[pos // P] * P + pos % P).tolist())
+                slot_r.extend((pages[pos // P] * P + pos % P).tolist())
                 seq_r.extend([row] * n)
-            tables[r, row, :len(pages)] = seq.page_array()
+            tables[r, row, :len(pages)] = pages
             t += n
             sample_index[r, row] = t - 1
             p = seq.params
