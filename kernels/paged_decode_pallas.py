@@ -63,6 +63,41 @@ def _load(ref, mask, other):
     return jnp.where(mask, ref[...], other)  # pragma: no cover
 
 
+def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size: int):
+    """K/V block i ([ppb * P, D] each) of one sequence, and its valid mask [ppb, P] (token < length).
+
+    page_ids: the block's ppb layer-local ids from the block table. Pages past the sequence's end
+    may hold any table value: a safe page is read there instead (the load is masked off anyway)."""
+    ppb, P, D = page_ids.shape[0], page_size, k_ref.shape[-1]
+    page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
+    page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
+    tok = (i * ppb * P
+           + lax.broadcasted_iota(jnp.int32, (ppb, P), 0) * P
+           + lax.broadcasted_iota(jnp.int32, (ppb, P), 1))
+    valid = tok < length
+    # All-array indexers [ppb, P, D] (what interpret mode can discharge; on Triton the same
+    # pointer arithmetic as a page gather + slices: contiguous, vectorised along D).
+    shape3 = (ppb, P, D)
+    idx = (jnp.broadcast_to(page_ids[:, None, None], shape3),
+           lax.broadcasted_iota(jnp.int32, shape3, 1),
+           lax.broadcasted_iota(jnp.int32, shape3, 2))
+    lmask = jnp.broadcast_to(valid[:, :, None], shape3)
+    k = _load(k_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
+    v = _load(v_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
+    return k, v, valid
+
+
+def online_softmax_step(acc, m_prev, l_prev, logits, v, precision):
+    """Fold one block of masked log2-unit logits [rows, block_k] and its V into (acc, max, sum)."""
+    m_next = jnp.maximum(m_prev, logits.max(axis=-1))
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(logits - m_next[:, None])  # masked: exp2(-inf) = 0
+    l_next = alpha * l_prev + p.sum(axis=-1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+    return alpha[:, None] * acc + pv, m_next, l_next
+
+
 def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
                    scale: float, page_size: int, pages_per_block: int, rows: int, precision, seq_axis: int,
                    prefetch_table: bool):
@@ -97,36 +132,12 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
             page_ids, ids = ids, table_block(i + 1)
         else:
             page_ids = table_block(i)
-        page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
-        # Pages past the sequence's end: any table value is allowed there, read a safe page
-        # (the load below is masked off for them anyway).
-        page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
-        tok = (i * block_k
-               + lax.broadcasted_iota(jnp.int32, (ppb, P), 0) * P
-               + lax.broadcasted_iota(jnp.int32, (ppb, P), 1))
-        valid = tok < length  # [ppb, P]
-        # All-array indexers [ppb, P, D] (what interpret mode can discharge; on Triton the same
-        # pointer arithmetic as a page gather + slices: contiguous, vectorised along D).
-        shape3 = (ppb, P, D)
-        idx = (jnp.broadcast_to(page_ids[:, None, None], shape3),
-               lax.broadcasted_iota(jnp.int32, shape3, 1),
-               lax.broadcasted_iota(jnp.int32, shape3, 2))
-        lmask = jnp.broadcast_to(valid[:, :, None], shape3)
-        k = _load(k_ref.at[idx], lmask, 0.0).reshape(block_k, D)
-        v = _load(v_ref.at[idx], lmask, 0.0).reshape(block_k, D)
-
+        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P)
         logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
         valid_k = jnp.broadcast_to(valid.reshape(1, block_k), (rows, block_k))
         logits = jnp.where(valid_k, logits, -jnp.inf)
-        m_next = jnp.maximum(m_prev, logits.max(axis=-1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(logits - m_next[:, None])  # masked: exp2(-inf) = 0
-        l_next = alpha * l_prev + p.sum(axis=-1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
-        acc = alpha[:, None] * acc + pv
-        return acc, m_next, l_next, ids
+        return (*online_softmax_step(acc, m_prev, l_prev, logits, v, precision), ids)
 
     acc = jnp.zeros((rows, D), jnp.float32)
     m = jnp.full((rows,), NEG_INIT, jnp.float32)

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sidp_jax.kernels.paged_decode_pallas import LOG2E, NEG_INIT, _is_pow2, _load, default_pages_per_block, plgpu
+from sidp_jax.kernels.paged_decode_pallas import (LOG2E, NEG_INIT, _is_pow2, _load, default_pages_per_block,
+                                                  load_kv_block, online_softmax_step, plgpu)
 
 DEFAULT_TILE_TOKENS = 16
 
@@ -75,32 +76,13 @@ def _chunk_kernel(off_ref, tile_ref, bt_ref, q_ref, init_ref, k_ref, v_ref, o_re
 
     def body(i, carry):
         acc, m_prev, l_prev = carry
-        page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
         page_ids = bt_ref[row, pl.ds(i * ppb, ppb)]
-        page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
-        key = (i * block_k
-               + lax.broadcasted_iota(jnp.int32, (ppb, P), 0) * P
-               + lax.broadcasted_iota(jnp.int32, (ppb, P), 1))
-        valid = key < kv_len
-        shape3 = (ppb, P, D)
-        idx = (jnp.broadcast_to(page_ids[:, None, None], shape3),
-               lax.broadcasted_iota(jnp.int32, shape3, 1),
-               lax.broadcasted_iota(jnp.int32, shape3, 2))
-        lmask = jnp.broadcast_to(valid[:, :, None], shape3)
-        k = _load(k_ref.at[idx], lmask, 0.0).reshape(block_k, D)
-        v = _load(v_ref.at[idx], lmask, 0.0).reshape(block_k, D)
-
+        k, v, _ = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, kv_len, offset, P)
         logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * qk_scale  # [R, block_k]
         key_row = i * block_k + lax.broadcasted_iota(jnp.int32, (R, block_k), 1)
         logits = jnp.where(key_row <= q_pos, logits, -jnp.inf)  # causal; also drops keys >= kv_len
-        m_next = jnp.maximum(m_prev, logits.max(axis=-1))
-        alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(logits - m_next[:, None])
-        l_next = alpha * l_prev + p.sum(axis=-1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
-        return alpha[:, None] * acc + pv, m_next, l_next
+        return online_softmax_step(acc, m_prev, l_prev, logits, v, precision)
 
     acc = jnp.zeros((R, D), jnp.float32)
     m = jnp.full((R,), NEG_INIT, jnp.float32)
