@@ -27,9 +27,7 @@ import itertools
 import json
 import os
 import re
-import statistics
 import sys
-import time
 import warnings
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
@@ -40,25 +38,9 @@ import numpy as np  # noqa: E402
 
 from sidp_jax.kernels.paged_attention import paged_attention_reference  # noqa: E402
 from sidp_jax.kernels.paged_decode_pallas import paged_decode_attention  # noqa: E402
+from sidp_jax.timing import single_and_burst_us  # noqa: E402
 
 L_CACHE = 2  # layers' pools in the cache; the timed layer is the last (non-zero page offset)
-
-
-def timed(fn, *args, reps: int, burst: int) -> tuple[float, float]:
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    single = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        single.append(time.perf_counter() - t)
-    bursts = []
-    for _ in range(max(3, reps // 4)):
-        t = time.perf_counter()
-        outs = [fn(*args) for _ in range(burst)]
-        jax.block_until_ready(outs)
-        bursts.append((time.perf_counter() - t) / burst)
-    return statistics.median(single) * 1e6, statistics.median(bursts) * 1e6
 
 
 def make_inputs(S, ctx, *, Nq, Nkv, D, P, dtype, ragged, min_pages, seed):
@@ -174,7 +156,7 @@ def main():
                 out = jax.block_until_ready(fn(*args))
                 row["err_vs_ref"] = err(out, ref)
                 row["err_vs_f32"] = err(out, ref32)
-                row["us"], row["us_burst"] = timed(fn, *args, reps=a.reps, burst=a.burst)
+                row["us"], row["us_burst"] = single_and_burst_us(fn, *args, reps=a.reps, burst=a.burst)
                 row["GB_s"] = kv_bytes / (row["us_burst"] * 1e-6) / 1e9
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"

@@ -7,7 +7,7 @@ cache), laid out exactly as the engine lays it out (sidp_jax.batch.mixed_step_la
               chunk kernel over the tiles of the other chunks): what the engine runs on GPU now
   chunk_*     the chunk kernel alone over the same tiles, at other tile sizes / warps / stages
 Each output is checked against the reference (max |out - ref| / max |ref| over real tokens).
-Times: median per call of back-to-back bursts (attention_kernels.timed's "us_burst").
+Times: median per call of back-to-back bursts (sidp_jax.timing.single_and_burst_us).
 
   python benchmarks/mixed_attention.py --out mixed.json
   python benchmarks/mixed_attention.py --interpret --small --reps 2   # CPU smoke test of the script
@@ -28,12 +28,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_kernels import err, timed  # noqa: E402
+from attention_kernels import err  # noqa: E402
 
 from sidp_jax.batch import bucket, mixed_step_layout  # noqa: E402
 from sidp_jax.kernels.attention import mixed_attention  # noqa: E402
 from sidp_jax.kernels.paged_attention import paged_attention_reference  # noqa: E402
 from sidp_jax.kernels.paged_prefill_pallas import paged_prefill_attention  # noqa: E402
+from sidp_jax.timing import single_and_burst_us  # noqa: E402
 
 # name -> (decode rows, their context range, prefill chunks as (tokens, first position))
 SCENARIOS = {
@@ -115,7 +116,7 @@ def main():
                 try:
                     out = jax.block_until_ready(fn(*args))
                     row["err_vs_ref"] = err(out[:x["real"]], ref[:x["real"]])
-                    row["us_single"], row["us"] = timed(fn, *args, reps=a.reps, burst=a.burst)
+                    row["us_single"], row["us"] = single_and_burst_us(fn, *args, reps=a.reps, burst=a.burst)
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 rows.append(row)

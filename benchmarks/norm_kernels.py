@@ -38,7 +38,6 @@ import itertools
 import json
 import os
 import re
-import statistics
 import sys
 import time
 
@@ -50,25 +49,9 @@ from jax import lax  # noqa: E402
 
 from sidp_jax.kernels.rms_norm_pallas import (  # noqa: E402
     default_block_rows, default_num_warps, fused_rms_norm, rms_norm_reference)
+from sidp_jax.timing import single_and_burst_us  # noqa: E402
 
 EPS = 1e-6
-
-
-def timed(fn, *args, reps: int, burst: int) -> tuple[float, float]:
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    single = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        single.append(time.perf_counter() - t)
-    bursts = []
-    for _ in range(max(3, reps // 4)):
-        t = time.perf_counter()
-        outs = [fn(*args) for _ in range(burst)]
-        jax.block_until_ready(outs)
-        bursts.append((time.perf_counter() - t) / burst)
-    return statistics.median(single) * 1e6, statistics.median(bursts) * 1e6
 
 
 def chained(step, k: int, add: bool):
@@ -175,12 +158,12 @@ def main():
                     y, h = out if add else (out, None)
                     e, yd, hd = (v.item() for v in err_stats(y, h, ry, rh))
                     row.update(err=e, y_diff=int(yd), h_diff=int(hd))
-                    row["us"], row["us_burst"] = timed(fn, x, w, r, reps=a.reps, burst=a.burst)
+                    row["us"], row["us_burst"] = single_and_burst_us(fn, x, w, r, reps=a.reps, burst=a.burst)
                     row["GB_s"] = nbytes / (row["us_burst"] * 1e-6) / 1e9
                     if a.chain:
                         cfn = chained(step, a.chain, add)
                         jax.block_until_ready(cfn(x, w, r))
-                        us_c, _ = timed(cfn, x, w, r, reps=max(3, a.reps // 2), burst=1)
+                        us_c, _ = single_and_burst_us(cfn, x, w, r, reps=max(3, a.reps // 2), burst=1)
                         row["us_chain"] = us_c / a.chain
                         row["GB_s_chain"] = nbytes / (row["us_chain"] * 1e-6) / 1e9
                 except Exception as ex:  # noqa: BLE001

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
@@ -35,16 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sidp_jax.sampler import SamplerFlags  # noqa: E402
-
-
-def median_s(fn, reps: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from sidp_jax.timing import median_seconds  # noqa: E402
 
 
 def hbm_bandwidth(gib: float, reps: int) -> float:
@@ -53,7 +42,7 @@ def hbm_bandwidth(gib: float, reps: int) -> float:
     x = jnp.ones((n,), jnp.bfloat16)
     scale = jax.jit(lambda a: a * jnp.bfloat16(1.5))
     total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    best = max(2 * n * 2 / median_s(lambda: scale(x), reps), n * 2 / median_s(lambda: total(x), reps))
+    best = max(2 * n * 2 / median_seconds(scale, x, reps=reps), n * 2 / median_seconds(total, x, reps=reps))
     del x
     return best
 
@@ -65,7 +54,7 @@ def matmul_rate(n: int, reps: int) -> float:
     rates = []
     for out in (jnp.bfloat16, jnp.float32):
         f = jax.jit(lambda a, b, out=out: jnp.dot(a, b, preferred_element_type=out))
-        rates.append(2 * n**3 / median_s(lambda: f(a, b), reps))
+        rates.append(2 * n**3 / median_seconds(f, a, b, reps=reps))
     return max(rates)
 
 
@@ -83,7 +72,7 @@ def layer_gemms_ms(params: dict, S: int, reps: int) -> float:
         return ein("ti,ih->th", gu[:, 0] * gu[:, 1], f["down"])
 
     fn = jax.jit(gemms)
-    return median_s(lambda: fn(x, w, f), reps) * 1e3
+    return median_seconds(fn, x, w, f, reps=reps) * 1e3
 
 
 def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
@@ -150,7 +139,7 @@ def main():
             out, runner.kv = fn(runner.params, runner.kv, b, s)
             return out
 
-        dt = median_s(step, a.reps)
+        dt = median_seconds(step, reps=a.reps)
         w_bytes, kv_bytes, flops = step_cost(llm.cfg, runner.params, S, ctx, jnp.dtype(llm.dtype).itemsize)
         mem_floor, compute_floor = (w_bytes + kv_bytes) / bw, flops / rate
         floor = max(mem_floor, compute_floor)
