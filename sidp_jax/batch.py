@@ -50,15 +50,6 @@ def mixed_step_layout(chunks: list[tuple[int, int, int, int]], S: int, T: int, t
     return decode_len, tiles
 
 
-def chunk_spans(plan: list[ScheduledChunk]) -> list[tuple[int, int, int, int]]:
-    """(row, first flat token, tokens, first position) of each chunk, in build_batch's layout."""
-    spans, t = [], 0
-    for row, c in enumerate(plan):
-        spans.append((row, t, c.num_tokens, c.start))
-        t += c.num_tokens
-    return spans
-
-
 def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[int],
                 max_tokens_bucket: int, max_rows_bucket: int, max_pages_bucket: int,
                 tile_tokens: int | None = None):
@@ -104,9 +95,13 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     # Per-row work is plain Python into lists, written to the arrays once per replica: a step has
     # hundreds of decode rows, and per-element numpy writes dominated the host's time per step.
     P = page_size
+    mixed_layout = bool(tile_tokens) and not decode_only
+    if mixed_layout:
+        decode_len = np.zeros((D, S), np.int32)
+        tiles = np.zeros((D, num_tiles(T, S, tile_tokens), 4), np.int32)
     for r, plan in enumerate(plans):
         t = 0
-        ids_r, pos_r, slot_r, seq_r = [], [], [], []
+        ids_r, pos_r, slot_r, seq_r, spans = [], [], [], [], []
         temperature, top_p, top_k, min_p, seed, gen_step = [], [], [], [], [], []
         for row, c in enumerate(plan):
             seq, n, start = c.seq, c.num_tokens, c.start
@@ -123,6 +118,7 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
                 slot_r.extend((pages[pos // P] * P + pos % P).tolist())
                 seq_r.extend([row] * n)
             tables[r, row, :len(pages)] = pages
+            spans.append((row, t, n, start))
             t += n
             sample_index[r, row] = t - 1
             p = seq.params
@@ -137,6 +133,8 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
             if flags.penalties:
                 history_rows[r, row] = (seq.all_ids, len(seq.prompt_ids))
         tokens[r, :t], positions[r, :t], slots[r, :t], token_seq[r, :t] = ids_r, pos_r, slot_r, seq_r
+        if mixed_layout:
+            decode_len[r], tiles[r] = mixed_step_layout(spans, S, T, tile_tokens)
         for k, vals in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
                         ("seed", seed), ("step", gen_step)):
             samp[k][r, :len(vals)] = vals
@@ -162,8 +160,6 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     num_tokens = np.array([sum(c.num_tokens for c in p) for p in plans], np.int32)
     batch = {"tokens": tokens, "positions": positions, "slots": slots, "token_seq": token_seq,
              "block_tables": tables, "sample_index": sample_index, "num_tokens": num_tokens}
-    if tile_tokens and not decode_only:
-        layouts = [mixed_step_layout(chunk_spans(plan), S, T, tile_tokens) for plan in plans]
-        batch["decode_len"] = np.stack([d for d, _ in layouts])
-        batch["tiles"] = np.stack([t for _, t in layouts])
+    if mixed_layout:
+        batch["decode_len"], batch["tiles"] = decode_len, tiles
     return batch, samp, flags, decode_only
