@@ -63,7 +63,9 @@ def run_one(args, parallel: str) -> dict:
             "steps_per_mode": stats["steps_per_mode"], "num_preemptions": stats["num_preemptions"],
             "host_ms_per_step": stats["host_ms_per_step"], "device_ms_per_step": stats["device_ms_per_step"],
             "num_steps": stats["num_steps"], "steps_per_attention": stats["steps_per_attention"],
-            "startup_s": startup_s}
+            "startup_s": startup_s, "first_call_seconds": stats.get("first_call_seconds"),
+            "compile_cache": getattr(llm, "compile_cache", None), "device": llm.layout.mesh.devices.flat[0].device_kind,
+            "jax": __import__("jax").__version__}
 
 
 def main():

@@ -1,25 +1,25 @@
-"""One decoder for Llama-3.x, Qwen2/2.5 and Qwen3, over a paged KV cache.
+"""The decoder's math for Llama-3.x, Qwen2/2.5 and Qwen3: one `layer` function, walked in Python.
 
-`forward` is written for ONE replica's view of the data: inside the engine it runs under
-`jax.shard_map`, so arrays are that replica's shards (heads split over `tp` when the layout
-says so) and the only cross-device traffic is the explicit collectives: a `psum` over the
-tensor-parallel axis after the attention output and FFN down projections, and whatever the
-FFN strategy (`ffn_fn`) does to reach pooled weights (the SiDP modes live in sidp_jax/pool/).
+Weights are a plain pytree of per-layer dicts (models/modules.py declares them), so `forward`
+loops over the layers in Python under `jit`: each projection is one GEMM reading its own array in
+place (a `lax.scan` over weights stacked on a layer axis made XLA copy every layer's slice, 2-3x
+slower at decode sizes). `layer` is the only copy of a layer's computation; its callers differ in
+how attention reaches the keys and values (`attend`) and how the FFN reaches its weights (`ffn`):
+  - `forward`: one replica's step over the paged KV cache. Inside the engine it runs under
+    `jax.shard_map`, so arrays are that replica's shards (heads split over `tp` when the layout
+    says so), the only cross-device traffic being a `psum` over tp after the attention output and
+    FFN down projections and whatever the SiDP FFN strategy (sidp_jax/pool/) does;
+  - the per-replica WaS runner (sidp_jax/pool/replica_was.py), one layer per jitted call;
+  - `dense_forward`: plain causal attention over a token batch, no cache (the NNX module's call).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from sidp_jax.config import ModelConfig, rope_inv_freq
 from sidp_jax.kernels.paged_attention import paged_attention_reference, write_kv
-
-# ffn_fn(x [T, H], layer_index, ffn_layer_params, active) -> [T, H], partial over tp if tp-sharded.
-FfnFn = Callable[[jax.Array, jax.Array, dict], jax.Array]
-
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -35,107 +35,145 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def dense_ffn(x: jax.Array, layer: jax.Array, w: dict, active=None) -> jax.Array:
-    """SwiGLU with the layer's own (local) weights: gate_up [H, 2, I], down [I, H].
+def _mm(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """A GEMM in the activations' dtype (accumulated in float32 by the GEMM itself)."""
+    return jnp.einsum(spec, x, w, preferred_element_type=x.dtype)
+
+
+def swiglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+    """SwiGLU with gate_up [H, 2, I], down [I, H] (or any slice of I, summed by the caller)."""
+    gu = _mm("th,hci->tci", x, gate_up)
+    h = jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)
+    return jnp.einsum("ti,ih->th", h.astype(x.dtype), down, preferred_element_type=jnp.float32)
+
+
+def dense_ffn(x: jax.Array, layer, w: dict, active=None) -> jax.Array:
+    """The FFN with the layer's own (local) weights.
 
     active: this replica has tokens this step; when False the GEMMs are skipped (the paper's
-    dummy skipping: an idle replica only takes part in the collectives)."""
+    dummy skipping: an idle replica only takes part in the collectives). None: always run."""
     del layer
-
-    def run():
-        gu = jnp.einsum("th,hci->tci", x, w["gate_up"], preferred_element_type=jnp.float32)
-        h = (jax.nn.silu(gu[:, 0]) * gu[:, 1]).astype(x.dtype)
-        return jnp.einsum("ti,ih->th", h, w["down"], preferred_element_type=jnp.float32).astype(x.dtype)
-
+    run = lambda: swiglu(x, w["gate_up"], w["down"]).astype(x.dtype)
     return run() if active is None else jax.lax.cond(active, run, lambda: jnp.zeros_like(x))
 
 
-def attention_block(cfg, w, x, kv, layer, batch, cos, sin, attn_fn, tp_axis):
-    dt = x.dtype
-    q = jnp.einsum("th,hnd->tnd", x, w["q"], preferred_element_type=jnp.float32)
-    k = jnp.einsum("th,hnd->tnd", x, w["k"], preferred_element_type=jnp.float32)
-    v = jnp.einsum("th,hnd->tnd", x, w["v"], preferred_element_type=jnp.float32)
+def qkv_projection(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin):
+    """q [T, Nq, D], k, v [T, Nkv, D] (local heads), normed and rotated, from one fused GEMM."""
+    qkv = _mm("th,hkgd->tkgd", x, w["qkv"])  # [T, Nkv, G + 2, D]
     if cfg.qkv_bias:
-        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
-    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+        qkv = qkv + w["qkv_bias"]
+    T, nkv, g2, D = qkv.shape
+    q, k, v = qkv[:, :, :g2 - 2].reshape(T, nkv * (g2 - 2), D), qkv[:, :, g2 - 2], qkv[:, :, g2 - 1]
     if cfg.qk_norm:
         q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    pages = kv["k"].shape[0] // cfg.num_layers
-    offset = layer * pages
-    k_cache = write_kv(kv["k"], k, offset, batch["slots"])
-    v_cache = write_kv(kv["v"], v, offset, batch["slots"])
-    o = attn_fn(q, k_cache, v_cache, offset, batch["block_tables"], batch["token_seq"], batch["positions"],
-                scale=cfg.head_dim ** -0.5)
-    out = jnp.einsum("tnd,ndh->th", o, w["o"], preferred_element_type=jnp.float32)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def layer(cfg: ModelConfig, w: dict, h: jax.Array, kv, cos, sin, *, attend, ffn, tp_axis: str | None = None,
+          active=None):
+    """h + attention(norm(h)), then + ffn(norm(h)): one decoder layer for one replica.
+
+    attend(q, k, v, kv) -> (o [T, Nq, D], kv): how attention reaches keys and values (paged cache,
+    or none). ffn(x, layer_index, w, active) -> [T, H]. active: None, or a traced bool; False skips
+    this replica's attention (an idle replica in an SPMD step; the FFN decides for itself)."""
+    def attention(h, kv):
+        q, k, v = qkv_projection(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), cos, sin)
+        o, kv = attend(q, k, v, kv)
+        out = jnp.einsum("tnd,ndh->th", o, w["o"], preferred_element_type=jnp.float32)
+        if tp_axis is not None:
+            out = jax.lax.psum(out, tp_axis)
+        return out.astype(h.dtype), kv
+
+    if active is None:
+        a, kv = attention(h, kv)
+    else:
+        a, kv = jax.lax.cond(active, attention, lambda h, kv: (jnp.zeros_like(h), kv), h, kv)
+    h = h + a
+    f = ffn(rms_norm(h, w["ffn_norm"], cfg.rms_norm_eps), active)
     if tp_axis is not None:
-        out = jax.lax.psum(out, tp_axis)
-    return out.astype(dt), {"k": k_cache, "v": v_cache}
+        f = jax.lax.psum(f, tp_axis)
+    return h + f.astype(h.dtype), kv
+
+
+def paged_attend(cfg: ModelConfig, layer_index, batch: dict, attn_fn):
+    """attend() over the flat paged cache {"k", "v"} [L * pages, P, Nkv, D]: write this step's
+    K/V at `slots` of the layer's pages, then attend over each token's sequence."""
+    def attend(q, k, v, kv):
+        offset = layer_index * (kv["k"].shape[0] // cfg.num_layers)
+        k_cache = write_kv(kv["k"], k, offset, batch["slots"])
+        v_cache = write_kv(kv["v"], v, offset, batch["slots"])
+        o = attn_fn(q, k_cache, v_cache, offset, batch["block_tables"], batch["token_seq"], batch["positions"],
+                    scale=cfg.head_dim ** -0.5)
+        return o, {"k": k_cache, "v": v_cache}
+    return attend
+
+
+def rope_angles(cfg: ModelConfig, positions: jax.Array):
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def embed(cfg: ModelConfig, params: dict, batch: dict):
     """Token embeddings and the RoPE angles of this step's positions: (x [T, H], cos, sin)."""
-    x = params["embed"][batch["tokens"]]
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    angles = batch["positions"].astype(jnp.float32)[:, None] * inv_freq[None, :]
-    return x, jnp.cos(angles), jnp.sin(angles)
+    return (params["embed"][batch["tokens"]], *rope_angles(cfg, batch["positions"]))
 
 
-def attention_residual(cfg, w, h, kv, layer, batch, cos, sin, attn_fn, tp_axis, active):
-    """h + attention(norm(h)), writing this step's K/V; an idle replica skips it all."""
-    a, kv = jax.lax.cond(
-        active, lambda: attention_block(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), kv, layer, batch,
-                                        cos, sin, attn_fn, tp_axis),
-        lambda: (jnp.zeros_like(h), kv))
-    return h + a, kv
-
-
-def ffn_input(cfg: ModelConfig, w: dict, h: jax.Array) -> jax.Array:
-    return rms_norm(h, w["ffn_norm"], cfg.rms_norm_eps)
-
-
-def head_logits(cfg: ModelConfig, params: dict, x: jax.Array, batch: dict) -> jax.Array:
-    """float32 logits [S, V] of the tokens each sequence row samples from."""
-    h = rms_norm(x[batch["sample_index"]], params["final_norm"], cfg.rms_norm_eps)
+def head_logits(cfg: ModelConfig, params: dict, x: jax.Array, batch: dict | None = None) -> jax.Array:
+    """float32 logits [S, V] of the tokens each sequence row samples from (all tokens: batch None)."""
+    x = x if batch is None else x[batch["sample_index"]]
+    h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     return jnp.einsum("sh,hv->sv", h, head, preferred_element_type=jnp.float32)
 
 
-def forward(
-    cfg: ModelConfig,
-    params: dict,
-    kv: dict,
-    batch: dict,
-    *,
-    ffn_fn: FfnFn = dense_ffn,
-    attn_fn=paged_attention_reference,
-    tp_axis: str | None = None,
-    ffn_in_scan: bool = True,
-    unroll: int | bool = 1,
-):
+def forward(cfg: ModelConfig, params: dict, kv: dict, batch: dict, *, ffn_for=None,
+            attn_fn=paged_attention_reference, tp_axis: str | None = None, skip_idle: bool = False):
     """Run one step for one replica.
 
     batch: tokens [T], positions [T], slots [T] (flat cache slot written by each token),
     token_seq [T], block_tables [S, MB], sample_index [S] (token whose logits row S samples),
-    num_tokens [] (real tokens; 0 marks an idle replica, which skips its own compute).
-    kv: {"k", "v"} each [L * pages, P, Nkv_local, D]. Returns (logits [S, V] float32, kv).
-    ffn_in_scan: feed params["ffn"] to ffn_fn layer by layer (stacked per layer); otherwise
-    ffn_fn gets None and reaches its weights itself (SiDP owner placement).
-    """
+    num_tokens [] (real tokens; 0 marks an idle replica). kv: {"k", "v"} each
+    [L * pages, P, Nkv_local, D]. ffn_for(l) -> (ffn, weights): how layer l's FFN runs and the
+    weights it is handed (default: dense, the layer's own). skip_idle: an idle replica skips its
+    own compute (only worth a `lax.cond` where several replicas share the program).
+    Returns (logits [S, V] float32, kv)."""
     x, cos, sin = embed(cfg, params, batch)
-    active = batch["num_tokens"] > 0
-
-    def layer_step(carry, xs):
-        h, kv = carry
-        w, ffn_w, layer = xs
-        h, kv = attention_residual(cfg, w, h, kv, layer, batch, cos, sin, attn_fn, tp_axis, active)
-        f = ffn_fn(ffn_input(cfg, w, h), layer, ffn_w, active)
-        if tp_axis is not None:
-            f = jax.lax.psum(f, tp_axis)
-        return (h + f, kv), None
-
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    ffn_xs = params["ffn"] if ffn_in_scan else None
-    (x, kv), _ = jax.lax.scan(layer_step, (x, kv), (params["layers"], ffn_xs, layers), unroll=unroll)
+    active = batch["num_tokens"] > 0 if skip_idle else None
+    for l, w in enumerate(params["layers"]):
+        ffn, ffn_w = ffn_for(l) if ffn_for is not None else (dense_ffn, w)
+        x, kv = layer(cfg, w, x, kv, cos, sin, attend=paged_attend(cfg, l, batch, attn_fn),
+                      ffn=lambda x_, act, ffn=ffn, l=l, ffn_w=ffn_w: ffn(x_, l, ffn_w, act),
+                      tp_axis=tp_axis, active=active)
     return head_logits(cfg, params, x, batch), kv
+
+
+def causal_attend(token_seq: jax.Array, positions: jax.Array, scale: float):
+    """attend() without a cache: every token sees the earlier tokens of its own sequence."""
+    def attend(q, k, v, kv):
+        T, Nq, D = q.shape
+        Nkv = k.shape[1]
+        qg = q.reshape(T, Nkv, Nq // Nkv, D)
+        s = jnp.einsum("tkgd,ckd->kgtc", qg, k, preferred_element_type=jnp.float32) * scale
+        visible = (token_seq[:, None] == token_seq[None, :]) & (positions[None, :] <= positions[:, None])
+        p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
+        o = jnp.einsum("kgtc,ckd->tkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o.reshape(T, Nq, D).astype(q.dtype), kv
+    return attend
+
+
+def dense_forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array | None = None):
+    """float32 logits [B, T, V] for token ids [B, T] ([T] -> [T, V]): causal, no KV cache."""
+    squeeze = tokens.ndim == 1
+    tokens = tokens[None] if squeeze else tokens
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions is None else positions.reshape(B, T)
+    flat_pos = positions.reshape(-1)
+    seq = jnp.repeat(jnp.arange(B), T)
+    x = params["embed"][tokens.reshape(-1)]
+    cos, sin = rope_angles(cfg, flat_pos)
+    attend = causal_attend(seq, flat_pos, cfg.head_dim ** -0.5)
+    for w in params["layers"]:
+        x, _ = layer(cfg, w, x, None, cos, sin, attend=attend, ffn=lambda x_, act, w=w: dense_ffn(x_, None, w))
+    logits = head_logits(cfg, params, x).reshape(B, T, -1)
+    return logits[0] if squeeze else logits

@@ -1,19 +1,51 @@
-"""Every parameter of the decoder declared once: shape, logical axes, initializer.
+"""How a parameter is declared, converted from Hugging Face and initialised.
 
-Abstract shapes, shardings (through a layout's logical-axis rules) and random init all derive
-from `param_specs`. Layer weights are stacked on a leading `layers` axis; the FFN weights form
-their own subtree (`params["ffn"]`) so that a layout can pool them across the data-parallel
-group without touching the rest.
+The declarations themselves live in the NNX modules (models/modules.py): each `nnx.Param` carries
+its logical axes, initializer and Hugging Face source as variable metadata. `ParamSpec` is that
+metadata for one leaf of the engine's weight pytree, from which abstract shapes, shardings (through
+a layout's logical-axis rules), random init and checkpoint loading all derive.
+
+A leaf normally holds one model layer's tensor (`layer`), or a model-wide one (`layer=None`). SiDP's
+owner placement instead stacks D layers' FFN tensors on a leading axis sharded over "dp"
+(`rows`: the model layer in each row, -1 for padding), so each rank's local view is its own layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import zlib
+
 import jax
 import jax.numpy as jnp
 
-from sidp_jax.config import ModelConfig
+
+@dataclasses.dataclass(frozen=True)
+class Convert:
+    """Hugging Face tensors -> our layout. Hashable by value, so one jitted converter serves
+    every layer. dims: the shape parameters the kind needs (see __call__)."""
+    kind: str  # "copy" | "T" | "o" | "qkv" | "qkv_bias" | "gate_up"
+    dims: tuple[int, ...] = ()
+
+    def __call__(self, ws):
+        if self.kind == "copy":
+            return ws[0]
+        if self.kind == "T":
+            return ws[0].T
+        if self.kind == "o":  # [H, Nq*D] -> [Nq, D, H]
+            nq, d = self.dims
+            return ws[0].T.reshape(nq, d, -1)
+        if self.kind == "gate_up":  # gate, up [I, H] -> [H, 2, I]
+            return jnp.stack([ws[0].T, ws[1].T], axis=1)
+        nkv, g, d = self.dims
+        if self.kind == "qkv":  # q [Nq*D, H], k/v [Nkv*D, H] -> [H, Nkv, G+2, D]
+            q, k, v = (w.T.reshape(w.shape[1], nkv, -1, d) for w in ws)
+            return jnp.concatenate([q, k, v], axis=2)
+        if self.kind == "qkv_bias":  # [Nq*D], [Nkv*D] x2 -> [Nkv, G+2, D]
+            q, k, v = (w.reshape(nkv, -1, d) for w in ws)
+            return jnp.concatenate([q, k, v], axis=1)
+        raise ValueError(f"unknown conversion {self.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,83 +53,78 @@ class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis names, one per dim
     init: str  # "normal" | "ones" | "zeros"
+    hf: tuple[str, ...] = ()  # Hugging Face tensor names, "{l}" for the layer index
+    hf_shapes: tuple[tuple[int, ...], ...] = ()  # their shapes in the checkpoint
+    convert: Convert = Convert("copy")
+    layer: int | None = None  # the model layer this leaf belongs to (None: model-wide)
+    rows: tuple[int, ...] | None = None  # stacked owner groups: model layer per row, -1 padding
+    name: str = ""  # the leaf's name inside its layer ("qkv", "gate_up", ...): keys its random init
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
 
-
-def param_specs(cfg: ModelConfig) -> dict:
-    """Nested dict of ParamSpec mirroring the params pytree."""
-    L, H, I = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    Nq, Nkv, D, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    attn = {
-        "attn_norm": ParamSpec((L, H), ("layers", "embed"), "ones"),
-        "q": ParamSpec((L, H, Nq, D), ("layers", "embed", "q_heads", "head_dim"), "normal"),
-        "k": ParamSpec((L, H, Nkv, D), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
-        "v": ParamSpec((L, H, Nkv, D), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
-        "o": ParamSpec((L, Nq, D, H), ("layers", "q_heads", "head_dim", "embed"), "normal"),
-        "ffn_norm": ParamSpec((L, H), ("layers", "embed"), "ones"),
-    }
-    if cfg.qkv_bias:
-        attn["q_bias"] = ParamSpec((L, Nq, D), ("layers", "q_heads", "head_dim"), "zeros")
-        attn["k_bias"] = ParamSpec((L, Nkv, D), ("layers", "kv_heads", "head_dim"), "zeros")
-        attn["v_bias"] = ParamSpec((L, Nkv, D), ("layers", "kv_heads", "head_dim"), "zeros")
-    if cfg.qk_norm:
-        attn["q_norm"] = ParamSpec((L, D), ("layers", "head_dim"), "ones")
-        attn["k_norm"] = ParamSpec((L, D), ("layers", "head_dim"), "ones")
-    specs = {
-        "embed": ParamSpec((V, H), ("vocab", "embed"), "normal"),
-        "layers": attn,
-        # gate and up fused on one axis: one tensor (one transfer) per layer instead of two.
-        "ffn": {
-            "gate_up": ParamSpec((L, H, 2, I), ("ffn_layers", "embed", None, "ffn"), "normal"),
-            "down": ParamSpec((L, I, H), ("ffn_layers", "ffn", "embed"), "normal"),
-        },
-        "final_norm": ParamSpec((H,), ("embed",), "ones"),
-    }
-    if not cfg.tie_word_embeddings:
-        specs["lm_head"] = ParamSpec((H, V), ("embed", "vocab"), "normal")
-    return specs
+    def hf_names(self, layer: int | None) -> list[str]:
+        return [n.format(l=layer) for n in self.hf]
 
 
 def is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def _fan_in(spec: ParamSpec) -> int:
+def fan_in(shape: tuple[int, ...], axes: tuple) -> int:
     """Input width: the hidden size, or for projections back into it (o, down) the dims in between."""
-    if spec.axes[-1] == "embed" and spec.axes[0] != "vocab":
-        return math.prod(spec.shape[1:-1])
-    return spec.shape[spec.axes.index("embed")]
+    if axes[-1] == "embed" and axes[0] != "vocab":
+        return math.prod(shape[:-1])
+    return shape[axes.index("embed")]
 
 
-def init_params(specs: dict, key: jax.Array, dtype, shardings=None, ffn_order=None) -> dict:
-    """Random weights (benchmark presets, tests) for a ParamSpec tree, made in their target shardings.
+def initial_value(init: str, key, shape, axes, dtype) -> jax.Array:
+    if init == "ones":
+        return jnp.ones(shape, dtype)
+    if init == "zeros":
+        return jnp.zeros(shape, dtype)
+    scale = fan_in(shape, axes) ** -0.5  # keeps activations O(1): tiny random models get non-flat logits
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
-    Stacked FFN rows are drawn per model layer (`ffn_order`: stored row -> layer, -1 padding),
-    so a layout that stores layers in another order still holds the very same model.
-    """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
-    keys = list(jax.random.split(key, len(flat)))
+
+def _leaf_key(key, name: str, layer: int | None):
+    """The same weights for a layer whatever the layout stores it as (per-layer leaf or owner row)."""
+    k = jax.random.fold_in(key, zlib.crc32(name.encode()))
+    return jax.random.fold_in(k, 0 if layer is None else layer + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _maker(init: str, shape: tuple, axes: tuple, dtype, valid: tuple | None, sharding):
+    """One jitted initializer per (shape, kind, sharding), shared by every layer: keys are traced."""
+    if valid is None:
+        fn = lambda key: initial_value(init, key, shape, axes, dtype)
+    else:  # an owner group: one row per layer (its own key), padding rows zero
+        row = lambda key: initial_value(init, key, shape[1:], axes[1:], dtype)
+        mask = jnp.asarray(valid).reshape(-1, *[1] * (len(shape) - 1))
+        fn = lambda keys: jnp.where(mask, jax.vmap(row)(keys), jnp.zeros((), dtype))
+    return jax.jit(fn, out_shardings=sharding)
+
+
+def init_params(specs, key: jax.Array, dtype, shardings=None):
+    """Random weights (benchmark presets, tests) for a ParamSpec tree, made in their target shardings."""
+    flat, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
     out_shardings = [None] * len(flat) if shardings is None else jax.tree.leaves(shardings)
-
-    def make(spec: ParamSpec, k, order) -> jax.Array:
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
-        if spec.init == "zeros":
-            return jnp.zeros(spec.shape, dtype)
-        scale = _fan_in(spec) ** -0.5  # keeps activations O(1): tiny random models get non-flat logits
-        if order is None:
-            return (scale * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
-        row = lambda layer: scale * jax.random.normal(jax.random.fold_in(k, layer), spec.shape[1:], jnp.float32)
-        rows = jax.vmap(row)(jnp.maximum(order, 0))
-        mask = (order >= 0).reshape(-1, *[1] * (len(spec.shape) - 1))
-        return jnp.where(mask, rows, 0).astype(dtype)
-
     arrays = []
-    for (path, spec), k, sh in zip(flat, keys, out_shardings):
-        order = None
-        if path[0].key == "ffn":
-            order = jnp.asarray(ffn_order if ffn_order is not None else range(spec.shape[0]), jnp.int32)
-        arrays.append(jax.jit(make, static_argnums=0, out_shardings=sh)(spec, k, order))
+    for spec, sh in zip(flat, out_shardings):
+        if spec.rows is None:
+            keys, valid = _leaf_key(key, spec.name, spec.layer), None
+        else:
+            keys = jnp.stack([_leaf_key(key, spec.name, max(l, 0)) for l in spec.rows])
+            valid = tuple(l >= 0 for l in spec.rows)
+        arrays.append(_maker(spec.init, spec.shape, spec.axes, jnp.dtype(dtype), valid, sh)(keys))
     return jax.tree.unflatten(treedef, arrays)
+
+
+def expected_hf_shapes(specs) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor the ParamSpec tree reads, with its shape."""
+    shapes = {}
+    for spec in jax.tree.leaves(specs, is_leaf=is_spec):
+        layers = [spec.layer] if spec.rows is None else [l for l in spec.rows if l >= 0]
+        for layer in layers:
+            shapes.update(zip(spec.hf_names(layer), spec.hf_shapes))
+    return shapes

@@ -4,8 +4,9 @@
 - tp:   the whole group is ONE replica, Megatron tensor parallelism over every device.
 - sidp: attention, norms, embeddings as in dp; the FFN weights are pooled over "dp":
         `striped` splits every layer's FFN 1/D over the group (intermediate axis),
-        `owner` keeps layer l whole on dp-rank l mod D (stored rows permuted so that each
-        rank's rows are contiguous: row r*(Lp/D) + i holds layer i*D + r).
+        `owner` keeps layer l whole on dp-rank l mod D (groups of D consecutive layers'
+        FFN stacked on an axis sharded over "dp": rank r's local view of group g is layer g*D + r).
+Every weight is its own per-layer array; a layout only decides each leaf's sharding.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sidp_jax.config import ModelConfig
-from sidp_jax.models.params import ParamSpec, is_spec, param_specs
+from sidp_jax.models.modules import FFN_LEAVES, model_specs
+from sidp_jax.models.params import ParamSpec, is_spec
 
 PARALLEL_KINDS = ("dp", "tp", "sidp")
 PLACEMENTS = ("striped", "owner")
@@ -52,29 +54,49 @@ class Layout:
     def pooled(self) -> bool:
         return self.parallel == "sidp" and self.num_replicas > 1
 
-    def ffn_rows(self, cfg: ModelConfig) -> int:
-        """Stored FFN layer rows (owner placement pads the layer count to a multiple of D)."""
-        if self.pooled and self.placement == "owner":
-            return -(-cfg.num_layers // self.num_replicas) * self.num_replicas
-        return cfg.num_layers
+    @property
+    def owner_groups(self) -> bool:
+        """FFN stored in groups of D layers stacked over "dp" (SiDP's owner placement)."""
+        return self.pooled and self.placement == "owner"
 
-    def ffn_layer_order(self, cfg: ModelConfig) -> np.ndarray:
-        """Stored row -> model layer (-1: padding row)."""
-        rows = self.ffn_rows(cfg)
-        if not (self.pooled and self.placement == "owner"):
-            return np.arange(rows)
+    def ffn_groups(self, cfg: ModelConfig) -> list[tuple[int, ...]]:
+        """Owner placement: the model layer in each dp-rank's row of each group (-1: padding)."""
         D = self.num_replicas
-        per = rows // D
-        order = np.array([i * D + r for r in range(D) for i in range(per)])
-        return np.where(order < cfg.num_layers, order, -1)
+        return [tuple(g * D + r if g * D + r < cfg.num_layers else -1 for r in range(D))
+                for g in range(-(-cfg.num_layers // D))]
+
+    def owner_of(self, layer: int) -> int:
+        return layer % self.num_replicas
 
     def _axis_rules(self) -> dict[str, object]:
         rules: dict[str, object] = {"q_heads": "tp", "kv_heads": "tp", "ffn": "tp"}
         if self.pooled and self.placement == "striped":
             rules["ffn"] = ("dp", "tp")
-        if self.pooled and self.placement == "owner":
-            rules["ffn_layers"] = "dp"
+        if self.owner_groups:
+            rules["ffn_owner"] = "dp"
         return rules
+
+    def param_specs(self, cfg: ModelConfig) -> dict:
+        """The model's ParamSpecs as this layout stores them: per-layer leaves, except that the
+        owner placement moves each layer's FFN into `ffn_groups` (row r of group g is layer
+        g*D + r), so that under shard_map every rank's local view of a group is its own layer."""
+        specs = model_specs(cfg)
+        if not self.owner_groups:
+            return specs
+        layers = [{k: v for k, v in w.items() if k not in FFN_LEAVES} for w in specs["layers"]]
+        groups = []
+        for rows in self.ffn_groups(cfg):
+            first = specs["layers"][rows[0]]
+            groups.append({k: dataclasses.replace(first[k], shape=(len(rows), *first[k].shape),
+                                                  axes=("ffn_owner", *first[k].axes), layer=None, rows=rows)
+                           for k in FFN_LEAVES})
+        return {**specs, "layers": layers, "ffn_groups": groups}
+
+    def ffn_weights(self, params: dict, layer: int) -> dict:
+        """What layer `layer`'s FFN strategy is handed: the layer's own leaves, or (owner) its group."""
+        if self.owner_groups:
+            return params["ffn_groups"][layer // self.num_replicas]
+        return params["layers"][layer]
 
     def param_pspecs(self, cfg: ModelConfig) -> dict:
         rules = self._axis_rules()
@@ -83,13 +105,6 @@ class Layout:
             return P(*(rules.get(a) if a else None for a in s.axes))
 
         return jax.tree.map(spec, self.param_specs(cfg), is_leaf=is_spec)
-
-    def param_specs(self, cfg: ModelConfig) -> dict:
-        """param_specs with the FFN row count this layout stores."""
-        specs = param_specs(cfg)
-        rows = self.ffn_rows(cfg)
-        specs["ffn"] = {k: dataclasses.replace(s, shape=(rows, *s.shape[1:])) for k, s in specs["ffn"].items()}
-        return specs
 
     def param_shardings(self, cfg: ModelConfig) -> dict:
         return jax.tree.map(lambda p: NamedSharding(self.mesh, p), self.param_pspecs(cfg))

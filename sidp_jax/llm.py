@@ -6,6 +6,7 @@ import os
 import time
 from typing import Iterator
 
+from sidp_jax.compile_cache import enable_compile_cache
 from sidp_jax.config import PRESETS, ModelConfig, dtype_from_name, load_config
 from sidp_jax.engine import Engine, Request
 from sidp_jax.kernels.attention import ATTENTION_CHOICES
@@ -46,11 +47,13 @@ class LLM:
                         ("kv_block_size", kv_block_size)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        t_start = time.perf_counter()
         self.model = model or BUNDLED_MODEL
         self.dtype = dtype_from_name(dtype)
         self.cfg, self.tokenizer = self._load_config_and_tokenizer(self.model)
         self.layout = make_layout(mesh, parallel, placement, devices)
         self.layout.check(self.cfg)
+        self.compile_cache = enable_compile_cache(self.layout.mesh.devices.flat[0].platform)
         self.max_model_len = max_model_len or min(self.cfg.max_position_embeddings, 32768)
         self.verbose = verbose
         runner, scheduler, policy, kv_info = build_runner(
@@ -68,8 +71,11 @@ class LLM:
                              max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                              max_num_seqs=max_num_seqs, seed=seed, mode_policy=policy)
         self._request_counter = 0
+        self.startup_seconds = time.perf_counter() - t_start
         if verbose:
             print(report_kv(self, kv_info))
+            print(f"[sidp_jax] start-up {self.startup_seconds:.1f} s (compilation cache: {self.compile_cache or 'off'}); "
+                  f"each step variant compiles on first use (stats()['first_call_seconds'])")
 
     @staticmethod
     def _load_config_and_tokenizer(model) -> tuple[ModelConfig, object | None]:
@@ -185,6 +191,8 @@ class LLM:
         s["max_concurrency"] = self.kv_info["tokens_per_replica"] / self.max_model_len
         s["host_ms_per_step"] = 1e3 * s["host_seconds"] / max(s["num_steps"], 1)
         s["device_ms_per_step"] = 1e3 * s["device_seconds"] / max(s["num_steps"], 1)
+        s["startup_seconds"] = self.startup_seconds
+        s["first_call_seconds"] = dict(self.engine.runner.first_call_seconds)
         return s
 
 

@@ -16,6 +16,7 @@ reference. The per-replica WaS path runs the same attention.
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,7 @@ class ModelRunner:
         self.kernels = self._kernels(attention)
         self.tile_tokens = DEFAULT_TILE_TOKENS if self.kernels else None  # build_batch lays out tiles
         self.steps_per_attention: dict[str, int] = {}
+        self.first_call_seconds: dict[str, float] = {}  # per step variant: compile (or cache load) + one run
         self.replica_was = ReplicaWaS(cfg, layout, params, self.kv_sharding, self._attn_fn) \
             if uses_replica_was(layout, was_runner) else None
 
@@ -76,14 +78,14 @@ class ModelRunner:
                                      tile_tokens=self.tile_tokens, interpret=interpret)
         return paged_attention_reference
 
-    def _ffn(self, mode: str, local_params: dict):
-        """(ffn_fn, ffn_in_scan) for this layout and mode ("local" where the FFN is not pooled)."""
+    def _ffn(self, mode: str):
+        """The FFN strategy of this layout and mode ("local" where the FFN is not pooled)."""
         lay = self.layout
         if not lay.pooled:
-            return dense_ffn, True
+            return dense_ffn
         if lay.placement == "striped":
-            return {"was": pool_ffn.striped_was, "cas": pool_ffn.striped_cas}[mode], True
-        return pool_ffn.make_owner_ffns(local_params["ffn"], lay.num_replicas)[mode], False
+            return {"was": pool_ffn.striped_was, "cas": pool_ffn.striped_cas}[mode]
+        return pool_ffn.make_owner_ffns(lay.num_replicas)[mode]
 
     def _build(self, mode: str, flags: SamplerFlags, attn: str):
         cfg, lay = self.cfg, self.layout
@@ -92,10 +94,10 @@ class ModelRunner:
         def local(params, kv, batch, samp):
             squeeze = functools.partial(jax.tree.map, lambda a: a[0])
             kv, batch, samp = squeeze(kv), squeeze(batch), squeeze(samp)
-            ffn_fn, in_scan = self._ffn(mode, params)
-            attn_fn = self._attn_fn(attn, batch)
-            logits, kv = forward(cfg, params, kv, batch, ffn_fn=ffn_fn, attn_fn=attn_fn, tp_axis=tp_axis,
-                                 ffn_in_scan=in_scan)
+            strategy = self._ffn(mode)
+            logits, kv = forward(cfg, params, kv, batch, ffn_for=lambda l: (strategy, lay.ffn_weights(params, l)),
+                                 attn_fn=self._attn_fn(attn, batch), tp_axis=tp_axis,
+                                 skip_idle=lay.num_replicas > 1)
             out = sample(logits, samp, flags)
             expand = functools.partial(jax.tree.map, lambda a: a[None])
             return expand(out), expand(kv)
@@ -124,9 +126,16 @@ class ModelRunner:
         mixed step for the kernels must carry build_batch's `decode_len` and `tiles`."""
         attn = self.attention_kind(decode_only)
         self.steps_per_attention[attn] = self.steps_per_attention.get(attn, 0) + 1
+        variant = (f"{mode}/{attn}/T={batch['tokens'].shape[-1]}/S={batch['sample_index'].shape[-1]}"
+                   f"/MB={batch['block_tables'].shape[-1]}")
+        first = variant not in self.first_call_seconds
+        t0 = time.perf_counter()
         if mode == "was" and self.replica_was is not None:  # WaS by per-replica programs
             out, self.kv = self.replica_was.run(self.kv, batch, samp, flags, attn)
-            return out
-        batch, samp = jax.device_put((batch, samp), self.batch_sharding)
-        out, self.kv = self.step_fn(mode, flags, decode_only)(self.params, self.kv, batch, samp)
-        return jax.device_get(out)
+        else:
+            batch, samp = jax.device_put((batch, samp), self.batch_sharding)
+            out, self.kv = self.step_fn(mode, flags, decode_only)(self.params, self.kv, batch, samp)
+            out = jax.device_get(out)
+        if first:
+            self.first_call_seconds[variant] = time.perf_counter() - t0
+        return out

@@ -26,9 +26,17 @@ def is_placed_checkpoint(path) -> bool:
     return isinstance(path, str) and os.path.isfile(os.path.join(path, LAYOUT_FILE))
 
 
+FORMAT = "per-layer-v2"  # per-layer arrays (owner placement: FFN groups); v1 stacked layers on one axis
+
+
+def _storage(cfg: ModelConfig, layout) -> list | None:
+    """What decides the arrays' shapes: the owner groups' rows, or None (one array per layer)."""
+    return [list(g) for g in layout.ffn_groups(cfg)] if layout.owner_groups else None
+
+
 def _layout_record(cfg: ModelConfig, layout) -> dict:
-    return {"parallel": layout.parallel, "placement": layout.placement, "dp": layout.num_replicas,
-            "tp": layout.tp, "ffn_layer_order": layout.ffn_layer_order(cfg).tolist()}
+    return {"format": FORMAT, "parallel": layout.parallel, "placement": layout.placement, "dp": layout.num_replicas,
+            "tp": layout.tp, "ffn_groups": _storage(cfg, layout)}
 
 
 def save_placed(path: str, params: dict, cfg: ModelConfig, layout, source_dir: str | None = None) -> None:
@@ -49,8 +57,14 @@ def save_placed(path: str, params: dict, cfg: ModelConfig, layout, source_dir: s
 def restore_placed(path: str, cfg: ModelConfig, layout, dtype) -> dict:
     with open(os.path.join(path, LAYOUT_FILE)) as f:
         saved = json.load(f)
-    # Only the FFN storage order matters for shapes; any mesh with the same order can restore.
-    if saved["ffn_layer_order"] != layout.ffn_layer_order(cfg).tolist():
+    if saved.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} holds placed weights in the old stacked form (one array per weight with a layer axis); "
+            f"this version keeps one array per layer: re-save it from the Hugging Face checkpoint with "
+            f"LLM(<checkpoint dir>, mesh=..., parallel={saved.get('parallel')!r}, placement="
+            f"{saved.get('placement')!r}).save_placed(<new dir>)")
+    # Only the FFN storage matters for shapes; any mesh with the same storage can restore.
+    if saved["ffn_groups"] != _storage(cfg, layout):
         raise ValueError(
             f"{path} stores the FFN for parallel={saved['parallel']} placement={saved['placement']} "
             f"dp={saved['dp']}; this engine uses parallel={layout.parallel} placement={layout.placement} "

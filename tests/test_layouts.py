@@ -82,7 +82,7 @@ def test_bytes_held_per_device_equal_the_formula(parallel, placement):
     assert set(per_device.values()) == {want}
     if parallel == "sidp":  # nobody holds the whole FFN
         full_ffn = 3 * cfg.hidden_size * cfg.intermediate_size * cfg.num_layers * 4
-        held = {d: sum(s.data.nbytes for leaf in jax.tree.leaves(params["ffn"]) for s in leaf.addressable_shards
+        held = {d: sum(s.data.nbytes for leaf in ffn_leaves(layout, params) for s in leaf.addressable_shards
                        if s.device == d) for d in per_device}
         assert max(held.values()) < full_ffn
 
@@ -109,19 +109,39 @@ def test_mode_policy_picks_cas_for_small_steps_and_was_for_large():
     assert policy.layer_seconds("cas", 1) < policy.layer_seconds("was", 1)
 
 
+def ffn_leaves(layout, params):
+    if layout.owner_groups:
+        return jax.tree.leaves(params["ffn_groups"])
+    return [w[k] for w in params["layers"] for k in ("gate_up", "down")]
+
+
+def test_every_weight_is_its_own_per_layer_array():
+    cfg = load_config(CKPT)
+    layout = make_layout("dp=4", "sidp", "striped", devices=jax.devices("cpu"))
+    params = load_params(CKPT, cfg, jnp.float32, layout)
+    assert len(params["layers"]) == cfg.num_layers
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    for w in params["layers"]:
+        assert w["gate_up"].shape == (H, 2, I) and w["down"].shape == (I, H)
+        assert {s.data.shape for s in w["gate_up"].addressable_shards} == {(H, 2, I // 4)}
+
+
 def test_owner_placement_puts_layer_l_on_rank_l_mod_d():
-    cfg = load_config(CKPT)  # 3 layers on 2 ranks: rows padded to 4
+    cfg = load_config(CKPT)  # 3 layers on 2 ranks: groups (0, 1) and (2, padding)
     layout = make_layout("dp=2", "sidp", "owner", devices=jax.devices("cpu"))
-    order = layout.ffn_layer_order(cfg)
-    assert order.tolist() == [0, 2, 1, -1]
+    assert layout.ffn_groups(cfg) == [(0, 1), (2, -1)]
     params = load_params(CKPT, cfg, jnp.float32, layout)
     ref = load_params(CKPT, cfg, jnp.float32, make_layout("dp=1", "dp", devices=jax.devices("cpu")))
-    shards = {s.device: np.asarray(s.data) for s in params["ffn"]["down"].addressable_shards}
     d0, d1 = layout.mesh.devices.flatten()
-    np.testing.assert_array_equal(shards[d0][0], np.asarray(ref["ffn"]["down"][0]))
-    np.testing.assert_array_equal(shards[d0][1], np.asarray(ref["ffn"]["down"][2]))
-    np.testing.assert_array_equal(shards[d1][0], np.asarray(ref["ffn"]["down"][1]))
-    assert not shards[d1][1].any()
+    for g, rows in enumerate(layout.ffn_groups(cfg)):
+        shards = {s.device: np.asarray(s.data) for s in params["ffn_groups"][g]["down"].addressable_shards}
+        for device, layer in zip((d0, d1), rows):
+            assert shards[device].shape[0] == 1  # each rank's local view: exactly its own layer
+            if layer >= 0:
+                np.testing.assert_array_equal(shards[device][0], np.asarray(ref["layers"][layer]["down"]))
+            else:
+                assert not shards[device].any()
+    assert all("down" not in w and "gate_up" not in w for w in params["layers"])
 
 
 def test_placed_weights_restore_from_orbax_into_the_mesh(tmp_path):
@@ -137,6 +157,18 @@ def test_placed_weights_restore_from_orbax_into_the_mesh(tmp_path):
     assert [o.outputs[0].token_ids for o in outs] == WANT
     with pytest.raises(ValueError, match="re-place it"):
         LLM(str(tmp_path / "placed"), **{**kw, "placement": "striped"})
+
+
+def test_a_placed_checkpoint_in_the_old_stacked_form_is_refused(tmp_path):
+    kw = dict(mesh="dp=2", parallel="sidp", placement="striped", dtype="float32", verbose=False,
+              devices=jax.devices("cpu"), kv_cache_tokens=256)
+    LLM(CKPT, **kw).save_placed(str(tmp_path / "placed"))
+    record = tmp_path / "placed" / "sidp_layout.json"
+    old = json.loads(record.read_text())
+    old.pop("format"), old.pop("ffn_groups")
+    record.write_text(json.dumps({**old, "ffn_layer_order": [0, 1, 2]}))  # what v1 wrote
+    with pytest.raises(ValueError, match=r"old stacked form.*save_placed"):
+        LLM(str(tmp_path / "placed"), **kw)
 
 
 @pytest.mark.parametrize("placement", ["striped", "owner"])

@@ -62,6 +62,41 @@ def test_prefill_logits_match_transformers(loaded):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_the_flax_module_scores_tokens_like_transformers():
+    """from_pretrained gives an NNX module: called on token ids (no paged cache), transformers' logits;
+    a batch of two prompts at once gives each prompt's own logits."""
+    from flax import nnx
+
+    from sidp_jax.models.modules import Decoder, from_pretrained
+
+    model = from_pretrained(os.path.join(CKPTS, "tiny-qwen3"), dtype=jnp.float32, device=jax.devices("cpu")[0])
+    assert isinstance(model, Decoder) and isinstance(model.layers[0].qkv, nnx.Param)
+    assert model.layers[0].gate_up.get_metadata()["logical_axes"] == ("embed", None, "ffn")
+    meta, tensors = reference("tiny-qwen3")
+    p0, p1 = (meta["prompts"][i]["token_ids"] for i in (0, 1))
+    want0, want1 = tensors["logits_0"], tensors["logits_1"]
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want1).max())
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(p1))), want1, **tol)
+    n = min(len(p0), len(p1))
+    both = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray([p0[:n], p1[:n]])))
+    np.testing.assert_allclose(both[0], want0[:n], **tol)
+    np.testing.assert_allclose(both[1], want1[:n], **tol)
+
+
+def test_checkpoint_names_derive_from_the_module_declarations():
+    from sidp_jax.models.modules import model_specs
+    from sidp_jax.models.params import expected_hf_shapes
+
+    cfg = load_config(os.path.join(CKPTS, "tiny-qwen2"))  # qkv bias, tied embeddings
+    shapes = expected_hf_shapes(model_specs(cfg))
+    q = cfg.num_heads * cfg.head_dim
+    assert shapes["model.layers.1.self_attn.q_proj.bias"] == (q,)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (cfg.hidden_size, cfg.intermediate_size)
+    assert "lm_head.weight" not in shapes
+    per_layer = [n for n in shapes if n.startswith("model.layers.0.")]
+    assert len(per_layer) == 12 and len(shapes) == 12 * cfg.num_layers + 2
+
+
 def test_configs_of_both_generations():
     llama = load_config(os.path.join(CKPTS, "tiny-llama3"))  # current form: rope_parameters, dtype
     qwen2 = load_config(os.path.join(CKPTS, "tiny-qwen2"))  # legacy form: rope_theta, torch_dtype

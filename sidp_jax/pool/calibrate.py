@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sidp_jax.compile_cache import cache_root
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ffn_chain_seconds
 from sidp_jax.timing import median_seconds
@@ -26,7 +27,7 @@ LAYERS = 4
 
 
 def _cache_path(layout, cfg, dtype, replicas: bool) -> str:
-    root = os.environ.get("SIDP_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sidp_jax"))
+    root = cache_root()
     kind = layout.mesh.devices.flat[0].device_kind.replace(" ", "_")
     name = (f"crossover-{kind}-dp{layout.num_replicas}-tp{layout.tp}-{layout.placement}-"
             f"{cfg.hidden_size}x{cfg.intermediate_size}-{jnp.dtype(dtype).name}{'-replicas' if replicas else ''}.json")
@@ -34,38 +35,42 @@ def _cache_path(layout, cfg, dtype, replicas: bool) -> str:
 
 
 def measure(layout, cfg, dtype, replicas: bool = False) -> dict:
-    """Seconds per FFN layer for each mode at each size in TOKENS (tokens per replica)."""
+    """Seconds per FFN layer for each mode at each size in TOKENS (tokens per replica), on LAYERS
+    layers of the model's FFN shape stored as the layout stores them and walked in a Python loop."""
     mesh, D, H, I = layout.mesh, layout.num_replicas, cfg.hidden_size, cfg.intermediate_size
     owner = layout.placement == "owner"
-    L = -(-LAYERS // D) * D  # owner: whole layers per rank (which layer sits where does not matter here)
-    if owner:
+    L = -(-LAYERS // D) * D  # owner: whole groups (which layer sits where does not matter here)
+    if owner:  # groups of D layers stacked over "dp"
         w_spec = {"gate_up": P("dp", None, None, "tp"), "down": P("dp", "tp", None)}
+        shape = {"gate_up": (D, H, 2, I), "down": (D, I, H)}
+        n = L // D
     else:
-        w_spec = {"gate_up": P(None, None, None, ("dp", "tp")), "down": P(None, ("dp", "tp"), None)}
-    shard = lambda s: NamedSharding(mesh, s)
-    make = lambda shape, s: jax.jit(lambda: jnp.full(shape, 0.01, dtype), out_shardings=shard(s))()
-    w = {"gate_up": make((L, H, 2, I), w_spec["gate_up"]), "down": make((L, I, H), w_spec["down"])}
+        w_spec = {"gate_up": P(None, None, ("dp", "tp")), "down": P(("dp", "tp"), None)}
+        shape = {"gate_up": (H, 2, I), "down": (I, H)}
+        n = L
+    make = lambda k: jax.jit(lambda: jnp.full(shape[k], 0.01, dtype), out_shardings=NamedSharding(mesh, w_spec[k]))()
+    ws = [{k: make(k) for k in shape} for _ in range(n)]
     tp_axis = "tp" if layout.tp > 1 else None
 
     def body(mode):
-        def local(x, w):
-            fn = pool_ffn.make_owner_ffns(w, D)[mode] if owner else \
-                {"was": pool_ffn.striped_was, "cas": pool_ffn.striped_cas}[mode]
+        fn = pool_ffn.make_owner_ffns(D)[mode] if owner else {"was": pool_ffn.striped_was,
+                                                              "cas": pool_ffn.striped_cas}[mode]
 
-            def layer(h, l):
-                f = fn(h, l, None if owner else jax.tree.map(lambda a: a[l], w))
-                return h + (jax.lax.psum(f, tp_axis) if tp_axis else f), None
-            return jax.lax.scan(layer, x, jnp.arange(L))[0]
-        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("dp"), w_spec), out_specs=P("dp"),
+        def local(x, ws):
+            for l in range(L):
+                f = fn(x, l, ws[l // D] if owner else ws[l])
+                x = x + (jax.lax.psum(f, tp_axis) if tp_axis else f)
+            return x
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("dp"), [w_spec] * n), out_specs=P("dp"),
                                      check_vma=False))
 
     fns = {m: body(m) for m in ("was", "cas")}
     result = {}
     for T in TOKENS:
-        x = jax.device_put(jnp.ones((D * T, H), dtype), shard(P("dp")))
-        result[T] = {m: median_seconds(fns[m], x, w, reps=3) / L for m in fns}
+        x = jax.device_put(jnp.ones((D * T, H), dtype), NamedSharding(mesh, P("dp")))
+        result[T] = {m: median_seconds(fns[m], x, ws, reps=3) / L for m in fns}
         if replicas:  # the engine runs WaS as per-replica programs: time that instead
-            result[T]["was"] = ffn_chain_seconds(layout, w, x, L)
+            result[T]["was"] = ffn_chain_seconds(layout, ws, x)
     return result
 
 

@@ -9,10 +9,12 @@ locally; Compute-as-a-Service (CaS) brings every replica's activations to the we
                consecutive fetches come from different GPUs).
   owner CaS:   all_gather activations, the owner alone computes, a reduce-scatter returns
                each replica its rows (non-owners contribute zeros and skip the GEMMs).
-Each returns a function ffn(x [T, H], layer, w, active) -> [T, H], where `w` is the layer's
-stacked slice (striped, dense) or None (owner: the function indexes the local pool itself), and
-`active` is False on a replica without tokens this step: it then skips its own GEMMs and takes
-part only in the collectives (the paper's dummy skipping).
+Each is a function ffn(x [T, H], layer, w, active) -> [T, H], where `layer` is the (static)
+model layer, `w` the layer's own weights (striped: its local 1/D slices) or, for the owner
+placement, its group (Layout.ffn_weights: stacked over "dp", each rank's local view its own
+layer, so the owner is a static root and nothing is indexed per step), and `active` is False
+on a replica without tokens this step: it then skips its own GEMMs and takes part only in the
+collectives (the paper's dummy skipping).
 """
 
 from __future__ import annotations
@@ -27,30 +29,27 @@ from sidp_jax.models.decoder import dense_ffn
 log = logging.getLogger("sidp_jax")
 
 
-def broadcast_from(x, axis: str, source, axis_size: int):
-    """Broadcast x from rank `source` (traced) of `axis`.
+def broadcast_from(x, axis: str, source: int):
+    """Broadcast x from rank `source` (static) of `axis`.
 
-    GPU: lax.pbroadcast, which needs a static root in jax 0.11, so a switch over the possible
-    roots (every rank takes the same branch). Elsewhere (no CPU lowering): psum of a masked copy.
-    """
+    GPU: lax.pbroadcast. Elsewhere (no CPU lowering): psum of a masked copy."""
     if jax.default_backend() == "gpu":
         try:
-            branches = [lambda v, s=s: jax.lax.pbroadcast(v, (axis,), s) for s in range(axis_size)]
-            return jax.lax.switch(source, branches, x)
-        except (NameError, TypeError) as e:  # jax builds whose pbroadcast rejects this at trace time
+            return jax.lax.pbroadcast(x, (axis,), source)
+        except (NameError, TypeError, NotImplementedError) as e:  # jax builds whose pbroadcast rejects this
             log.warning("lax.pbroadcast unavailable (%s); owner WaS falls back to a masked psum", e)
     mine = jax.lax.axis_index(axis) == source
     return jax.tree.map(lambda a: jax.lax.psum(jnp.where(mine, a, jnp.zeros_like(a)), axis), x)
 
 
 def _pinned(w, x):
-    """Tie weights to this layer's activations so XLA cannot hoist their gather out of the layer
-    loop (which would materialise every layer's gathered weights at once)."""
+    """Tie weights to this layer's activations so XLA cannot hoist their fetch out of the layer
+    loop (which would materialise every layer's fetched weights at once)."""
     return jax.lax.optimization_barrier((w, x))
 
 
 def striped_was(x, layer, w, active=None):
-    w, x = _pinned(w, x)
+    w, x = _pinned({k: w[k] for k in ("gate_up", "down")}, x)
     full = {"gate_up": jax.lax.all_gather(w["gate_up"], "dp", axis=2, tiled=True),
             "down": jax.lax.all_gather(w["down"], "dp", axis=0, tiled=True)}
     return dense_ffn(x, layer, full, active)
@@ -62,21 +61,24 @@ def striped_cas(x, layer, w, active=None):  # an idle replica still serves the o
     return jax.lax.psum_scatter(partial, "dp", scatter_dimension=0, tiled=True)
 
 
-def make_owner_ffns(pool: dict, num_replicas: int):
-    """pool: this rank's stored rows {gate_up [Lp/D, ...], down [Lp/D, ...]}."""
+def _own_row(group: dict) -> dict:
+    """This rank's local view [1, ...] of an owner group: its own layer."""
+    return jax.tree.map(lambda a: a[0], group)
+
+
+def make_owner_ffns(num_replicas: int):
+    """Owner placement: w is layer l's group (stacked over "dp"); layer l is static, so its
+    owner l mod D is a static root."""
     D = num_replicas
 
-    def local_row(layer):
-        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer // D, keepdims=False), pool)
+    def owner_was(x, layer, group, active=None):
+        row, x = _pinned(_own_row(group), x)
+        return dense_ffn(x, layer, broadcast_from(row, "dp", layer % D), active)
 
-    def owner_was(x, layer, _, active=None):
-        row, x = _pinned(local_row(layer), x)
-        return dense_ffn(x, layer, broadcast_from(row, "dp", layer % D, D), active)
-
-    def owner_cas(x, layer, _, active=None):  # only the owner computes, for everyone
+    def owner_cas(x, layer, group, active=None):  # only the owner computes, for everyone
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)
         is_owner = jax.lax.axis_index("dp") == layer % D
-        y = jax.lax.cond(is_owner, lambda: dense_ffn(everyone, layer, local_row(layer)),
+        y = jax.lax.cond(is_owner, lambda: dense_ffn(everyone, layer, _own_row(group)),
                          lambda: jnp.zeros_like(everyone))
         return jax.lax.psum_scatter(y, "dp", scatter_dimension=0, tiled=True)
 

@@ -2,26 +2,27 @@
 
 Inside one SPMD program XLA hides little of the weight fetch behind compute (0.16-0.30 overlap
 efficiency for an all-gather in the layer scan on 2x H200, benchmarks/RESULTS.md) and keeps
-gathered layers alive far beyond a double buffer. Here each replica instead runs its own
-jitted calls per layer (attention, then FFN), and the next layer's remote FFN slices arrive by
+gathered layers alive far beyond a double buffer. Here each replica instead runs one jitted
+call per layer (models.decoder.layer), and the next layer's remote FFN slices arrive by
 asynchronous cross-device `device_put` (copy engines, no SMs) while the current layer computes:
 0.93 overlap efficiency in the same benchmark.
 
-Striped placement: device s holds the 1/D slice s of every layer's FFN (intermediate axis). For
-layer l+1 each device cuts its slice out of its stacked pool (one on-device copy) and copies it
-to every peer; replica r then runs its FFN as the sum over the D slices (no concatenation), so
-each device holds at most two layers' slices in flight: the double buffer. A replica without
-tokens in a step runs nothing, but still serves its slices (dummy skipping).
+Striped placement: device s holds the 1/D slice s of every layer's FFN (intermediate axis), each
+layer its own array. `prefetch_depth` layers ahead, each device copies its slice of that layer
+whole to every peer; replica r then runs its FFN as the sum over the D slices (no
+concatenation), so each device holds at most depth + 1 layers' slices: with depth 1, the double
+buffer. A replica without tokens in a step runs nothing, but still serves its slices (dummy
+skipping).
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sidp_jax.capacity import ffn_layer_bytes
-from sidp_jax.models.decoder import attention_residual, embed, ffn_input, head_logits
+from sidp_jax.models.decoder import embed, head_logits, layer, paged_attend, swiglu
+from sidp_jax.models.modules import FFN_LEAVES
 from sidp_jax.sampler import SamplerFlags, sample
 
 
@@ -38,12 +39,11 @@ def uses_replica_was(layout, was_runner: str) -> bool:
     return supported and was_runner != "spmd"
 
 
-def replica_was_extra_bytes(cfg, num_replicas: int, max_tokens: int, dtype) -> int:
-    """Memory a per-replica WaS step needs beyond a step's attention temporaries: two layers'
-    FFN slices in flight (fetched + cut for peers) and the float32 gate/up activations."""
-    layer = ffn_layer_bytes(cfg, dtype)
+def replica_was_extra_bytes(cfg, num_replicas: int, max_tokens: int, dtype, prefetch_depth: int = 1) -> int:
+    """Memory a per-replica WaS step needs beyond a step's attention temporaries: the layers'
+    FFN slices in flight (the one in use and `prefetch_depth` ahead) and the gate/up activations."""
     del num_replicas  # the slices' activations may all be live at once: count the whole width
-    return 2 * layer + max_tokens * 2 * cfg.intermediate_size * 4
+    return (prefetch_depth + 1) * ffn_layer_bytes(cfg, dtype) + max_tokens * 2 * cfg.intermediate_size * 4
 
 
 def shard_on(array: jax.Array, device) -> jax.Array:
@@ -55,31 +55,41 @@ def sliced_ffn(x: jax.Array, slices: list[dict]) -> jax.Array:
     """SwiGLU over an FFN split along its intermediate axis: the sum of each slice's part."""
     out = None
     for w in slices:
-        gu = jnp.einsum("th,hci->tci", x, w["gate_up"], preferred_element_type=jnp.float32)
-        h = (jax.nn.silu(gu[:, 0]) * gu[:, 1]).astype(x.dtype)
-        part = jnp.einsum("ti,ih->th", h, w["down"], preferred_element_type=jnp.float32)
+        part = swiglu(x, w["gate_up"], w["down"])
         out = part if out is None else out + part
     return out.astype(x.dtype)
 
 
-def _row(tree, layer):
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), tree)
-
-
-_cut = jax.jit(_row)  # a layer's slice out of a device's stacked pool (one on-device copy)
+def _ffn_of(w: dict) -> dict:
+    return {k: w[k] for k in FFN_LEAVES}
 
 
 class FfnFetcher:
-    """Per-layer slices of the striped FFN pool, prefetched one layer ahead to every replica."""
+    """Per-layer slices of the striped FFN pool, copied `depth` layers ahead to every replica.
 
-    def __init__(self, pools: list[dict], devices: list):
-        self.pools, self.devices = pools, devices
+    slices[s][l]: device s's own slice of layer l (whole single-device arrays: nothing is cut)."""
+
+    def __init__(self, slices: list[list[dict]], devices: list, depth: int = 1):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+        self.slices, self.devices, self.depth = slices, devices, depth
+        self.num_layers = len(slices[0])
         self._next: dict[int, list[list]] = {}
 
     def prefetch(self, layer: int, receivers: list[int]) -> None:
-        cuts = [_cut(pool, layer) for pool in self.pools]  # each on its own device
-        self._next[layer] = [[jax.device_put(cuts[s], self.devices[r]) for s in range(len(cuts)) if s != r]
-                             if r in receivers else [] for r in range(len(self.devices))]
+        if layer >= self.num_layers or layer in self._next:
+            return
+        D = len(self.devices)
+        self._next[layer] = [[jax.device_put(self.slices[s][layer], self.devices[r]) for s in range(D) if s != r]
+                             if r in receivers else [] for r in range(D)]
+
+    def start(self, receivers: list[int]) -> None:
+        for l in range(self.depth):
+            self.prefetch(l, receivers)
+
+    def advance(self, layer: int, receivers: list[int]) -> None:
+        """Layer `layer` is about to run: keep `depth` layers in flight beyond it."""
+        self.prefetch(layer + self.depth, receivers)
 
     def take(self, layer: int, replica: int) -> list:
         return self._next[layer][replica]
@@ -88,51 +98,57 @@ class FfnFetcher:
         self._next.pop(layer, None)
 
 
-def ffn_chain_seconds(layout, pool: dict, x: jax.Array, num_layers: int) -> float:
-    """Seconds per layer of WaS FFN layers run this way (for the mode calibration)."""
+def local_views(tree, devices: list) -> list:
+    return [jax.tree.map(lambda a, d=d: shard_on(a, d), tree) for d in devices]
+
+
+def ffn_chain_seconds(layout, layers: list[dict], x: jax.Array, depth: int = 1) -> float:
+    """Seconds per layer of striped WaS FFN layers run this way (for the mode calibration).
+    layers: per-layer {"gate_up", "down"} sharded as the striped layout stores them."""
     from sidp_jax.timing import median_seconds
 
     devices = list(layout.mesh.devices[:, 0])
-    pools = [jax.tree.map(lambda a, d=d: shard_on(a, d), pool) for d in devices]
+    local = local_views(layers, devices)
     xs = [shard_on(x, d) for d in devices]
-    fetcher = FfnFetcher(pools, devices)
-    ffn = jax.jit(lambda h, layer, own, fetched: h + sliced_ffn(h, [_row(own, layer), *fetched]))
+    fetcher = FfnFetcher(local, devices, depth)
+    ffn = jax.jit(lambda h, own, fetched: h + sliced_ffn(h, [own, *fetched]))
     everyone = list(range(len(devices)))
 
     def chain():
         hs = list(xs)
-        fetcher.prefetch(0, everyone)
-        for layer in range(num_layers):
-            if layer + 1 < num_layers:
-                fetcher.prefetch(layer + 1, everyone)
-            hs = [ffn(hs[r], layer, pools[r], fetcher.take(layer, r)) for r in everyone]
-            fetcher.drop(layer)
+        fetcher.start(everyone)
+        for l in range(len(layers)):
+            fetcher.advance(l, everyone)
+            hs = [ffn(hs[r], local[r][l], fetcher.take(l, r)) for r in everyone]
+            fetcher.drop(l)
         return hs
 
-    return median_seconds(chain, reps=3) / num_layers
+    return median_seconds(chain, reps=3) / len(layers)
 
 
 class ReplicaWaS:
-    """Runs a WaS step as D independent per-replica programs (striped sidp layout, tp == 1)."""
+    """Runs a WaS step as D independent per-replica programs (striped sidp layout, tp == 1):
+    per replica one jitted call per layer (models.decoder.layer), the FFN over its own slice and
+    the slices its peers copied over."""
 
-    def __init__(self, cfg, layout, params: dict, kv_sharding, attn_fn_for):
+    def __init__(self, cfg, layout, params: dict, kv_sharding, attn_fn_for, prefetch_depth: int = 1):
         """attn_fn_for(kind, batch): the attention a step of that kind runs (ModelRunner._attn_fn)."""
         assert layout.placement == "striped" and layout.tp == 1 and layout.pooled
         self.cfg, self.kv_sharding, self.attn_fn_for = cfg, kv_sharding, attn_fn_for
         self.devices = list(layout.mesh.devices[:, 0])
-        self.local = [jax.tree.map(lambda a, d=d: shard_on(a, d), params) for d in self.devices]
-        self.fetcher = FfnFetcher([p["ffn"] for p in self.local], self.devices)
+        self.local = local_views(params, self.devices)
+        self.fetcher = FfnFetcher([[_ffn_of(w) for w in p["layers"]] for p in self.local], self.devices,
+                                  prefetch_depth)
         self._embed = jax.jit(lambda p, b: embed(cfg, p, b))
-        self._attn = jax.jit(self._attention, donate_argnums=(2,), static_argnums=(7,))
-        self._ffn = jax.jit(lambda h, w_layers, layer, pool, fetched: h + sliced_ffn(
-            ffn_input(cfg, _row(w_layers, layer), h), [_row(pool, layer), *fetched]))
+        self._layer = jax.jit(self._one_layer, donate_argnums=(3,), static_argnums=(8,))
         self._head = jax.jit(lambda p, x, b, s, flags: sample(head_logits(cfg, p, x, b), s, flags),
                              static_argnums=(4,))
 
-    def _attention(self, w_layers, h, kv, layer, batch, cos, sin, attn: str):
+    def _one_layer(self, w, fetched, h, kv, layer_index, batch, cos, sin, attn: str):
         kv = jax.tree.map(lambda a: a[0], kv)
-        h, kv = attention_residual(self.cfg, _row(w_layers, layer), h, kv, layer, batch, cos, sin,
-                                   self.attn_fn_for(attn, batch), None, jnp.bool_(True))
+        ffn = lambda x, active: sliced_ffn(x, [_ffn_of(w), *fetched])
+        h, kv = layer(self.cfg, w, h, kv, cos, sin, ffn=ffn,
+                      attend=paged_attend(self.cfg, layer_index, batch, self.attn_fn_for(attn, batch)))
         return h, jax.tree.map(lambda a: a[None], kv)
 
     def run(self, kv: dict, batch: dict, samp: dict, flags: SamplerFlags, attn: str = "reference"):
@@ -146,16 +162,14 @@ class ReplicaWaS:
             b = jax.device_put({k: v[r] for k, v in batch.items()}, self.devices[r])
             x, cos, sin = self._embed(self.local[r], b)
             state[r] = [x, b, cos, sin]
-        self.fetcher.prefetch(0, active)
-        for layer in range(L):
-            if layer + 1 < L:
-                self.fetcher.prefetch(layer + 1, active)  # lands while this layer computes
+        self.fetcher.start(active)
+        for l in range(L):
+            self.fetcher.advance(l, active)  # lands while this layer computes
             for r in active:
                 x, b, cos, sin = state[r]
-                x, kvs[r] = self._attn(self.local[r]["layers"], x, kvs[r], layer, b, cos, sin, attn)
-                state[r][0] = self._ffn(x, self.local[r]["layers"], layer, self.local[r]["ffn"],
-                                        self.fetcher.take(layer, r))
-            self.fetcher.drop(layer)
+                state[r][0], kvs[r] = self._layer(self.local[r]["layers"][l], self.fetcher.take(l, r), x, kvs[r],
+                                                  np.int32(l), b, cos, sin, attn)
+            self.fetcher.drop(l)
         outs = {}
         for r in active:
             x, b, _, _ = state[r]
