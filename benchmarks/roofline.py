@@ -90,7 +90,9 @@ def hlo_gemm_census(compiled_text: str, num_layers: int) -> dict:
 
     gemms = len(re.findall(r'custom_call_target="__cublas(?:lt)?\$(?:lt\$)?(?:matmul|gemm)', compiled_text))
     weight_copies = len(re.findall(r"= bf16\[(?:\d{4,},?){2,}[^\]]*\][^=]*? (?:copy|dynamic-slice)\(", compiled_text))
-    return {"gemm_calls": gemms, "gemm_calls_per_layer": gemms / num_layers, "weight_sized_copies": weight_copies}
+    triton = len(re.findall(r'"kind":"__triton_gemm"', compiled_text))
+    return {"gemm_calls": gemms, "gemm_calls_per_layer": gemms / num_layers, "triton_gemm_fusions": triton,
+            "weight_sized_copies": weight_copies}
 
 
 def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
