@@ -9,8 +9,8 @@ measured on the same GPU in the same process:
                  random weights) on a decode-only batch: S sequences, each with `context` cached
                  tokens on distinct pages, decode attention kernel where the engine uses it, greedy
                  sampling included. Median of --reps steps (the KV cache is carried through).
-Beside it, the GEMMs of one layer at M = S timed alone, times the layer count: how much of the
-step the projections and FFN take by themselves.
+Beside it, every layer's GEMMs at M = S timed alone in one program: how much of the step the
+projections and FFN take by themselves, and the weight bytes per second they move.
 Weights read per step: every parameter except the embedding table (rows are gathered; a tied
 table is read whole as the LM head). FLOPs: 2 x (matmul parameters) x S + attention 4 x S x context
 x Nq x D per layer.
@@ -60,21 +60,26 @@ def matmul_rate(n: int, reps: int) -> float:
 
 
 def layer_gemms_ms(params: dict, S: int, reps: int) -> float:
-    """One layer's projections and FFN GEMMs (fused QKV, o, gate_up, down) at M = S rows, alone,
-    in the engine's dtypes (models.decoder's GEMMs)."""
-    w = params["layers"][0]
-    x = jnp.ones((S, w["qkv"].shape[0]), w["qkv"].dtype)
+    """Every layer's projections and FFN GEMMs (fused QKV, o, gate_up, down) at M = S rows in ONE
+    program (a Python loop over the per-layer weights, as the step walks them), nothing else."""
+    from sidp_jax.compilation import step_compiler_options
 
-    def gemms(x, w):
-        qkv = jnp.einsum("th,hkgd->tkgd", x, w["qkv"], preferred_element_type=x.dtype)
-        g = qkv.shape[2] - 2
-        q = qkv[:, :, :g].reshape(S, -1, qkv.shape[-1])
-        o = jnp.einsum("tnd,ndh->th", q, w["o"], preferred_element_type=jnp.float32).astype(x.dtype)
-        gu = jnp.einsum("th,hci->tci", o, w["gate_up"], preferred_element_type=x.dtype)
-        return jnp.einsum("ti,ih->th", gu[:, 0] * gu[:, 1], w["down"], preferred_element_type=jnp.float32)
+    x = jnp.ones((S, params["layers"][0]["qkv"].shape[0]), params["layers"][0]["qkv"].dtype)
 
-    fn = jax.jit(gemms)
-    return median_seconds(fn, x, w, reps=reps) * 1e3
+    def gemms(x, layers):
+        for w in layers:
+            qkv = jnp.einsum("th,hkgd->tkgd", x, w["qkv"], preferred_element_type=x.dtype)
+            g = qkv.shape[2] - 2
+            q = qkv[:, :, :g].reshape(S, -1, qkv.shape[-1])
+            o = jnp.einsum("tnd,ndh->th", q, w["o"], preferred_element_type=jnp.float32).astype(x.dtype)
+            gu = jnp.einsum("th,hci->tci", o, w["gate_up"], preferred_element_type=x.dtype)
+            x = jnp.einsum("ti,ih->th", gu[:, 0] * gu[:, 1], w["down"], preferred_element_type=jnp.float32)
+            x = x.astype(o.dtype)
+        return x
+
+    layers = [{k: w[k] for k in ("qkv", "o", "gate_up", "down")} for w in params["layers"]]
+    fn = jax.jit(gemms, compiler_options=step_compiler_options(jax.default_backend()))
+    return median_seconds(fn, x, layers, reps=reps) * 1e3
 
 
 def gemm_weight_bytes(params: dict) -> int:
@@ -169,7 +174,7 @@ def main():
         w_bytes, kv_bytes, flops = step_cost(llm.cfg, runner.params, S, ctx, jnp.dtype(llm.dtype).itemsize)
         mem_floor, compute_floor = (w_bytes + kv_bytes) / bw, flops / rate
         floor = max(mem_floor, compute_floor)
-        gemm_ms = layer_gemms_ms(runner.params, S, a.reps) * llm.cfg.num_layers
+        gemm_ms = layer_gemms_ms(runner.params, S, a.reps)
         gemm_tbps = gemm_weight_bytes(runner.params) * llm.cfg.num_layers / (gemm_ms / 1e3) / 1e12
         row = dict(batch=S, context=ctx, step_ms=dt * 1e3, floor_ms=floor * 1e3, ratio=dt / floor,
                    layer_gemms_alone_ms=gemm_ms, layer_gemms_weight_TB_per_s=gemm_tbps,

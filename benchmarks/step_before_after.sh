@@ -31,7 +31,8 @@ case "$what" in
     ;;
   throughput)
     export SIDP_JAX_CACHE=/tmp/sidp-cache
-    for spec in "1024 256 256" "512 1024 1024"; do
+    IFS=';' read -ra specs <<< "${SPECS:-1024 256 256;512 1024 1024}"  # prompts in out; ...
+    for spec in "${specs[@]}"; do
       set -- $spec
       args=(--model qwen3-32b --mesh dp=1 --compare dp --num-prompts "$1" --input-len "$2" --output-len "$3"
             --gpu-memory-utilization 0.9 --time-limit "${TIME_LIMIT:-100}" --warmup "${WARMUP:-30}")
@@ -39,7 +40,7 @@ case "$what" in
       [ -d "$BEFORE" ] && timeout 280 $before python3 "$BEFORE/benchmarks/throughput.py" "${args[@]}" --out "$OUT/tp-before-$2-$3.json" 2>&1 | tail -3
     done
     # warm start: the first run's shapes again, now from the persistent compilation cache
-    timeout 200 $after python3 benchmarks/throughput.py --model qwen3-32b --mesh dp=1 --compare dp --num-prompts 64 \
+    [ -n "${WARM_START:-1}" ] && timeout 200 $after python3 benchmarks/throughput.py --model qwen3-32b --mesh dp=1 --compare dp --num-prompts 64 \
       --input-len 256 --output-len 256 --gpu-memory-utilization 0.9 --out "$OUT/tp-after-warm-start.json" 2>&1 | tail -1
     python3 - "$OUT" <<'PY'
 import glob, json, os, sys

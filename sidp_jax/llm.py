@@ -6,7 +6,7 @@ import os
 import time
 from typing import Iterator
 
-from sidp_jax.compile_cache import enable_compile_cache
+from sidp_jax.compilation import enable_compile_cache
 from sidp_jax.config import PRESETS, ModelConfig, dtype_from_name, load_config
 from sidp_jax.engine import Engine, Request
 from sidp_jax.kernels.attention import ATTENTION_CHOICES

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sidp_jax.compilation import step_compiler_options
 from sidp_jax.config import ModelConfig
 from sidp_jax.kernels.attention import (ATTENTION_CHOICES, DEFAULT_TILE_TOKENS, decode_attention,
                                         decode_kernel_supported, mixed_attention)
@@ -105,7 +106,7 @@ class ModelRunner:
         kv_specs = {"k": KV_SPEC, "v": KV_SPEC}
         stepped = jax.shard_map(local, mesh=lay.mesh, in_specs=(lay.param_pspecs(cfg), kv_specs, P("dp"), P("dp")),
                                 out_specs=(P("dp"), kv_specs), check_vma=False)
-        return jax.jit(stepped, donate_argnums=(1,))
+        return jax.jit(stepped, donate_argnums=(1,), compiler_options=step_compiler_options(jax.default_backend()))
 
     def attention_kind(self, decode_only: bool) -> str:
         if not self.kernels:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sidp_jax.compile_cache import cache_root
+from sidp_jax.compilation import cache_root
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ffn_chain_seconds
 from sidp_jax.timing import median_seconds

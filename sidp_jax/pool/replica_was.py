@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from sidp_jax.capacity import ffn_layer_bytes
+from sidp_jax.compilation import step_compiler_options
 from sidp_jax.models.decoder import embed, head_logits, layer, paged_attend, swiglu
 from sidp_jax.models.modules import FFN_LEAVES
 from sidp_jax.sampler import SamplerFlags, sample
@@ -140,7 +141,8 @@ class ReplicaWaS:
         self.fetcher = FfnFetcher([[_ffn_of(w) for w in p["layers"]] for p in self.local], self.devices,
                                   prefetch_depth)
         self._embed = jax.jit(lambda p, b: embed(cfg, p, b))
-        self._layer = jax.jit(self._one_layer, donate_argnums=(3,), static_argnums=(8,))
+        self._layer = jax.jit(self._one_layer, donate_argnums=(3,), static_argnums=(8,),
+                              compiler_options=step_compiler_options(jax.default_backend()))
         self._head = jax.jit(lambda p, x, b, s, flags: sample(head_logits(cfg, p, x, b), s, flags),
                              static_argnums=(4,))
 

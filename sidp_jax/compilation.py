@@ -1,4 +1,11 @@
-"""JAX's persistent compilation cache (and with it XLA's GPU autotune cache) under ~/.cache/sidp_jax.
+"""How the engine's programs are compiled: XLA options for its steps, and a persistent cache.
+
+GEMMs as library calls: on GPU the step is compiled with XLA's Triton GEMM emitter off, so every
+projection is one cuBLAS call reading its weight in place (4 per layer). With it on, XLA fused
+half of them into other kernels and a Qwen3-32B decode step at batch 64 took 25.5 ms instead of
+23.7 (benchmarks/RESULTS.md). `SIDP_JAX_TRITON_GEMM=on` keeps XLA's default.
+
+The cache: JAX's persistent compilation cache (and with it XLA's GPU autotune cache) under ~/.cache/sidp_jax.
 
 A step of a 64-80 layer model is one unrolled program: its first compile takes long, so a rerun
 or a resumed job loads the executables instead of compiling again. JAX also keeps the per-fusion
@@ -32,3 +39,10 @@ def enable_compile_cache(backend: str) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return path
+
+
+def step_compiler_options(backend: str) -> dict | None:
+    """compiler_options for jax.jit of the engine's step programs on `backend`."""
+    if backend != "gpu" or os.environ.get("SIDP_JAX_TRITON_GEMM", "off").lower() in ("on", "1", "true"):
+        return None
+    return {"xla_gpu_enable_triton_gemm": False}
