@@ -1,7 +1,7 @@
 """Host side of a step: scheduled chunks -> padded, bucketed numpy arrays, one row per replica.
 
 Shapes are rounded up to powers of two (tokens T, sequence rows S, pages per row MB) so the
-number of compiled step variants stays small. Padding tokens write to the reserved page 0 and
+number of compiled step variants stays small; a mixed step's rows follow from its tokens alone. Padding tokens write to the reserved page 0 and
 padding rows are greedy, penalty-free and never read back.
 
 A decode-only step (every chunk of every replica is one token) is laid out with token i in row i
@@ -65,7 +65,10 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
         T = S = bucket(max(len(p) for p in plans), 4, min(max_tokens_bucket, max_rows_bucket))
     else:
         T = bucket(max(sum(c.num_tokens for c in p) for p in plans), 8, max_tokens_bucket)
-        S = bucket(max(len(p) for p in plans), 4, max_rows_bucket)
+        # rows fixed by T (a chunk has at least one token): one variant per token bucket. Each
+        # variant of a 64-80 layer program takes 10-20 s to compile on GPU; spare rows cost a
+        # few LM-head rows.
+        S = bucket(min(T, max_rows_bucket), 4, max_rows_bucket)
     MB = max_pages_bucket if tile_tokens else bucket(max((len(c.seq.pages) for p in plans for c in p), default=1),
                                                      4, max_pages_bucket)
     seqs = [c.seq for p in plans for c in p]
