@@ -23,11 +23,44 @@ from sidp_jax.sampler import SamplerFlags
 from sidp_jax.scheduler import ScheduledChunk
 
 
+# Smallest buckets: a decode step of up to 64 rows, or a mixed step of up to 256 tokens, is bound by
+# reading the weights (HBM), so padding it up costs next to nothing, while every extra variant of a
+# 64-80 layer program costs 10-20 s of compilation on GPU (benchmarks/RESULTS.md).
+MIN_DECODE_ROWS = 64
+MIN_MIXED_TOKENS = 256
+
+
 def bucket(n: int, lo: int, hi: int) -> int:
+    lo = min(lo, hi)
     b = lo
     while b < n:
         b *= 2
     return max(lo, min(b, hi)) if n <= hi else n
+
+
+def decode_rows(rows: int, max_tokens: int, max_rows: int) -> int:
+    return bucket(rows, MIN_DECODE_ROWS, min(max_tokens, max_rows))
+
+
+def mixed_tokens(tokens: int, max_tokens: int) -> int:
+    return bucket(tokens, MIN_MIXED_TOKENS, max_tokens)
+
+
+def mixed_rows(T: int, max_rows: int) -> int:
+    """A mixed step's rows follow from its tokens (a chunk has at least one token): one compiled
+    variant per token bucket; spare rows cost a few LM-head rows."""
+    return bucket(min(T, max_rows), 4, max_rows)
+
+
+def step_shapes(max_tokens: int, max_rows: int) -> list[tuple[bool, int, int]]:
+    """Every (decode_only, T, S) a step can take: what start-up precompiles."""
+    def ladder(lo, hi):
+        sizes = [bucket(1, lo, hi)]
+        while sizes[-1] < hi:
+            sizes.append(bucket(sizes[-1] + 1, lo, hi))
+        return sizes
+    decode = [(True, n, n) for n in ladder(MIN_DECODE_ROWS, min(max_tokens, max_rows))]
+    return decode + [(False, T, mixed_rows(T, max_rows)) for T in ladder(MIN_MIXED_TOKENS, max_tokens)]
 
 
 def num_tiles(T: int, S: int, tile_tokens: int) -> int:
@@ -62,13 +95,10 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     D = len(plans)
     decode_only = all(c.num_tokens == 1 for p in plans for c in p)
     if decode_only:  # token i is row i (decode chunks come first in a plan, so the loop below agrees)
-        T = S = bucket(max(len(p) for p in plans), 4, min(max_tokens_bucket, max_rows_bucket))
+        T = S = decode_rows(max(len(p) for p in plans), max_tokens_bucket, max_rows_bucket)
     else:
-        T = bucket(max(sum(c.num_tokens for c in p) for p in plans), 8, max_tokens_bucket)
-        # rows fixed by T (a chunk has at least one token): one variant per token bucket. Each
-        # variant of a 64-80 layer program takes 10-20 s to compile on GPU; spare rows cost a
-        # few LM-head rows.
-        S = bucket(min(T, max_rows_bucket), 4, max_rows_bucket)
+        T = mixed_tokens(max(sum(c.num_tokens for c in p) for p in plans), max_tokens_bucket)
+        S = mixed_rows(T, max_rows_bucket)
     MB = max_pages_bucket if tile_tokens else bucket(max((len(c.seq.pages) for p in plans for c in p), default=1),
                                                      4, max_pages_bucket)
     seqs = [c.seq for p in plans for c in p]

@@ -137,4 +137,5 @@ class Engine:
         return {"num_steps": self.num_steps, "steps_per_mode": dict(self.steps_per_mode),
                 "num_preemptions": self.scheduler.num_preemptions,
                 "steps_per_attention": dict(self.runner.steps_per_attention),
+                "precompiled_steps": self.runner.precompiled_steps,
                 "host_seconds": self.host_seconds, "device_seconds": self.device_seconds}

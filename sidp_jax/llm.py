@@ -13,7 +13,7 @@ from sidp_jax.kernels.attention import ATTENTION_CHOICES
 from sidp_jax.layouts import make_layout
 from sidp_jax.outputs import RequestOutput
 from sidp_jax.sampling_params import SamplingParams
-from sidp_jax.startup import build_runner, report_kv
+from sidp_jax.startup import build_runner, precompile_steps, report_kv
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny-qwen3")
 FFN_MODES = ("auto", "was", "cas")
@@ -27,7 +27,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, kv_block_size: int = 16,
                  seed: int = 0, kv_cache_tokens: int | None = None, ffn_crossover_tokens: int | None = None,
-                 devices=None, verbose: bool = True, attention: str = "auto", was_runner: str = "auto"):
+                 devices=None, verbose: bool = True, attention: str = "auto", was_runner: str = "auto",
+                 was_prefetch_depth: int = 1, precompile: bool | None = None):
         """was_runner: how sidp runs Weight-as-a-Service steps: "replicas" (per-replica programs, the
         next layer's FFN slices copied by async device_put while this layer computes; striped
         placement, tp=1), "spmd" (all-gathers inside the one SPMD step), "auto" (replicas where
@@ -36,7 +37,10 @@ class LLM:
         them (decode-only steps: the paged decode kernel; mixed steps: decode + chunk kernels),
         else the pure-JAX reference; "reference" never uses them; "pallas-interpret" is for tests
         only (the kernels in interpret mode, also on CPU). stats()["steps_per_attention"] counts
-        steps by the attention they ran ("decode", "mixed" or "reference")."""
+        steps by the attention they ran ("decode", "mixed" or "reference").
+        was_prefetch_depth: how many layers ahead per-replica WaS copies the FFN slices (1: a
+        double buffer). precompile: compile every step variant at start-up, several at once
+        (None: on GPUs; stats()["precompile_seconds"]); otherwise each compiles on first use."""
         if ffn_mode not in FFN_MODES:
             raise ValueError(f"ffn_mode must be one of {FFN_MODES}, got {ffn_mode!r}")
         if attention not in ATTENTION_CHOICES:
@@ -60,7 +64,7 @@ class LLM:
             self, ffn_mode=ffn_mode, utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, page_size=kv_block_size, seed=seed,
             kv_cache_tokens=kv_cache_tokens, crossover_tokens=ffn_crossover_tokens, attention=attention,
-            was_runner=was_runner)
+            was_runner=was_runner, was_prefetch_depth=was_prefetch_depth)
         self.kv_info = kv_info
         if self.max_model_len > kv_info["tokens_per_replica"]:
             print(f"[sidp_jax] max_model_len {self.max_model_len} exceeds one replica's KV capacity; "
@@ -71,6 +75,7 @@ class LLM:
                              max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                              max_num_seqs=max_num_seqs, seed=seed, mode_policy=policy)
         self._request_counter = 0
+        self.kv_info["precompile_seconds"] = precompile_steps(self, precompile, max_num_batched_tokens, max_num_seqs)
         self.startup_seconds = time.perf_counter() - t_start
         if verbose:
             print(report_kv(self, kv_info))

@@ -15,13 +15,17 @@ reference. The per-replica WaS path runs the same attention.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sidp_jax.batch import num_tiles
 from sidp_jax.compilation import step_compiler_options
 from sidp_jax.config import ModelConfig
 from sidp_jax.kernels.attention import (ATTENTION_CHOICES, DEFAULT_TILE_TOKENS, decode_attention,
@@ -43,7 +47,7 @@ def kv_bytes_per_page(cfg: ModelConfig, layout: Layout, page_size: int, dtype) -
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, layout: Layout, params: dict, *, num_pages: int, page_size: int,
-                 kv_dtype, attention: str = "auto", was_runner: str = "auto"):
+                 kv_dtype, attention: str = "auto", was_runner: str = "auto", was_prefetch_depth: int = 1):
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
         self.cfg, self.layout, self.params = cfg, layout, params
@@ -58,7 +62,9 @@ class ModelRunner:
         self.tile_tokens = DEFAULT_TILE_TOKENS if self.kernels else None  # build_batch lays out tiles
         self.steps_per_attention: dict[str, int] = {}
         self.first_call_seconds: dict[str, float] = {}  # per step variant: compile (or cache load) + one run
-        self.replica_was = ReplicaWaS(cfg, layout, params, self.kv_sharding, self._attn_fn) \
+        self._compiled: dict = {}  # (mode, flags, attention, input shapes) -> executable (precompile)
+        self.precompiled_steps = 0  # steps that ran a precompiled executable
+        self.replica_was = ReplicaWaS(cfg, layout, params, self.kv_sharding, self._attn_fn, was_prefetch_depth) \
             if uses_replica_was(layout, was_runner) else None
 
     def _kernels(self, attention: str):
@@ -134,9 +140,64 @@ class ModelRunner:
         if mode == "was" and self.replica_was is not None:  # WaS by per-replica programs
             out, self.kv = self.replica_was.run(self.kv, batch, samp, flags, attn)
         else:
+            fn = self._compiled.get((mode, flags, attn, _signature(batch, samp)))
+            self.precompiled_steps += fn is not None
+            fn = fn or self.step_fn(mode, flags, decode_only)
             batch, samp = jax.device_put((batch, samp), self.batch_sharding)
-            out, self.kv = self.step_fn(mode, flags, decode_only)(self.params, self.kv, batch, samp)
+            out, self.kv = fn(self.params, self.kv, batch, samp)
             out = jax.device_get(out)
         if first:
             self.first_call_seconds[variant] = time.perf_counter() - t0
         return out
+
+    def abstract_inputs(self, T: int, S: int, MB: int, decode_only: bool, num_pages_kv=None):
+        """(batch, samp) ShapeDtypeStructs of a step as build_batch lays it out (default sampling)."""
+        D = self.layout.num_replicas
+        sd = lambda dt, *shape: jax.ShapeDtypeStruct((D, *shape), dt, sharding=self.batch_sharding)
+        i32, f32 = functools.partial(sd, np.int32), functools.partial(sd, np.float32)
+        batch = {"tokens": i32(T), "positions": i32(T), "slots": i32(T), "token_seq": i32(T),
+                 "block_tables": i32(S, MB), "sample_index": i32(S), "num_tokens": i32()}
+        if self.tile_tokens and not decode_only:
+            batch.update(decode_len=i32(S), tiles=i32(num_tiles(T, S, self.tile_tokens), 4))
+        samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),
+                "seed": sd(np.uint32, S), "step": i32(S), "banned": i32(S, 1)}
+        return batch, samp
+
+    def precompile(self, modes: list[str], shapes: list[tuple[bool, int, int]], max_pages: int,
+                   workers: int | None = None, progress: bool = True) -> float:
+        """Compile every SPMD step variant ahead of time, several at once (XLA compiles outside
+        the GIL), so that no step of the run waits on a compile. shapes: batch.step_shapes.
+        Returns the seconds it took."""
+        jobs = [(mode, decode_only, T, S) for mode in modes for decode_only, T, S in shapes
+                if not (mode == "was" and self.replica_was is not None)]
+        if not jobs:
+            return 0.0
+        t0 = time.perf_counter()
+        flags = SamplerFlags()
+
+        def compile_one(job):
+            mode, decode_only, T, S = job
+            attn = self.attention_kind(decode_only)
+            batch, samp = self.abstract_inputs(T, S, max_pages, decode_only)
+            exe = self.step_fn(mode, flags, decode_only).lower(self.params, self.kv, batch, samp).compile()
+            return (mode, flags, attn, _signature(batch, samp)), exe
+
+        workers = workers or max(1, min(len(jobs), (os.cpu_count() or 2) // 2, 8))
+        bar = _progress(len(jobs), progress, "Compiling step variants")
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for key, exe in pool.map(compile_one, jobs):
+                self._compiled[key] = exe
+                bar.update(1)
+        bar.close()
+        return time.perf_counter() - t0
+
+
+def _signature(batch: dict, samp: dict) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())) + \
+        tuple((k, tuple(v.shape)) for k, v in sorted(samp.items()))
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="variant", disable=not enabled, dynamic_ncols=True)

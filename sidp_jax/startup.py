@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 
-from sidp_jax.batch import bucket, num_tiles
+from sidp_jax.batch import bucket, mixed_rows, mixed_tokens, step_shapes
 from sidp_jax.capacity import dp_comparison_line, weight_bytes_per_gpu
 from sidp_jax.checkpoint import load_params
 from sidp_jax.config import PRESETS, ModelConfig
@@ -52,23 +51,14 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
 
     That is a mixed step (on the reference attention: its gathered K/V; or on the kernels):
     decode-only steps have at most as many tokens and run the decode kernel or the reference."""
-    D = runner.layout.num_replicas
-    i32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.int32)
-    f32 = lambda *s: jax.ShapeDtypeStruct((D, *s), np.float32)
-    T, S, MB = max_tokens, max_rows, max_pages
-    batch = {"tokens": i32(T), "positions": i32(T), "slots": i32(T), "token_seq": i32(T),
-             "block_tables": i32(S, MB), "sample_index": i32(S), "num_tokens": jax.ShapeDtypeStruct((D,), np.int32)}
-    if runner.tile_tokens:
-        batch.update(decode_len=i32(S), tiles=i32(num_tiles(T, S, runner.tile_tokens), 4))
-    samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),
-            "seed": jax.ShapeDtypeStruct((D, S), np.uint32), "step": i32(S), "banned": i32(S, 1)}
+    batch, samp = runner.abstract_inputs(max_tokens, max_rows, max_pages, decode_only=False)
     fn = runner.step_fn(mode, SamplerFlags())
     return compiled_temp_bytes(fn.lower(runner.params, runner.kv, batch, samp).compile())
 
 
 def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
                  page_size: int, seed: int, kv_cache_tokens: int | None, crossover_tokens: int | None = None,
-                 attention: str = "auto", was_runner: str = "auto"):
+                 attention: str = "auto", was_runner: str = "auto", was_prefetch_depth: int = 1):
     cfg, layout = llm.cfg, llm.layout
     replicas = uses_replica_was(layout, was_runner)
     check_weights_fit(llm, utilization)
@@ -97,8 +87,8 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
         else:  # compile the largest step on a 2-page cache to learn its temporaries
             probe = ModelRunner(cfg, layout, params, num_pages=2, page_size=page_size, kv_dtype=llm.dtype,
                                 was_runner="spmd")
-            shape = (bucket(max_num_batched_tokens, 8, max_num_batched_tokens), bucket(max_num_seqs, 4, max_num_seqs),
-                     bucket(max_pages, 4, max_pages))
+            T = mixed_tokens(max_num_batched_tokens, max_num_batched_tokens)
+            shape = (T, mixed_rows(T, max_num_seqs), bucket(max_pages, 4, max_pages))
             # per-replica WaS: the attention as in a CaS step, plus the FFN buffers
             spmd_modes = {"cas" if replicas and mode == "was" else mode for mode in modes}
             temps = {mode: _step_temp_bytes(probe, mode, *shape) for mode in spmd_modes}
@@ -115,7 +105,8 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
             num_pages = free // page_bytes
             source = f"free memory (step temporaries {temp / 2**30:.2f} GiB: {step_temps})"
     runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype,
-                         attention=attention, was_runner=was_runner)
+                         attention=attention, was_runner=was_runner, was_prefetch_depth=was_prefetch_depth)
+
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
                         hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement,
@@ -124,8 +115,22 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
             "kv_bytes_per_page_per_device": page_bytes, "kv_sizing": source,
             "mode_crossover_tokens": policy.crossover, "ffn_mode": ffn_mode, "crossover_source": crossover_source,
             "attention": attention, "attention_kernels": runner.kernels,
-            "was_runner": "replicas" if replicas else "spmd"}
+            "was_runner": "replicas" if replicas else "spmd", "step_modes": modes}
     return runner, scheduler, policy, info
+
+
+def precompile_steps(llm, enabled: bool | None, max_num_batched_tokens: int, max_num_seqs: int) -> float | None:
+    """Compile every step variant at start-up, several at once. enabled None: on GPUs, where one
+    variant of a 64-80 layer program takes 10-20 s to compile (a run would otherwise stall on each
+    new batch size); with the persistent compilation cache a rerun loads them instead. Only on the
+    kernel path, whose block tables are always full width, so the shapes are known up front."""
+    runner = llm.engine.runner
+    if enabled is None:
+        enabled = jax.default_backend() != "cpu"
+    if not enabled or not runner.tile_tokens:
+        return None
+    return runner.precompile(llm.kv_info["step_modes"], step_shapes(max_num_batched_tokens, max_num_seqs),
+                             llm.engine.max_pages, progress=llm.verbose)
 
 
 def report_kv(llm, info: dict) -> str:

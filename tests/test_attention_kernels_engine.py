@@ -54,3 +54,38 @@ def test_kernel_constraints():
     assert not decode_kernel_supported(cfg, lay, 24)  # 64 // 24 = 2 pages of 24: 48-token blocks
     assert not decode_kernel_supported(dataclasses.replace(cfg, head_dim=8), lay, 16)
     assert not decode_kernel_supported(dataclasses.replace(cfg, num_heads=6), lay, 16)  # group of 3
+
+
+@pytest.mark.parametrize("layout", [
+    dict(mesh="dp=1", devices=jax.devices("cpu")[:1]),
+    dict(mesh="dp=2", parallel="sidp", placement="owner", ffn_mode="auto", ffn_crossover_tokens=8,
+         devices=jax.devices("cpu")),
+], ids=["dp1", "sidp-dp2-owner-auto"])
+def test_precompiled_step_variants_serve_every_step(layout):
+    """precompile=True compiles every (mode, step shape) up front; the run then never compiles a step
+    of default sampling, and its greedy output is unchanged."""
+    from sidp_jax.batch import step_shapes
+
+    llm = LLM(CKPT, attention="pallas-interpret", dtype="float32", kv_cache_tokens=512, verbose=False,
+              max_num_batched_tokens=16, max_num_seqs=4, precompile=True, **layout)
+    stats = llm.stats()
+    modes = stats["step_modes"]
+    assert len(llm.engine.runner._compiled) == len(modes) * len(step_shapes(16, 4)) and stats["precompile_seconds"] > 0
+    outs = llm.generate(PROMPTS, GREEDY16, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == WANT
+    stats = llm.stats()
+    assert stats["precompiled_steps"] == stats["num_steps"] > 0, stats
+
+
+def test_shapes_a_step_can_take_are_all_precompiled():
+    from sidp_jax.batch import decode_rows, mixed_rows, mixed_tokens, step_shapes
+
+    for max_tokens, max_rows in [(4096, 512), (2048, 256), (16, 4), (3000, 100)]:
+        shapes = set(step_shapes(max_tokens, max_rows))
+        for n in range(1, min(max_tokens, max_rows) + 1):
+            rows = decode_rows(n, max_tokens, max_rows)
+            assert rows >= n and (True, rows, rows) in shapes
+        for t in range(1, max_tokens + 1, 7):
+            T = mixed_tokens(t, max_tokens)
+            assert T >= t and (False, T, mixed_rows(T, max_rows)) in shapes
+        assert len(shapes) <= 12  # a handful of variants, each 10-20 s to compile on GPU

@@ -209,6 +209,11 @@ def test_both_was_runners_match(mesh, was_runner):
     assert got == WANT and stats["was_runner"] == was_runner
 
 
+def test_replica_was_two_layers_ahead_matches():
+    got, stats = run(CKPT, "dp=4", "sidp", "striped", "was", was_runner="replicas", was_prefetch_depth=2)
+    assert got == WANT and stats["steps_per_mode"] == {"was": stats["num_steps"]}
+
+
 def test_replica_was_is_refused_where_it_does_not_apply():
     with pytest.raises(ValueError, match="was_runner='replicas' needs"):
         run(CKPT, "dp=2", "sidp", "owner", "was", was_runner="replicas")
