@@ -22,9 +22,11 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from sidp_jax.checkpoint import _expected_hf_shapes, load_params
+from sidp_jax.checkpoint import load_params
 from sidp_jax.config import PRESETS
 from sidp_jax.layouts import make_layout
+from sidp_jax.models.modules import model_specs
+from sidp_jax.models.params import expected_hf_shapes
 from sidp_jax.placed_checkpoint import restore_placed, save_placed
 
 
@@ -42,7 +44,7 @@ def write_hf_checkpoint(cfg, path: str, shard_bytes: int = 4 << 30) -> int:
             weight_map.update({k: name for k in shard})
             shard, size = {}, 0
 
-    for name, shape in _expected_hf_shapes(cfg).items():
+    for name, shape in expected_hf_shapes(model_specs(cfg)).items():
         arr = (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
         shard[name] = arr
         size += arr.nbytes
