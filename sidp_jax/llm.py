@@ -39,8 +39,8 @@ class LLM:
         only (the kernels in interpret mode, also on CPU). stats()["steps_per_attention"] counts
         steps by the attention they ran ("decode", "mixed" or "reference").
         was_prefetch_depth: how many layers ahead per-replica WaS copies the FFN slices (1: a
-        double buffer). precompile: compile every step variant at start-up, several at once
-        (None: on GPUs; stats()["precompile_seconds"]); otherwise each compiles on first use."""
+        double buffer). precompile: compile every step variant at start-up (None: on GPUs;
+        stats()["precompile_seconds"]); otherwise each compiles on first use."""
         if ffn_mode not in FFN_MODES:
             raise ValueError(f"ffn_mode must be one of {FFN_MODES}, got {ffn_mode!r}")
         if attention not in ATTENTION_CHOICES:

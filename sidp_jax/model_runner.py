@@ -165,9 +165,10 @@ class ModelRunner:
 
     def precompile(self, modes: list[str], shapes: list[tuple[bool, int, int]], max_pages: int,
                    workers: int | None = None, progress: bool = True) -> float:
-        """Compile every SPMD step variant ahead of time, several at once (XLA compiles outside
-        the GIL), so that no step of the run waits on a compile. shapes: batch.step_shapes.
-        Returns the seconds it took."""
+        """Compile every SPMD step variant ahead of time, so that no step of the run waits on a
+        compile. shapes: batch.step_shapes. workers (default $SIDP_JAX_COMPILE_WORKERS, else 1):
+        compiles at once. One by default: XLA autotunes each GEMM by timing it on the GPU, and
+        concurrent compiles would time their candidates against each other. Returns the seconds."""
         jobs = [(mode, decode_only, T, S) for mode in modes for decode_only, T, S in shapes
                 if not (mode == "was" and self.replica_was is not None)]
         if not jobs:
@@ -182,7 +183,7 @@ class ModelRunner:
             exe = self.step_fn(mode, flags, decode_only).lower(self.params, self.kv, batch, samp).compile()
             return (mode, flags, attn, _signature(batch, samp)), exe
 
-        workers = workers or max(1, min(len(jobs), (os.cpu_count() or 2) // 2, 8))
+        workers = max(1, min(len(jobs), workers or int(os.environ.get("SIDP_JAX_COMPILE_WORKERS", "1"))))
         bar = _progress(len(jobs), progress, "Compiling step variants")
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for key, exe in pool.map(compile_one, jobs):

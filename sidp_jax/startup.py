@@ -120,7 +120,7 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
 
 
 def precompile_steps(llm, enabled: bool | None, max_num_batched_tokens: int, max_num_seqs: int) -> float | None:
-    """Compile every step variant at start-up, several at once. enabled None: on GPUs, where one
+    """Compile every step variant at start-up. enabled None: on GPUs, where one
     variant of a 64-80 layer program takes 10-20 s to compile (a run would otherwise stall on each
     new batch size); with the persistent compilation cache a rerun loads them instead. Only on the
     kernel path, whose block tables are always full width, so the shapes are known up front."""

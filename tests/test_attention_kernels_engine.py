@@ -61,11 +61,12 @@ def test_kernel_constraints():
     dict(mesh="dp=2", parallel="sidp", placement="owner", ffn_mode="auto", ffn_crossover_tokens=8,
          devices=jax.devices("cpu")),
 ], ids=["dp1", "sidp-dp2-owner-auto"])
-def test_precompiled_step_variants_serve_every_step(layout):
-    """precompile=True compiles every (mode, step shape) up front; the run then never compiles a step
-    of default sampling, and its greedy output is unchanged."""
+def test_precompiled_step_variants_serve_every_step(layout, monkeypatch):
+    """precompile=True compiles every (mode, step shape) up front (here two at a time); the run then
+    never compiles a step of default sampling, and its greedy output is unchanged."""
     from sidp_jax.batch import step_shapes
 
+    monkeypatch.setenv("SIDP_JAX_COMPILE_WORKERS", "2")
     llm = LLM(CKPT, attention="pallas-interpret", dtype="float32", kv_cache_tokens=512, verbose=False,
               max_num_batched_tokens=16, max_num_seqs=4, precompile=True, **layout)
     stats = llm.stats()
