@@ -1,9 +1,12 @@
 """Output of the offline job: result records, appended and flushed one line at a time, and the
-recovery of what an earlier (possibly killed) run already wrote."""
+recovery of what an earlier (possibly killed) run already wrote, under an exclusive lock."""
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,58 +14,135 @@ from sidp_jax.job_input import Key, Request, is_valid_id
 
 
 
-def recover_output(path: Path) -> set[Key]:
-    """Keys of the records already in `path`, after truncating a torn tail away."""
-    done: set[Key] = set()
-    if not path.exists():
-        return done
-    good_end = offset = 0  # good_end: just past the last whole, parsable record
-    pending_bad = middle_bad = 0
-    with open(path, "rb+") as f:
-        for raw in f:
-            offset += len(raw)
-            key = _record_key(raw) if raw.endswith(b"\n") else None
-            if key is None:
-                pending_bad += 1
-                continue
-            done.add(key)
-            good_end = offset
-            middle_bad, pending_bad = middle_bad + pending_bad, 0
-        if good_end < offset:
-            f.truncate(good_end)
-            print(f"Truncated {offset - good_end} bytes of torn record(s) at the end of {path}", file=sys.stderr)
-    if middle_bad:
-        print(f"warning: {path} has {middle_bad} unparsable line(s) before its end, left in place", file=sys.stderr)
-    return done
+MARKER_SUFFIX = ".sidp-job"  # beside the output: marks it as this job's, and holds its lock
 
 
-def _record_key(raw: bytes) -> Key | None:
+class OutputError(Exception):
+    """The output cannot be used as it is (a user error, not a bug): the job exits 2."""
+
+
+class OutputWriteError(OutputError):
+    """Writing a record failed (disk full, I/O error): the job stops; a rerun resumes."""
+
+
+@dataclasses.dataclass
+class Recovered:
+    done: set  # keys that need no run: results, and error records unless they are retried
+    retryable: int  # keys whose only records are errors (what --retry-errors would run again)
+    retried: int  # error records dropped for --retry-errors
+
+
+class JobOutput:
+    """One job's results file: exclusively locked, checked before use, appended one whole line at a
+    time (each write followed by a flush).
+
+    The job only ever removes bytes it wrote itself, which the marker file beside the output
+    proves (`<output>.sidp-job`, created with the output, also the lock): a torn final record
+    (no newline: a write cut by kill -9 or a full disk), and, for --retry-errors, its own error
+    records (the file is rewritten beside and renamed over, so no state is ever half-written).
+    A file that is the input, a directory, or holds lines that are not records is refused."""
+
+    def __init__(self, path: Path, input_path: Path | None = None):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise OutputError(f"--output {self.path} is a directory; give a file path")
+        if input_path is not None and self.path.exists() and self.path.resolve() == Path(input_path).resolve():
+            raise OutputError(f"--output {self.path} is the input file; write the results to another file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.marker = self.path.with_name(self.path.name + MARKER_SUFFIX)
+        self._lock = open(self.marker, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise OutputError(f"another job is writing {self.path}: it holds the lock on {self.marker}") from None
+        self._lock.seek(0)
+        self.ours = bool(self._lock.read().strip()) or not self.path.exists()  # marked, or about to be created
+        self._f = None
+
+    def recover(self, retry_errors: bool = False) -> Recovered:
+        """Check the existing output and learn what it holds (call once, before writing)."""
+        results, errors, lines = set(), set(), []
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                data = f.read()
+            body, _, tail = data.rpartition(b"\n")
+            if tail:  # a final line without its newline: a torn write
+                if not self.ours:
+                    raise OutputError(f"{self.path} ends in an incomplete line that no sidp-jax job wrote "
+                                      f"(no {self.marker.name} beside it): not a results file? Use another --output")
+                self.path.open("rb+").truncate(len(data) - len(tail))
+                print(f"Truncated {len(tail)} bytes of a torn record at the end of {self.path}", file=sys.stderr)
+            for n, raw in enumerate(body.split(b"\n") if _ else [], 1):
+                if not raw.strip():
+                    continue
+                kind, key = _record_key(raw)
+                if kind is None:
+                    raise OutputError(f"line {n} of {self.path} is not a result or error record of this job "
+                                      f"({raw[:60]!r}): refusing to append to it; use another --output")
+                (results if kind == "result" else errors).add(key)
+                lines.append((kind, key, raw))
+        error_only = errors - results
+        retried = 0
+        if retry_errors and error_only:
+            keep = [raw for kind, key, raw in lines if not (kind == "error" and key in error_only)]
+            retried = len(lines) - len(keep)
+            tmp = self.path.with_name(self.path.name + ".retry-tmp")
+            with open(tmp, "wb") as f:
+                f.write(b"".join(raw + b"\n" for raw in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        self._mark()
+        done = results | (set() if retry_errors else errors)
+        return Recovered(done, len(error_only), retried)
+
+    def _mark(self) -> None:
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(json.dumps({"written_by": "sidp-jax offline job", "output": self.path.name}) + "\n")
+        self._lock.flush()
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        try:
+            if self._f is None:
+                self._f = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
+            self._f.write(line)
+            self._f.flush()
+        except OSError as e:
+            raise OutputWriteError(f"could not write to {self.path}: {e}. The records before this one are "
+                                   f"saved; free space or fix the cause, then rerun the same command to resume") from e
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+        self._lock.close()
+
+
+ResultWriter = JobOutput  # what the engines' generate() callbacks are handed
+
+
+def _record_key(raw: bytes) -> tuple[str | None, Key]:
+    """("result" | "error", key) of a record line, or (None, None) for anything else."""
     try:
         rec = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+        return None, None
     if not isinstance(rec, dict):
-        return None
-    if is_valid_id(rec.get("id")):
-        return rec["id"]
-    if isinstance(rec.get("line"), int) and "error" in rec:
-        return ("line", rec["line"])
-    return None
-
-
-class ResultWriter:
-    """Appends records, each as one write of a whole line followed by a flush."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8", errors="backslashreplace")
-
-    def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
+        return None, None
+    if "error" in rec:
+        if is_valid_id(rec.get("id")):
+            return "error", rec["id"]
+        if isinstance(rec.get("line"), int):
+            return "error", ("line", rec["line"])
+        return None, None
+    if is_valid_id(rec.get("id")) and "token_ids" in rec:
+        return "result", rec["id"]
+    return None, None
 
 
 def completion_fields(c) -> dict:

@@ -31,8 +31,15 @@ Output (JSONL, appended and flushed as each request finishes, in completion orde
 
 Resuming: rerunning with the same input and output skips every record already in the output
 file: results and errors with an "id" are keyed by id, id-less errors by line number (so the
-input must not change between runs). At start, a last line that lacks its newline or does not
-parse (a write torn by kill -9) is truncated away and its request runs again.
+input must not change between runs). At start, a last line that lacks its newline (a write torn
+by kill -9 or a full disk) is truncated away and its request runs again. `--retry-errors` also
+runs again every id (and id-less line) whose only records are errors, removing those records.
+
+The output is the job's own (sidp_jax/job_output.py): a marker beside it, `<output>.sidp-job`,
+says a job wrote it and holds an exclusive lock while one runs (a second job exits 2). An output
+that is the input, a directory, or holds a line that is not a record is refused with exit 2 and
+left untouched; a torn last line is only dropped where the marker proves the job wrote it. A
+failing write (a full disk) stops the job with exit 1; rerunning resumes.
 
 Reading and parsing lines: sidp_jax/job_input.py; writing and recovering records:
 sidp_jax/job_output.py. Input formats plug into `READERS` (file suffix -> reader yielding (line number, object)):
@@ -54,7 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sidp_jax.job_input import LineError, Request, plan_job, reader_for, tokenize
-from sidp_jax.job_output import ResultWriter, recover_output, result_record
+from sidp_jax.job_output import JobOutput, OutputError, OutputWriteError, ResultWriter, result_record
 from sidp_jax.sampling_params import SamplingParams
 
 DEFAULT_INPUT = Path(__file__).parent / "assets" / "example_prompts.jsonl"
@@ -74,6 +81,7 @@ class JobConfig:
     engine_kwargs: dict = dataclasses.field(default_factory=dict)  # LLM(...) keyword arguments
     sampling: dict = dataclasses.field(default_factory=dict)  # SamplingParams fields from the CLI
     progress: bool = True
+    retry_errors: bool = False  # run again the ids (and id-less lines) whose only records are errors
 
 
 @dataclasses.dataclass
@@ -82,6 +90,8 @@ class JobSummary:
     requests_completed: int = 0
     requests_errored: int = 0  # error records written by this run
     requests_skipped: int = 0  # records an earlier run already wrote
+    errors_retryable: int = 0  # earlier error records that --retry-errors would run again
+    errors_retried: int = 0  # earlier error records this run dropped to run them again
     prompt_tokens: int = 0  # of this run's completed requests
     output_tokens: int = 0
     elapsed_s: float = 0.0  # generation time, the throughput's denominator
@@ -121,20 +131,24 @@ def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False)
     keep_lines: also hand over every line's raw object by line number (None otherwise)."""
     start = time.perf_counter()
     summary = JobSummary(output=str(cfg.output))
-    done = recover_output(cfg.output)
-    entries = reader_for(cfg.input)(cfg.input)
-    lines = None
-    if keep_lines:
-        entries = list(entries)
-        lines = dict(entries)
-    plan = plan_job(iter(entries), cfg.sampling, done)
-    summary.requests_skipped = plan.skipped
-    if plan.skipped:
-        print(f"Resuming: {plan.skipped} records already in {cfg.output} are skipped")
-    print(f"{len(plan.requests)} requests to run, {len(plan.errors)} input lines with errors")
-
-    writer = ResultWriter(cfg.output)
+    writer = JobOutput(cfg.output, cfg.input)
     try:
+        recovered = writer.recover(cfg.retry_errors)
+        summary.errors_retried = recovered.retried
+        summary.errors_retryable = 0 if cfg.retry_errors else recovered.retryable
+        entries = reader_for(cfg.input)(cfg.input)
+        lines = None
+        if keep_lines:
+            entries = list(entries)
+            lines = dict(entries)
+        plan = plan_job(iter(entries), cfg.sampling, recovered.done)
+        summary.requests_skipped = plan.skipped
+        if recovered.retried:
+            print(f"Retrying: {recovered.retried} earlier error records removed from {cfg.output}")
+        if plan.skipped:
+            print(f"Resuming: {plan.skipped} records already in {cfg.output} are skipped")
+        print(f"{len(plan.requests)} requests to run, {len(plan.errors)} input lines with errors")
+
         for err in plan.errors:
             writer.write(err.record())
         summary.requests_errored += len(plan.errors)
@@ -213,7 +227,8 @@ def format_summary(s: JobSummary) -> str:
         "Steps per mode: " + (", ".join(f"{k}={v}" for k, v in steps.items()) if steps else na),
         f"Requests: {s.requests_completed} completed, {s.requests_errored} errors, "
         f"{s.requests_skipped} skipped (already in the output)",
-        f"Errors: {s.requests_errored}",
+        f"Errors: {s.requests_errored}" + (f" ({s.errors_retryable} earlier error records could be run again with "
+                                            f"--retry-errors)" if s.errors_retryable else ""),
         f"Results written to {s.output}",
     ]
     return "\n".join(lines)
@@ -274,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rows per batch sent to a group (default 512)")
     ray.add_argument("--ray-num-gpus-per-actor", type=float, default=None, metavar="G",
                      help="GPUs each group takes (default: all of a node's)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="run again the ids whose only records in the output are errors (their error records are removed)")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--llm-factory", default=None, help=argparse.SUPPRESS)  # tests: module:callable
@@ -285,7 +302,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     engine.update({_dest(f): getattr(args, _dest(f)) for f, *_ in ENGINE_FLAGS if getattr(args, _dest(f)) is not None})
     sampling_names = [_dest(f) for f, _ in SAMPLING_FLAGS] + ["stop", "stop_token_ids", "ignore_eos"]
     sampling = {n: getattr(args, n) for n in sampling_names if getattr(args, n) is not None}
-    return JobConfig(args.input, args.output, engine, sampling, progress=not args.no_progress)
+    return JobConfig(args.input, args.output, engine, sampling, progress=not args.no_progress,
+                     retry_errors=args.retry_errors)
 
 
 def load_factory(spec: str) -> LLMFactory:
@@ -320,11 +338,19 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
             return 2
         opts = sidp_ray.RayOptions(address=args.ray or None, concurrency=args.ray_concurrency,
                                    batch_size=args.ray_batch_size, num_gpus_per_actor=args.ray_num_gpus_per_actor)
-        summary = sidp_ray.run_ray_job(cfg, opts)
+        run = lambda: sidp_ray.run_ray_job(cfg, opts)
     else:
         if llm_factory is None:
             llm_factory = load_factory(args.llm_factory) if args.llm_factory else default_llm_factory
-        summary = run_job(cfg, llm_factory)
+        run = lambda: run_job(cfg, llm_factory)
+    try:
+        summary = run()
+    except OutputWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,10 @@ different from the input's. `run_offline.py` subprocesses reach it through the h
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from sidp_jax import offline_job
+from sidp_jax.job_output import MARKER_SUFFIX, JobOutput
 from sidp_jax.offline_job import DEFAULT_INPUT, main
 from sidp_jax.outputs import CompletionOutput, RequestOutput
 
@@ -257,17 +260,118 @@ def test_resume_skips_written_records(tmp_path):
     assert rc == 0 and rec2.llms == [] and read_records(out) == records
 
 
-@pytest.mark.parametrize("tail", ['{"id": "r2", "text": "tor', '{"id": "r2"}', "not json at all\n"])
-def test_torn_last_line_is_truncated_and_rerun(tmp_path, tail):
+DONE = {"id": "r0", "text": "x", "token_ids": [1], "finish_reason": "stop", "prompt_tokens": 1, "output_tokens": 1}
+
+
+def mark_as_written_by_a_job(out: Path) -> None:
+    """What a job leaves beside its output: the marker that says it wrote the file."""
+    Path(str(out) + MARKER_SUFFIX).write_text('{"written_by": "sidp-jax offline job"}\n')
+
+
+@pytest.mark.parametrize("tail", ['{"id": "r2", "text": "tor', '{"id": "r2"}'])
+def test_torn_last_line_of_a_jobs_own_output_is_truncated_and_rerun(tmp_path, tail):
     lines = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(3)]
     out = tmp_path / "results.jsonl"
-    done = {"id": "r0", "text": "x", "token_ids": [1], "finish_reason": "stop", "prompt_tokens": 1, "output_tokens": 1}
-    out.write_text(json.dumps(done) + "\n" + tail)  # no newline, or unparsable: torn
+    out.write_text(json.dumps(DONE) + "\n" + tail)  # no newline: torn
+    mark_as_written_by_a_job(out)
     rc, out, rec = run(tmp_path, lines)
     assert rc == 0
     assert set(rec.params_by_prompt) == {"prompt 1", "prompt 2"}
     records = read_records(out)
-    assert sorted(r["id"] for r in records) == ["r0", "r1", "r2"] and records[0] == done
+    assert sorted(r["id"] for r in records) == ["r0", "r1", "r2"] and records[0] == DONE
+
+
+@pytest.mark.parametrize("content,why", [
+    (json.dumps(DONE) + '\n{"id": "r2", "text": "tor', "incomplete line that no sidp-jax job wrote"),  # no marker
+    (json.dumps(DONE) + "\nnot json at all\n", "line 2 of .* is not a result or error record"),
+    ((REPO / "README.md").read_text(), "line 1 of .* is not a result or error record"),
+])
+def test_an_output_that_is_not_this_jobs_is_refused_untouched(tmp_path, capsys, content, why):
+    out = tmp_path / "results.jsonl"
+    out.write_text(content)
+    rc, out, rec = run(tmp_path, [{"id": "a", "prompt": "x"}])
+    assert rc == 2 and rec.llms == []
+    assert out.read_text() == content
+    assert re.search(why, capsys.readouterr().err)
+
+
+def test_output_that_is_the_input_or_a_directory_is_refused(tmp_path, capsys):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])
+    before = inp.read_text()
+    assert main(["--input", str(inp), "--output", str(tmp_path / "." / "in.jsonl"), "--no-progress"],
+                llm_factory=Recorder()) == 2
+    assert inp.read_text() == before and "is the input file" in capsys.readouterr().err
+    (tmp_path / "outdir").mkdir()
+    assert main(["--input", str(inp), "--output", str(tmp_path / "outdir"), "--no-progress"],
+                llm_factory=Recorder()) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_second_job_on_the_same_output_is_refused_naming_the_lock(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    holder = JobOutput(out)  # what a running job holds
+    try:
+        rc, _, rec = run(tmp_path, [{"id": "a", "prompt": "x"}])
+        assert rc == 2 and rec.llms == []
+        assert f"holds the lock on {out}{MARKER_SUFFIX}" in capsys.readouterr().err
+    finally:
+        holder.close()
+    assert run(tmp_path, [{"id": "a", "prompt": "x"}])[0] == 0  # released: the job runs
+
+
+def test_retry_errors_reruns_ids_whose_only_records_are_errors(tmp_path, capsys):
+    lines = [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "c", "prompt": "z"}]
+    out = write_lines(tmp_path / "results.jsonl", [
+        DONE | {"id": "a"}, {"id": "b", "line": 2, "error": "prompt has 9 tokens; max_model_len is 4"},
+        {"line": 3, "error": "invalid JSON: (since fixed)"}])
+    rc, _, rec = run(tmp_path, lines)  # line 3 was fixed and now has an id: it runs; b stays an error ...
+    assert rc == 0 and set(rec.params_by_prompt) == {"z"}
+    assert "2 earlier error records could be run again with --retry-errors" in capsys.readouterr().out
+    rc, _, rec = run(tmp_path, lines, "--retry-errors")
+    assert rc == 0 and set(rec.params_by_prompt) == {"y"}  # ... until asked
+    records = read_records(out)
+    assert sorted(r["id"] for r in records) == ["a", "b", "c"] and not [r for r in records if "error" in r]
+    assert records[0] == DONE | {"id": "a"}
+
+
+class _DiskFillsUp:
+    """A file that takes `room` more bytes, writes part of the next line, then fails as a full disk."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, s: str):
+        if len(s) > self.room:
+            self.f.write(s[:self.room // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(s)
+        return self.f.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_stops_the_job_clearly_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+    lines = [{"id": f"r{i}", "prompt": f"prompt {i}"} for i in range(12)]
+    real_write = JobOutput.write
+
+    def write(self, record):
+        if self._f is None:
+            self._f = _DiskFillsUp(open(self.path, "a", encoding="utf-8"), room=400)
+        return real_write(self, record)
+
+    monkeypatch.setattr(JobOutput, "write", write)
+    rc, out, _ = run(tmp_path, lines)
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "rerun the same command to resume" in err
+    assert not out.read_text().endswith("\n")  # a torn record was left behind
+    monkeypatch.setattr(JobOutput, "write", real_write)
+    rc, out, rec = run(tmp_path, lines)
+    assert rc == 0
+    ids = [r["id"] for r in read_records(out)]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(12))  # nothing lost, nothing twice
 
 
 def test_no_arguments_runs_bundled_examples(tmp_path, monkeypatch, capsys):
