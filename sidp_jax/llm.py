@@ -149,20 +149,26 @@ class LLM:
                 yield req.index - base, _error(
                     req, f"prompt has {len(req.prompt_ids)} tokens; max_model_len is {self.max_model_len}")
                 bar.update(1)
+            elif (bad := _vocab_error(req.params, self.cfg.vocab_size)) is not None:
+                yield req.index - base, _error(req, bad)
+                bar.update(1)
             else:
                 by_index[req.index] = req
                 self.engine.add(req)
-        while self.engine.scheduler.has_work():
-            for seq in self.engine.step():
-                out_tokens += len(seq.output_ids)
-                req = by_index.get(seq.request_index)  # None: a sibling sample already completed it
-                if req is not None and req.finished:
-                    req.metrics.finished_time = time.time()
-                    del by_index[req.index]
-                    bar.update(1)
-                    bar.set_postfix_str(f"{out_tokens / (time.perf_counter() - start):.1f} out tok/s")
-                    yield req.index - base, req.output()
-        bar.close()
+        try:
+            while self.engine.scheduler.has_work():
+                for seq in self.engine.step():
+                    out_tokens += len(seq.output_ids)
+                    req = by_index.get(seq.request_index)  # None: a sibling sample already completed it
+                    if req is not None and req.finished:
+                        req.metrics.finished_time = time.time()
+                        del by_index[req.index]
+                        bar.update(1)
+                        bar.set_postfix_str(f"{out_tokens / (time.perf_counter() - start):.1f} out tok/s")
+                        yield req.index - base, req.output()
+        finally:  # an error (or a consumer that stopped early) must not leave sequences behind
+            self.engine.scheduler.abort_all()
+            bar.close()
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
         results = dict(self.stream(prompts, sampling_params, use_tqdm=use_tqdm))
@@ -199,6 +205,14 @@ class LLM:
         s["startup_seconds"] = self.startup_seconds
         s["first_call_seconds"] = dict(self.engine.runner.first_call_seconds)
         return s
+
+
+def _vocab_error(params: SamplingParams, vocab_size: int) -> str | None:
+    try:
+        params.check_vocab(vocab_size)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _error(req: Request, msg: str) -> RequestOutput:

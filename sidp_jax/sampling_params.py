@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass
@@ -26,9 +31,16 @@ class SamplingParams:
 
     MAX_LOGPROBS = 20
 
+    MAX_INT32 = 2**31 - 1  # the step's int32 arrays (top_k, token ids, lengths)
+    MAX_SEED = 2**32 - 1  # seeds travel as uint32
+
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            self._fail("stop", "must be a string or a list of strings")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            self._fail("stop_token_ids", "must be a list of integers")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
@@ -38,37 +50,47 @@ class SamplingParams:
     def _fail(self, field: str, why: str):
         raise ValueError(f"SamplingParams.{field} {why}, got {getattr(self, field)!r}")
 
+    def _int(self, field: str, lo: int, hi: int, optional: bool = False) -> None:
+        v = getattr(self, field)
+        if optional and v is None:
+            return
+        if not _is_int(v) or not lo <= v <= hi:
+            self._fail(field, f"must be an integer in [{lo}, {hi}]" + (" or None" if optional else ""))
+
+    def _real(self, field: str, ok, why: str) -> None:
+        v = getattr(self, field)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)):
+            self._fail(field, f"must be a finite number {why}")
+
     def _validate(self):
-        if not isinstance(self.n, int) or self.n < 1:
-            self._fail("n", "must be an integer >= 1")
-        if self.temperature < 0:
-            self._fail("temperature", "must be >= 0")
-        if not 0 < self.top_p <= 1:
-            self._fail("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            self._fail("top_k", "must be -1, 0 (disabled) or a positive integer")
-        if not 0 <= self.min_p <= 1:
-            self._fail("min_p", "must be in [0, 1]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            self._fail("max_tokens", "must be an integer >= 1 or None")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            self._fail("min_tokens", "must be an integer >= 0")
+        big = self.MAX_INT32
+        self._int("n", 1, 4096)
+        self._real("temperature", lambda v: v >= 0, ">= 0")
+        self._real("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        self._int("top_k", 0, big)  # -1 became 0 (disabled)
+        self._real("min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
+        self._int("max_tokens", 1, big, optional=True)
+        self._int("min_tokens", 0, big)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             self._fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             self._fail("stop", "must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            self._fail("stop_token_ids", "must be non-negative integers")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            self._fail("seed", "must be a non-negative integer or None")
-        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
-            self._fail("logprobs", f"must be in [0, {self.MAX_LOGPROBS}] or None")
-        if not -2 <= self.presence_penalty <= 2:
-            self._fail("presence_penalty", "must be in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
-            self._fail("frequency_penalty", "must be in [-2, 2]")
-        if not 0 < self.repetition_penalty:
-            self._fail("repetition_penalty", "must be > 0")
+        if any(not _is_int(t) or not 0 <= t <= big for t in self.stop_token_ids):
+            self._fail("stop_token_ids", f"must be integers in [0, {big}]")
+        if not isinstance(self.ignore_eos, bool):
+            self._fail("ignore_eos", "must be true or false")
+        self._int("seed", 0, self.MAX_SEED, optional=True)
+        self._int("logprobs", 0, self.MAX_LOGPROBS, optional=True)
+        self._real("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
+        self._real("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
+        self._real("repetition_penalty", lambda v: v > 0, "> 0")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the engine will look up must exist in the model's vocabulary."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids must be below the vocabulary size {vocab_size}, "
+                             f"got {bad[0]}")
 
     @property
     def greedy(self) -> bool:

@@ -138,3 +138,41 @@ def test_bad_sampling_params_name_the_field():
             SamplingParams(**{field: value})
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=5, max_tokens=2)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", 2**32), ("seed", -1), ("top_k", 2**31), ("stop_token_ids", [2**31]), ("max_tokens", 2**31),
+    ("min_tokens", 2**31), ("temperature", float("nan")), ("top_p", float("inf")), ("presence_penalty", float("nan")),
+    ("n", True), ("max_tokens", 3.0), ("seed", "7"), ("stop", 5), ("stop", ["ok", 3]), ("stop_token_ids", 5),
+    ("ignore_eos", "yes"), ("temperature", True),
+])
+def test_values_that_would_overflow_or_mislead_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_a_stop_token_outside_the_vocabulary_fails_that_request_alone(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    bad = SamplingParams(temperature=0, max_tokens=4, min_tokens=1, stop_token_ids=[qwen3.cfg.vocab_size])
+    outs = qwen3.generate(prompts[:2], [GREEDY16, bad], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == want[0]
+    assert outs[1].error and "stop_token_ids" in outs[1].error and "vocabulary" in outs[1].error
+
+
+def test_the_llm_stays_usable_after_a_step_fails(qwen3, monkeypatch):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    runner = qwen3.engine.runner
+    real_run = runner.run
+
+    def failing_run(*a, **k):
+        raise RuntimeError("device error in the middle of a step")
+
+    monkeypatch.setattr(runner, "run", failing_run)
+    with pytest.raises(RuntimeError, match="middle of a step"):
+        qwen3.generate(prompts, GREEDY16, use_tqdm=False)
+    assert not qwen3.engine.scheduler.has_work()  # nothing left behind ...
+    monkeypatch.setattr(runner, "run", real_run)
+    free = [b.num_free for b in qwen3.engine.scheduler.blocks]
+    outs = qwen3.generate(prompts, GREEDY16, use_tqdm=False)  # ... and the next call is exact
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert [b.num_free for b in qwen3.engine.scheduler.blocks] == free

@@ -474,3 +474,17 @@ def test_parquet_input(tmp_path):
     got = by_id(records)
     assert got["a"]["text"] == "olleh0" and got["b"]["output_tokens"] == 3
     assert got["c"]["line"] == 3 and "exactly one" in got["c"]["error"]
+
+
+def test_values_that_would_overflow_are_error_records_and_the_job_goes_on(tmp_path):
+    lines = [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two", "seed": 4294967296},
+             {"id": "c", "prompt": "three", "top_k": 2147483648},
+             {"id": "d", "prompt": "four", "stop_token_ids": [2147483648], "min_tokens": 1},
+             {"id": "e", "prompt": "five", "temperature": float("nan")}, {"id": "f", "prompt": "six", "n": True},
+             {"id": "g", "prompt": "seven"}]
+    rc, out, rec = run(tmp_path, lines)
+    assert rc == 0
+    records = by_id(read_records(out))
+    assert set(rec.params_by_prompt) == {"one", "seven"}
+    for rid, field in [("b", "seed"), ("c", "top_k"), ("d", "stop_token_ids"), ("e", "temperature"), ("f", "n")]:
+        assert f"SamplingParams.{field}" in records[rid]["error"], records[rid]
