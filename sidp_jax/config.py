@@ -75,8 +75,31 @@ def _rope_from_hf(raw: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def _pos_int(raw: dict, key: str, default=None) -> int:
+    """A positive integer field (a missing optional one gives `default`)."""
+    if key not in raw or raw[key] is None:
+        if default is not None:
+            return default
+        raise ValueError(f"config field {key!r} is missing")
+    v = raw[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"config field {key!r} must be a positive integer, got {v!r}")
+    return v
+
+
+def _pos_float(raw: dict, key: str, default: float) -> float:
+    v = raw.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"config field {key!r} must be a positive number, got {v!r}")
+    return float(v)
+
+
 def config_from_hf_dict(raw: dict) -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}")
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"config field 'architectures' must be a list of names, got {archs!r}")
     family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if family is None:
         got = ", ".join(archs) or raw.get("model_type", "<none>")
@@ -85,23 +108,30 @@ def config_from_hf_dict(raw: dict) -> ModelConfig:
         raise ValueError("mlp_bias=True is not supported")
     if raw.get("use_sliding_window"):
         raise ValueError("sliding-window attention (use_sliding_window=True) is not supported")
-    theta, scaling = _rope_from_hf(raw)
-    heads = raw["num_attention_heads"]
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+    try:
+        theta, scaling = _rope_from_hf(raw)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"config's rope settings are incomplete or ill-typed ({e!r})") from None
+    hidden = _pos_int(raw, "hidden_size")
+    heads = _pos_int(raw, "num_attention_heads")
+    kv_heads = _pos_int(raw, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ValueError(f"config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = _pos_int(raw, "head_dim", max(hidden // heads, 1))
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
     return ModelConfig(
         family=family,
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"],
+        vocab_size=_pos_int(raw, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_pos_int(raw, "intermediate_size"),
+        num_layers=_pos_int(raw, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=_pos_float(raw, "rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        max_position_embeddings=_pos_int(raw, "max_position_embeddings", 4096),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
         qk_norm=family == "qwen3",
@@ -113,8 +143,15 @@ def load_config(model_dir: str) -> ModelConfig:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{model_dir} has no config.json (expected a Hugging Face checkpoint directory)")
-    with open(path) as f:
-        return config_from_hf_dict(json.load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return config_from_hf_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # The real shapes of the models SiDP targets, for random-weight benchmarks (like vLLM's dummy load).

@@ -191,9 +191,25 @@ def stream_records(llm, runnable: list[Request], *, use_tqdm: bool = False) -> I
             yield req, result_record(req, out)
 
 
+class ModelLoadError(Exception):
+    """The engine could not be built (bad checkpoint, config, tokenizer, memory): exit 1."""
+
+
+def build_llm(llm_factory: LLMFactory, engine_kwargs: dict):
+    try:
+        llm = llm_factory(**engine_kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"could not load the model {engine_kwargs.get('model') or '(bundled)'}: "
+                             f"{type(e).__name__}: {e}") from e
+    if getattr(llm, "tokenizer", None) is None:
+        raise ModelLoadError(f"the model {engine_kwargs.get('model')} has no tokenizer.json: the job needs one to "
+                             f"encode its prompts")
+    return llm
+
+
 def _generate(requests: list[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: ResultWriter,
               summary: JobSummary) -> None:
-    llm = llm_factory(**cfg.engine_kwargs)
+    llm = build_llm(llm_factory, cfg.engine_kwargs)
     runnable, errors = tokenize_requests(requests, llm.tokenizer)
     for err in errors:
         writer.write(err.record())
@@ -262,8 +278,13 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # the error alone, not 20 lines of usage before it
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run_offline.py",
         description="Offline batch inference: JSONL prompts in, JSONL results out (resumable). "
         "With no arguments, runs the bundled tiny model on the bundled example prompts.",
@@ -293,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run again the ids whose only records in the output are errors (their error records are removed)")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for model-loading errors")
     p.add_argument("--llm-factory", default=None, help=argparse.SUPPRESS)  # tests: module:callable
     return p
 
@@ -345,6 +367,11 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
         run = lambda: run_job(cfg, llm_factory)
     try:
         summary = run()
+    except ModelLoadError as e:
+        if args.debug:
+            raise
+        print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 1
     except OutputWriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -121,7 +121,11 @@ class Tokenizer:
         generation = _read_json(path / "generation_config.json")
         if not (path / "generation_config.json").is_file():  # transformers derives it from config.json
             generation = {k: v for k, v in _read_json(path / "config.json").items() if k == "eos_token_id"}
-        return cls(tokenizers.Tokenizer.from_file(str(tokenizer_file)), special_tokens=special,
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust library raises plain Exceptions on a corrupt file
+            raise ValueError(f"{tokenizer_file} could not be loaded as a Hugging Face tokenizer: {e}") from None
+        return cls(backend, special_tokens=special,
                    chat_templates=templates, generation_config=generation,
                    clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
                    source=str(path))

@@ -188,3 +188,73 @@ def test_bf16_checkpoint_loads_as_bf16():
     cfg = load_config(path)
     params = load_params(path, cfg, jnp.bfloat16, make_layout("dp=1", "dp", devices=jax.devices("cpu")))
     assert params["embed"].dtype == jnp.bfloat16 and "lm_head" not in params
+
+
+def _one_tensor_file(path, header: dict, data: bytes, header_len: int | None = None):
+    import struct
+
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
+
+
+@pytest.mark.parametrize("header,data,header_len,why", [
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, None, "tensor w .* only 8"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 64]}}, b"\0" * 16, None, "tensor w .* ends at byte 64"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, 2**62, "header length"),
+    ({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "holds 16 bytes.*needs 8"),
+    ({"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "unsupported dtype"),
+    ({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "invalid shape"),
+])
+def test_safetensors_headers_are_checked_against_the_file(tmp_path, header, data, header_len, why):
+    from sidp_jax.safetensors_io import SafetensorsCheckpoint
+
+    _one_tensor_file(tmp_path / "model.safetensors", header, data, header_len)
+    with pytest.raises(CheckpointError, match=why) as e:
+        SafetensorsCheckpoint(str(tmp_path))
+    assert "model.safetensors" in str(e.value)
+
+
+def test_an_index_pointing_outside_the_checkpoint_is_refused(tmp_path):
+    from sidp_jax.safetensors_io import SafetensorsCheckpoint
+
+    (tmp_path / "ckpt").mkdir()
+    _one_tensor_file(tmp_path / "elsewhere.safetensors", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                     b"\0" * 4)
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        SafetensorsCheckpoint(str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("change,why", [
+    (lambda c: c.pop("hidden_size"), "'hidden_size' is missing"),
+    (lambda c: c.update(num_attention_heads=0), "'num_attention_heads' must be a positive integer"),
+    (lambda c: c.update(max_position_embeddings=-1), "'max_position_embeddings' must be a positive integer"),
+    (lambda c: c.update(architectures="LlamaForCausalLM"), "'architectures' must be a list"),
+    (lambda c: c.update(vocab_size="512"), "'vocab_size' must be a positive integer"),
+    (lambda c: c.update(num_key_value_heads=3), "not a multiple of num_key_value_heads"),
+])
+def test_bad_config_fields_are_named_at_load_time(tmp_path, change, why):
+    path = _copy(tmp_path)
+    cfg_file = os.path.join(path, "config.json")
+    with open(cfg_file) as f:
+        raw = json.load(f)
+    change(raw)
+    with open(cfg_file, "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(ValueError, match=why) as e:
+        load_config(path)
+    assert "config.json" in str(e.value)
+
+
+def test_a_corrupt_tokenizer_is_an_error_at_load_time(tmp_path):
+    from sidp_jax.tokenizer import Tokenizer
+
+    path = _copy(tmp_path, "tiny-qwen3")
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        f.write('{"model": {"type": "nonsense"}')
+    with pytest.raises(ValueError, match="tokenizer.json could not be loaded"):
+        Tokenizer.from_dir(path)

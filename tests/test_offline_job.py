@@ -488,3 +488,33 @@ def test_values_that_would_overflow_are_error_records_and_the_job_goes_on(tmp_pa
     assert set(rec.params_by_prompt) == {"one", "seven"}
     for rid, field in [("b", "seed"), ("c", "top_k"), ("d", "stop_token_ids"), ("e", "temperature"), ("f", "n")]:
         assert f"SamplingParams.{field}" in records[rid]["error"], records[rid]
+
+
+def test_a_model_that_fails_to_load_prints_one_line_and_exits_1(tmp_path, capsys):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+    args = ["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--no-progress", "--model", str(tmp_path / "nope")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not load the model" in err and "Traceback" not in err
+    with pytest.raises(offline_job.ModelLoadError) as e:  # --debug: the traceback, with its cause
+        main(args + ["--debug"])
+    assert isinstance(e.value.__cause__, FileNotFoundError)
+
+
+def test_a_model_without_a_tokenizer_is_refused_before_any_line_runs(tmp_path, capsys):
+    class NoTokenizer(FakeLLM):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.tokenizer = None
+
+    rc, out, _ = run(tmp_path, [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}],
+                     factory=lambda **kw: NoTokenizer(**kw))
+    assert rc == 1 and "has no tokenizer.json" in capsys.readouterr().err
+    assert not out.exists() or read_records(out) == []  # no error record per line
+
+
+def test_argument_errors_come_without_the_usage_text(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "missing.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "input file not found" in err and "usage:" not in err
