@@ -17,7 +17,8 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from sidp_jax.bounded_jinja import BoundedSandbox, render
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 GENERATION_DEFAULT_KEYS = (
@@ -55,7 +56,7 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -187,6 +188,6 @@ class Tokenizer:
         # as transformers: keys whose value is None are dropped from each message
         messages = [{k: v for k, v in dict(m).items() if v is not None} for m in conversation]
         variables = {**self.special_tokens, **template_kwargs}  # explicit kwargs override special tokens
-        text = template.render(messages=messages, tools=tools, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **variables)
+        text = render(template, messages=messages, tools=tools, documents=documents,
+                      add_generation_prompt=add_generation_prompt, **variables)
         return self.encode(text) if tokenize else text

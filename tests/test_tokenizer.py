@@ -197,3 +197,25 @@ def test_runtime_imports_neither_torch_nor_transformers():
     code = ("import sys, sidp_jax.tokenizer; bad = {'torch', 'transformers'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("tpl,why", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than"),
+    ("{% for i in range(100000) %}{% for j in range(1000) %}{{ 'xxxxxxxxxx' }}{% endfor %}{% endfor %}",
+     "output passed|took more than"),
+    ("{{ 'x' * 1000000000 }}", "builds a sequence"),
+    ("{{ 10 ** 100000000 }}", "power"),
+])
+def test_a_chat_template_cannot_hang_or_flood_the_job(tmp_path, monkeypatch, tpl, why):
+    import time
+
+    from sidp_jax import bounded_jinja
+
+    monkeypatch.setattr(bounded_jinja, "RENDER_SECONDS", 0.5)
+    tok = Tokenizer.from_dir(tokenizer_dir(tmp_path, {}))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=why):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=tpl)
+    assert time.monotonic() - t0 < 5
+    # the same tokenizer renders a normal template afterwards
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="{{ messages[0].content }}") == "hi"
