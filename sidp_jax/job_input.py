@@ -182,9 +182,19 @@ class Plan:
     skipped: int  # records already in the output
 
 
-def plan_job(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: set[Key]) -> Plan:
-    """Parse every line, mark duplicate ids, and drop what an earlier run already wrote."""
-    plan = Plan([], [], 0)
+@dataclasses.dataclass
+class PlanCounts:
+    requests: int = 0
+    errors: int = 0
+    skipped: int = 0
+
+
+def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: set[Key],
+               counts: PlanCounts | None = None) -> Iterator[Request | LineError]:
+    """Parse lines one at a time: each runnable Request or new LineError, in input order, marking
+    duplicate ids across the whole file and leaving out what an earlier run already wrote. Memory:
+    the ids seen so far, not the lines."""
+    counts = counts if counts is not None else PlanCounts()
     first_line_of: dict[str | int, int] = {}
     for line, obj in entries:
         item = parse_line(line, obj, base_sampling)
@@ -194,11 +204,21 @@ def plan_job(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: set[
             else:
                 first_line_of[item.id] = line
         if item.key in done:
-            plan.skipped += 1
-        elif isinstance(item, Request):
-            plan.requests.append(item)
+            counts.skipped += 1
+            continue
+        if isinstance(item, Request):
+            counts.requests += 1
         else:
-            plan.errors.append(item)
+            counts.errors += 1
+        yield item
+
+
+def plan_job(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: set[Key]) -> Plan:
+    """plan_items, all at once."""
+    plan, counts = Plan([], [], 0), PlanCounts()
+    for item in plan_items(entries, base_sampling, done, counts):
+        (plan.requests if isinstance(item, Request) else plan.errors).append(item)
+    plan.skipped = counts.skipped
     return plan
 
 

@@ -117,46 +117,70 @@ class LLM:
             raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
         return None, ids
 
-    def _requests(self, prompts, sampling_params) -> list[Request]:
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        if prompts and isinstance(prompts[0], int):  # one prompt given as token ids
-            prompts = [prompts]
-        if sampling_params is None:
-            sampling_params = self.default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
-        reqs = []
-        for prompt, sp in zip(prompts, sampling_params):
-            text, ids = self._prompt_ids(prompt)
-            reqs.append(Request(self._request_counter, text, ids, sp))
-            self._request_counter += 1
-        return reqs
+    def _request(self, prompt, sp: SamplingParams | None) -> Request:
+        if isinstance(prompt, dict) and prompt.get("sampling_params") is not None:
+            sp = prompt["sampling_params"]
+        text, ids = self._prompt_ids(prompt)
+        req = Request(self._request_counter, text, ids, sp or self.default_sampling_params())
+        self._request_counter += 1
+        return req
 
-    def stream(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> Iterator[tuple[int, RequestOutput]]:
-        """Yield (index into prompts, RequestOutput) as requests finish."""
+    def _requests(self, prompts, sampling_params) -> Iterator[Request]:
+        """Requests of a list of prompts, all checked up front (a bad prompt raises before any runs),
+        or of any other iterable, made one at a time as the engine takes them."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt (text, dict, or token ids)
+        if isinstance(sampling_params, (list, tuple)):
+            if isinstance(prompts, (list, tuple)) and len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+            pairs = zip(prompts, sampling_params, strict=True)
+        else:
+            pairs = ((p, sampling_params) for p in prompts)
+        if isinstance(prompts, (list, tuple)):
+            return iter([self._request(p, sp) for p, sp in pairs])
+        return (self._request(p, sp) for p, sp in pairs)
+
+    def _admission_error(self, req: Request) -> str | None:
+        if not req.prompt_ids:
+            return "empty prompt"
+        if len(req.prompt_ids) >= self.max_model_len:
+            return f"prompt has {len(req.prompt_ids)} tokens; max_model_len is {self.max_model_len}"
+        return _vocab_error(req.params, self.cfg.vocab_size)
+
+    def stream(self, prompts, sampling_params=None, *, use_tqdm: bool = True,
+               max_pending: int | None = None) -> Iterator[tuple[int, RequestOutput]]:
+        """Yield (index into prompts, RequestOutput) as requests finish.
+
+        prompts: a list, or any iterable, read lazily: at most `max_pending` requests (default: all
+        of a list; 4 x max_num_seqs per replica for an iterable) are held in the engine at once,
+        so a stream of millions of prompts needs memory for what is in flight only. A dict prompt
+        may carry its own "sampling_params"."""
+        single = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and bool(prompts)
+                                                       and isinstance(prompts[0], int))
+        sized = single or isinstance(prompts, (list, tuple))
+        base = self._request_counter
         reqs = self._requests(prompts, sampling_params)
-        base = reqs[0].index if reqs else 0
-        by_index = {}
-        bar = _progress(len(reqs), use_tqdm)
-        start, out_tokens = time.perf_counter(), 0
-        for req in reqs:
-            if not req.prompt_ids:
-                yield req.index - base, _error(req, "empty prompt")
-                bar.update(1)
-            elif len(req.prompt_ids) >= self.max_model_len:
-                yield req.index - base, _error(
-                    req, f"prompt has {len(req.prompt_ids)} tokens; max_model_len is {self.max_model_len}")
-                bar.update(1)
-            elif (bad := _vocab_error(req.params, self.cfg.vocab_size)) is not None:
-                yield req.index - base, _error(req, bad)
-                bar.update(1)
-            else:
-                by_index[req.index] = req
-                self.engine.add(req)
+        if max_pending is None:
+            max_pending = (1 << 62) if sized else 4 * self.engine.max_num_seqs * self.layout.num_replicas
+        by_index: dict[int, Request] = {}
+        bar = _progress(1 if single else len(prompts) if sized else None, use_tqdm)
+        start, out_tokens, exhausted = time.perf_counter(), 0, False
         try:
-            while self.engine.scheduler.has_work():
+            while True:
+                while not exhausted and len(by_index) < max_pending:
+                    req = next(reqs, None)
+                    if req is None:
+                        exhausted = True
+                    elif (err := self._admission_error(req)) is not None:
+                        yield req.index - base, _error(req, err)
+                        bar.update(1)
+                    else:
+                        by_index[req.index] = req
+                        self.engine.add(req)
+                if not self.engine.scheduler.has_work():
+                    if exhausted:
+                        break
+                    continue
                 for seq in self.engine.step():
                     out_tokens += len(seq.output_ids)
                     req = by_index.get(seq.request_index)  # None: a sibling sample already completed it

@@ -54,13 +54,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from sidp_jax.job_input import LineError, Request, plan_job, reader_for, tokenize
+from sidp_jax.job_input import LineError, PlanCounts, Request, plan_items, reader_for, tokenize
 from sidp_jax.job_output import JobOutput, OutputError, OutputWriteError, ResultWriter, result_record
 from sidp_jax.sampling_params import SamplingParams
 
@@ -126,9 +127,12 @@ Generate = Callable[[list[Request], dict[int, Any] | None, ResultWriter, JobSumm
 
 
 def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False) -> JobSummary:
-    """The job around any engine: plan the input against what the output already holds, write the
-    input's error records, then `generate(requests, lines, writer, summary)` the rest.
-    keep_lines: also hand over every line's raw object by line number (None otherwise)."""
+    """The job around any engine: check the output and learn what it holds, then read the input
+    line by line, writing each line's error record as it comes and handing the runnable requests
+    to `generate(requests, lines, writer, summary)` as an iterator, so that host memory follows
+    what is in flight, not the size of the input.
+    keep_lines: read the whole input first and also hand over every line's raw object by line
+    number, and the requests as a list (the Ray driver ships rows to its actors)."""
     start = time.perf_counter()
     summary = JobSummary(output=str(cfg.output))
     writer = JobOutput(cfg.output, cfg.input)
@@ -136,24 +140,32 @@ def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False)
         recovered = writer.recover(cfg.retry_errors)
         summary.errors_retried = recovered.retried
         summary.errors_retryable = 0 if cfg.retry_errors else recovered.retryable
+        if recovered.retried:
+            print(f"Retrying: {recovered.retried} earlier error records removed from {cfg.output}")
         entries = reader_for(cfg.input)(cfg.input)
+        counts = PlanCounts()
         lines = None
         if keep_lines:
             entries = list(entries)
             lines = dict(entries)
-        plan = plan_job(iter(entries), cfg.sampling, recovered.done)
-        summary.requests_skipped = plan.skipped
-        if recovered.retried:
-            print(f"Retrying: {recovered.retried} earlier error records removed from {cfg.output}")
-        if plan.skipped:
-            print(f"Resuming: {plan.skipped} records already in {cfg.output} are skipped")
-        print(f"{len(plan.requests)} requests to run, {len(plan.errors)} input lines with errors")
+        items = plan_items(iter(entries), cfg.sampling, recovered.done, counts)
 
-        for err in plan.errors:
-            writer.write(err.record())
-        summary.requests_errored += len(plan.errors)
-        if plan.requests:
-            generate(plan.requests, lines, writer, summary)
+        def runnable():
+            for item in items:
+                if isinstance(item, LineError):
+                    writer.write(item.record())
+                    summary.requests_errored += 1
+                else:
+                    yield item
+
+        requests = list(runnable()) if keep_lines else runnable()
+        first = requests[0] if keep_lines and requests else None if keep_lines else next(requests, None)
+        if first is not None:  # nothing to run: no engine is built
+            generate(requests if keep_lines else itertools.chain([first], requests), lines, writer, summary)
+        summary.requests_skipped = counts.skipped
+        if counts.skipped:
+            print(f"Resumed: {counts.skipped} records already in {cfg.output} were skipped")
+        print(f"{counts.requests} requests run, {counts.errors} input lines with errors")
     finally:
         writer.close()
     summary.wall_s = time.perf_counter() - start
@@ -168,23 +180,35 @@ def run_job(cfg: JobConfig, llm_factory: LLMFactory = default_llm_factory) -> Jo
 def tokenize_requests(requests: list[Request], tokenizer) -> tuple[list[Request], list[LineError]]:
     """Fill in each request's prompt_ids; a prompt that cannot be rendered/encoded is an error."""
     runnable, errors = [], []
-    for req in requests:
-        try:
-            req.prompt_ids = tokenize(req, tokenizer)
-        except Exception as e:  # chat templates raise whatever they like (jinja2, raise_exception)
-            errors.append(LineError(req.line, f"could not render/encode the prompt: {e}", id=req.id))
-            continue
-        runnable.append(req)
+    for item in tokenized(requests, tokenizer):
+        (errors if isinstance(item, LineError) else runnable).append(item)
     return runnable, errors
 
 
-def stream_records(llm, runnable: list[Request], *, use_tqdm: bool = False) -> Iterator[tuple[Request, dict | LineError]]:
-    """Run tokenized requests; yield (request, result record or LineError) as each finishes."""
-    if not runnable:
-        return
-    stream = llm.stream([r.prompt_ids for r in runnable], [r.params for r in runnable], use_tqdm=use_tqdm)
-    for i, out in stream:
-        req = runnable[i]
+def tokenized(requests: Iterable[Request], tokenizer) -> Iterator[Request | LineError]:
+    """Each request with its prompt_ids filled in, or the LineError of a prompt that cannot be
+    rendered or encoded (chat templates raise whatever they like), one at a time."""
+    for req in requests:
+        try:
+            req.prompt_ids = tokenize(req, tokenizer)
+        except Exception as e:
+            yield LineError(req.line, f"could not render/encode the prompt: {e}", id=req.id)
+            continue
+        yield req
+
+
+def stream_records(llm, runnable: Iterable[Request], *, use_tqdm: bool = False) -> Iterator[tuple[Request, dict | LineError]]:
+    """Run tokenized requests (a list, or an iterator the engine reads as it makes room); yield
+    (request, result record or LineError) as each finishes."""
+    pending: dict[int, Request] = {}
+
+    def feed():
+        for i, req in enumerate(runnable):
+            pending[i] = req
+            yield {"prompt_token_ids": req.prompt_ids, "sampling_params": req.params}
+
+    for i, out in llm.stream(feed(), None, use_tqdm=use_tqdm):
+        req = pending.pop(i)
         if out.error is not None:
             yield req, LineError(req.line, out.error, id=req.id)
         else:
@@ -207,18 +231,20 @@ def build_llm(llm_factory: LLMFactory, engine_kwargs: dict):
     return llm
 
 
-def _generate(requests: list[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: ResultWriter,
+def _generate(requests: Iterable[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: ResultWriter,
               summary: JobSummary) -> None:
     llm = build_llm(llm_factory, cfg.engine_kwargs)
-    runnable, errors = tokenize_requests(requests, llm.tokenizer)
-    for err in errors:
-        writer.write(err.record())
-    summary.requests_errored += len(errors)
-    if not runnable:
-        return
+
+    def runnable():
+        for item in tokenized(requests, llm.tokenizer):
+            if isinstance(item, LineError):
+                writer.write(item.record())
+                summary.requests_errored += 1
+            else:
+                yield item
 
     start = time.perf_counter()
-    for _, result in stream_records(llm, runnable, use_tqdm=cfg.progress):
+    for _, result in stream_records(llm, runnable(), use_tqdm=cfg.progress):
         if isinstance(result, LineError):
             writer.write(result.record())
             summary.requests_errored += 1

@@ -64,20 +64,36 @@ class FakeLLM:
         finish = "length" if len(text) > limit else "stop"
         return CompletionOutput(index, text[:limit], token_ids, finish, logprobs)
 
-    def stream(self, prompts, sampling_params, *, use_tqdm=True):
-        assert len(prompts) == len(sampling_params)
-        self.calls.append((list(prompts), list(sampling_params)))
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # not input order
-        for i in order:
-            if self.delay:
-                time.sleep(self.delay)
-            ids, params = prompts[i], sampling_params[i]
-            if len(ids) > self.max_model_len:
-                err = f"prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}"
-                yield i, RequestOutput(str(i), None, ids, [], error=err)
-                continue
-            outs = [self._complete(ids, params, j) for j in range(params.n)]
-            yield i, RequestOutput(str(i), None, ids, outs)
+    def stream(self, prompts, sampling_params=None, *, use_tqdm=True, max_pending=None):
+        """Reads prompts lazily in windows of `max_pending` (64), each answered longest first."""
+        call = ([], [])
+        self.calls.append(call)
+        params_of = iter(sampling_params) if isinstance(sampling_params, list) else None
+        window, base = [], 0
+
+        def flush():
+            order = sorted(range(len(window)), key=lambda i: (-len(window[i][0]), i))  # not input order
+            for i in order:
+                if self.delay:
+                    time.sleep(self.delay)
+                ids, params = window[i]
+                if len(ids) > self.max_model_len:
+                    err = f"prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}"
+                    yield base + i, RequestOutput(str(i), None, ids, [], error=err)
+                    continue
+                outs = [self._complete(ids, params, j) for j in range(params.n)]
+                yield base + i, RequestOutput(str(i), None, ids, outs)
+
+        for p in prompts:
+            ids, params = (p["prompt_token_ids"], p["sampling_params"]) if isinstance(p, dict) else (p, next(params_of))
+            call[0].append(ids)
+            call[1].append(params)
+            window.append((ids, params))
+            if len(window) == (max_pending or 64):
+                yield from flush()
+                base += len(window)
+                window = []
+        yield from flush()
 
     def stats(self) -> dict:
         return {"kv_tokens_per_replica": 4096, "max_concurrency": 64, "num_preemptions": 0,
