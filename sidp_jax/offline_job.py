@@ -46,6 +46,10 @@ sidp_jax/job_output.py. Input formats plug into `READERS` (file suffix -> reader
 JSONL (.jsonl, .ndjson) and Parquet (.parquet, needs pyarrow; "line" is the row number from 1
 and a row's null columns are left out).
 
+The input is streamed: lines are parsed and tokenized one at a time as the engine takes them
+(LLM.stream keeps a bounded window of requests), so memory follows what is in flight; only the
+ids seen so far are kept, to find duplicates across the whole file.
+
 `--ray [ADDRESS]` runs the same job on a Ray cluster, one SiDP group per node: see sidp_jax/ray.py.
 """
 

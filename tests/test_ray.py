@@ -135,7 +135,7 @@ def test_run_offline_ray_job(cluster, reference, tmp_path, capsys):
         assert by_id[want[i]]["token_ids"] == ref, i
 
     assert main(argv) == 0  # resume: everything is written, nothing runs
-    assert "0 requests to run" in capsys.readouterr().out
+    assert "0 requests run" in capsys.readouterr().out
     assert [json.loads(x) for x in out.read_text().splitlines()] == records
 
 
