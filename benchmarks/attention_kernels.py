@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import re
 import sys
@@ -39,6 +38,7 @@ import numpy as np  # noqa: E402
 from sidp_jax.kernels.paged_attention import paged_attention_reference  # noqa: E402
 from sidp_jax.kernels.paged_decode_pallas import paged_decode_attention  # noqa: E402
 from sidp_jax.timing import single_and_burst_us  # noqa: E402
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 L_CACHE = 2  # layers' pools in the cache; the timed layer is the last (non-zero page offset)
 
@@ -180,8 +180,7 @@ def main():
     if a.out:
         meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, Nq=Nq, Nkv=Nkv, D=D, P=P,
                     dtype=dtype.name, ragged=a.ragged, reps=a.reps, burst=a.burst, argv=sys.argv[1:])
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        write_result(a.out, dict(meta=meta, rows=rows))
         print(f"wrote {a.out}")
 
 

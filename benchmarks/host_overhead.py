@@ -13,7 +13,6 @@ sits between device steps). The workload is the KV-bound one of RESULTS.md: prom
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -22,6 +21,7 @@ import numpy as np
 from sidp_jax.engine import Engine, Request
 from sidp_jax.sampling_params import SamplingParams
 from sidp_jax.scheduler import Scheduler
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 class InstantRunner:
@@ -75,8 +75,7 @@ def main():
     print(f"host {res['host_ms_per_step']:.2f} ms/step over {a.steps} steps, "
           f"{res['mean_running_sequences']:.0f} running sequences on {a.replicas} replicas")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_result(a.out, res)
 
 
 if __name__ == "__main__":

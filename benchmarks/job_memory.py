@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
@@ -90,9 +91,7 @@ def main():
     if len(rows) >= 2:
         print(f"peak RSS ratio largest/smallest: {rows[-1]['peak_rss_MiB'] / rows[0]['peak_rss_MiB']:.2f}x")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"argv": sys.argv[1:], "machine": "this repo's 2-core CPU dev machine", "rows": rows}, f,
-                      indent=1)
+        write_result(a.out, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import argparse
 import json
 
 from child_process import report, run_child  # benchmarks/ is on sys.path when run as a script
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def measure(model: str, mesh: str, layout_name: str, placement: str, util: float) -> dict:
@@ -66,8 +67,7 @@ def main():
             rows.append(res)
             print(json.dumps(res), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_result(args.out, {"args": vars(args), "rows": rows})
     print(f"\n{'util':>5} {'layout':>6} {'KV tok/GPU':>11} {'bound':>9} {'gap':>6} {'vs dp':>6}")
     for util in args.util.split(","):
         dp = next((r.get("kv_tokens_per_gpu") for r in rows if r["parallel"] == "dp" and r["util"] == float(util)), None)

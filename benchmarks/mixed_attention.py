@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -35,6 +34,7 @@ from sidp_jax.kernels.attention import mixed_attention  # noqa: E402
 from sidp_jax.kernels.paged_attention import paged_attention_reference  # noqa: E402
 from sidp_jax.kernels.paged_prefill_pallas import paged_prefill_attention  # noqa: E402
 from sidp_jax.timing import single_and_burst_us  # noqa: E402
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 # name -> (decode rows, their context range, prefill chunks as (tokens, first position))
 SCENARIOS = {
@@ -137,8 +137,7 @@ def main():
     if a.out:
         meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, Nq=Nq, Nkv=Nkv, D=D, P=P,
                     dtype="bfloat16", reps=a.reps, burst=a.burst, argv=sys.argv[1:])
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        write_result(a.out, dict(meta=meta, rows=rows))
         print(f"wrote {a.out}")
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import os
 import re
 import sys
@@ -50,6 +49,7 @@ from jax import lax  # noqa: E402
 from sidp_jax.kernels.rms_norm_pallas import (  # noqa: E402
     default_block_rows, default_num_warps, fused_rms_norm, rms_norm_reference)
 from sidp_jax.timing import single_and_burst_us  # noqa: E402
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 EPS = 1e-6
 
@@ -186,8 +186,7 @@ def main():
                 command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
                 elapsed_s=round(elapsed, 1))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    write_result(out, dict(meta=meta, rows=rows))
     print(f"wrote {out} ({elapsed:.1f} s)")
 
     chain_h = " us/call (chain) |" if a.chain else ""

@@ -28,6 +28,7 @@ from sidp_jax.layouts import make_layout
 from sidp_jax.models.modules import model_specs
 from sidp_jax.models.params import expected_hf_shapes
 from sidp_jax.placed_checkpoint import restore_placed, save_placed
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def write_hf_checkpoint(cfg, path: str, shard_bytes: int = 4 << 30) -> int:
@@ -86,8 +87,7 @@ def main():
            "note": "files were just written, so both reads are likely served from the page cache"}
     print(json.dumps(res))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_result(args.out, res)
     print(f"{total / 1e9:.1f} GB: safetensors {t_safetensors:.2f} s ({total / 1e9 / t_safetensors:.1f} GB/s), "
           f"orbax restore {t_orbax:.2f} s ({total / 1e9 / t_orbax:.1f} GB/s), equal={same}")
 

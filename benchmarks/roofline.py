@@ -22,7 +22,6 @@ x Nq x D per layer.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from sidp_jax.sampler import SamplerFlags  # noqa: E402
 from sidp_jax.timing import median_seconds  # noqa: E402
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def hbm_bandwidth(gib: float, reps: int) -> float:
@@ -196,9 +196,7 @@ def main():
         meta = dict(device=dev[0].device_kind, jax=jax.__version__, model=a.model, hbm_bytes_per_s=bw,
                     startup_s=llm.startup_seconds if hasattr(llm, "startup_seconds") else None,
                     matmul_flops_per_s=rate, argv=sys.argv[1:], hlo=census)
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        print(f"wrote {a.out}")
+        write_result(a.out, dict(meta=meta, rows=rows))
 
 
 if __name__ == "__main__":

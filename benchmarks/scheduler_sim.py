@@ -15,12 +15,11 @@ number; recompute fills token budget); the recomputed tokens are the device time
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from sidp_jax.sampling_params import SamplingParams
 from sidp_jax.scheduler import Scheduler
 from sidp_jax.sequence import Sequence
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def simulate(kv_tokens: int, replicas: int, args, thrash_guard: bool) -> dict:
@@ -69,8 +68,7 @@ def main():
         print(f"| {r['kv_tokens_per_replica']:,} | {'thrash guard' if r['thrash_guard'] else 'whatever fits'} | "
               f"{r['steps']:,} | {r['preemptions']:,} | {r['tokens_recomputed']:,} | {r['recompute_share']:.1%} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"argv": sys.argv[1:], "args": vars(args), "rows": rows}, f, indent=1)
+        write_result(args.out, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

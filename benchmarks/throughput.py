@@ -17,6 +17,7 @@ import sys
 import time
 
 from child_process import report, run_child  # benchmarks/ is on sys.path when run as a script
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def run_one(args, parallel: str) -> dict:
@@ -97,8 +98,7 @@ def main():
         rows.append(res)
         print(json.dumps(res), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        write_result(args.out, {"args": vars(args), "rows": rows})
     for r in rows:
         if "error" in r:
             print(f"{r['parallel']}: error {r['error'][-300:]}")

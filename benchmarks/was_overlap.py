@@ -32,6 +32,7 @@ from sidp_jax.config import PRESETS  # noqa: E402
 from sidp_jax.models.decoder import dense_ffn  # noqa: E402
 from sidp_jax.pool.ffn import striped_cas  # noqa: E402
 from sidp_jax.timing import median_seconds  # noqa: E402
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def gather(w):
@@ -161,8 +162,7 @@ def main():
     result = {"model": args.model, "layers": L, "dp": D, "device": devices[0].device_kind, "jax": jax.__version__,
               "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(args.out, result)
     print(f"\n{'T':>6} {'compute':>8} {'fetch':>7} | " + " ".join(f"{m:>22}" for m in
           ("was:scan", "was:scan_prefetch", "was:unrolled", "was:device_put")) + f" | {'cas':>7}  (ms; eff)")
     for r in rows:
