@@ -26,11 +26,9 @@ Constraints (GPU): rows (G, or min_rows when padding) and D powers of 2, pages_p
 pages_per_block * P powers of 2 (block tokens >= 16 for the dot's K), D >= 16. `interpret=True`
 runs anywhere (the CPU tests) with the same code path.
 
-Measured (H200, jax 0.11.2, bf16, Nq=64, Nkv=8, D=128, P=16, one layer, burst timing): 75 us
-(S=64, ctx 512), 225 us (64, 2048), 240 us (256, 512), 830 us (256, 2048): 2.2-2.6 TB/s of K/V,
-2.1-2.4x faster than the jitted reference and 1.15-1.2x faster than jax's own
-`pallas.ops.gpu.paged_attention` at its best k_splits; max relative error vs the reference 3-6e-3
-(vs a float32 reference 1.7-2.6e-3, below the bf16 reference's own 3-5e-3).
+Timings against the reference and jax's own `pallas.ops.gpu.paged_attention`:
+`benchmarks/attention_kernels.py` (`bash benchmarks/gpu_kernels.sh`). No results file of it is
+committed yet, so this docstring quotes no numbers.
 """
 
 from __future__ import annotations
