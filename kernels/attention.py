@@ -26,14 +26,25 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
-def decode_kernel_supported(cfg, layout, page_size: int) -> bool:
-    """The kernel's GPU constraints hold for this model, layout (tp-local heads) and page size."""
+def kernel_unsupported_reason(cfg, layout, page_size: int) -> str | None:
+    """Why the kernels' GPU constraints fail for this model, layout (tp-local heads) and page size;
+    None when they hold."""
     if cfg.num_heads % layout.tp or cfg.num_kv_heads % layout.tp or cfg.num_heads % cfg.num_kv_heads:
-        return False
+        return f"{cfg.num_heads} query / {cfg.num_kv_heads} kv heads do not split evenly over tp={layout.tp}"
     group = cfg.num_heads // cfg.num_kv_heads  # the same on every tp shard
     ppb = default_pages_per_block(page_size)
-    return (_is_pow2(group) and _is_pow2(cfg.head_dim) and cfg.head_dim >= 16
-            and _is_pow2(ppb) and _is_pow2(ppb * page_size) and ppb * page_size >= 16)
+    if not _is_pow2(group):
+        return f"the query group ({cfg.num_heads} / {cfg.num_kv_heads} = {group} heads) is not a power of 2"
+    if not (_is_pow2(cfg.head_dim) and cfg.head_dim >= 16):
+        return f"head_dim {cfg.head_dim} is not a power of 2 of at least 16"
+    if not (_is_pow2(ppb) and _is_pow2(ppb * page_size) and ppb * page_size >= 16):
+        return f"page size {page_size} gives {ppb} pages of {page_size} tokens per block, not powers of 2 >= 16"
+    return None
+
+
+def decode_kernel_supported(cfg, layout, page_size: int) -> bool:
+    """The kernel's GPU constraints hold for this model, layout (tp-local heads) and page size."""
+    return kernel_unsupported_reason(cfg, layout, page_size) is None
 
 
 def decode_attention(q, k_cache, v_cache, offset, block_tables, token_seq, positions, *, scale: float,

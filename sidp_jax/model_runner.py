@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import logging
 import os
 import time
 
@@ -29,7 +30,7 @@ from sidp_jax.batch import num_tiles
 from sidp_jax.compilation import step_compiler_options
 from sidp_jax.config import ModelConfig
 from sidp_jax.kernels.attention import (ATTENTION_CHOICES, DEFAULT_TILE_TOKENS, decode_attention,
-                                        decode_kernel_supported, mixed_attention)
+                                        kernel_unsupported_reason, mixed_attention)
 from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.layouts import Layout
 from sidp_jax.models.decoder import dense_ffn, forward
@@ -69,7 +70,13 @@ class ModelRunner:
 
     def _kernels(self, attention: str):
         """None (reference attention everywhere), "gpu" or "interpret" (the Pallas kernels)."""
-        if attention == "reference" or not decode_kernel_supported(self.cfg, self.layout, self.page_size):
+        if attention == "reference":
+            return None
+        reason = kernel_unsupported_reason(self.cfg, self.layout, self.page_size)
+        if reason is not None:
+            if attention == "auto" and jax.default_backend() == "gpu":
+                _warn_once(f"attention kernels off, every step runs the reference attention (which gathers "
+                           f"each token's whole context): {reason}")
             return None
         if attention == "pallas-interpret":
             return "interpret"
@@ -191,6 +198,11 @@ class ModelRunner:
                 bar.update(1)
         bar.close()
         return time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logging.getLogger("sidp_jax").warning(message)
 
 
 def _signature(batch: dict, samp: dict) -> tuple:

@@ -54,6 +54,13 @@ def test_kernel_constraints():
     assert not decode_kernel_supported(cfg, lay, 24)  # 64 // 24 = 2 pages of 24: 48-token blocks
     assert not decode_kernel_supported(dataclasses.replace(cfg, head_dim=8), lay, 16)
     assert not decode_kernel_supported(dataclasses.replace(cfg, num_heads=6), lay, 16)  # group of 3
+    from sidp_jax.kernels.attention import kernel_unsupported_reason
+
+    assert kernel_unsupported_reason(cfg, lay, 16) is None
+    # Qwen2.5-7B's 28 / 4 heads: the reason the engine logs (once) when it falls back
+    assert "28 / 4 = 7 heads) is not a power of 2" in kernel_unsupported_reason(
+        dataclasses.replace(cfg, num_heads=28, num_kv_heads=4), lay, 16)
+    assert "page size 24" in kernel_unsupported_reason(cfg, lay, 24)
 
 
 @pytest.mark.parametrize("layout", [
