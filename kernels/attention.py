@@ -31,10 +31,7 @@ def kernel_unsupported_reason(cfg, layout, page_size: int) -> str | None:
     None when they hold."""
     if cfg.num_heads % layout.tp or cfg.num_kv_heads % layout.tp or cfg.num_heads % cfg.num_kv_heads:
         return f"{cfg.num_heads} query / {cfg.num_kv_heads} kv heads do not split evenly over tp={layout.tp}"
-    group = cfg.num_heads // cfg.num_kv_heads  # the same on every tp shard
-    ppb = default_pages_per_block(page_size)
-    if not _is_pow2(group):
-        return f"the query group ({cfg.num_heads} / {cfg.num_kv_heads} = {group} heads) is not a power of 2"
+    ppb = default_pages_per_block(page_size)  # a query group of any size is padded to a power of 2
     if not (_is_pow2(cfg.head_dim) and cfg.head_dim >= 16):
         return f"head_dim {cfg.head_dim} is not a power of 2 of at least 16"
     if not (_is_pow2(ppb) and _is_pow2(ppb * page_size) and ppb * page_size >= 16):

@@ -22,7 +22,11 @@ block's page ids from the block-table row, loading K/V with a masked gather (tok
 entries may hold any value), and an online softmax with float32 logits, max, sum and accumulator.
 Rows with length 0 (padding rows) run no iteration and store zeros.
 
-Constraints (GPU): rows (G, or min_rows when padding) and D powers of 2, pages_per_block and
+A group that is not a power of 2 (Qwen2.5-7B: 28 / 4 = 7, Qwen2.5-14B: 40 / 8 = 5) gets zero query
+heads up to the next power of 2 before the call (`pad_group`: a pad of q, which is small, not of
+the K/V), and the extra heads' outputs are dropped.
+
+Constraints (GPU): D a power of 2, pages_per_block and
 pages_per_block * P powers of 2 (block tokens >= 16 for the dot's K), D >= 16. `interpret=True`
 runs anywhere (the CPU tests) with the same code path.
 
@@ -52,6 +56,24 @@ NEG_INIT = -1e30  # finite running-max start: exp2(NEG_INIT - m) underflows to 0
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def pad_group(x: jax.Array, num_kv_heads: int, rows: int) -> jax.Array:
+    """[T, Nkv * G, D] -> [T, Nkv * rows, D]: each kv head's query group zero-padded to `rows`
+    heads (a group that is not a power of 2, e.g. Qwen2.5-7B's 28 / 4 = 7, runs as 8)."""
+    T, Nq, D = x.shape
+    G = Nq // num_kv_heads
+    x4 = jnp.pad(x.reshape(T, num_kv_heads, G, D), ((0, 0), (0, 0), (0, rows - G), (0, 0)))
+    return x4.reshape(T, num_kv_heads * rows, D)
+
+
+def unpad_group(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
+    T, Nq, D = x.shape
+    return x.reshape(T, num_kv_heads, Nq // num_kv_heads, D)[:, :, :group].reshape(T, num_kv_heads * group, D)
 
 
 def _load(ref, mask, other):
@@ -199,6 +221,13 @@ def paged_decode_attention(
     if Nq % Nkv:
         raise ValueError(f"Nq={Nq} must be a multiple of Nkv={Nkv}")
     G = Nq // Nkv
+    if not _is_pow2(G):  # pad the group to a power of 2 (zero queries, outputs dropped)
+        out = paged_decode_attention(pad_group(q, Nkv, next_pow2(G)), k_cache, v_cache, layer_page_offset,
+                                     block_tables, lengths, scale=scale, pages_per_block=pages_per_block,
+                                     min_rows=min_rows, num_warps=num_warps, num_stages=num_stages,
+                                     heads_fastest=heads_fastest, prefetch_table=prefetch_table,
+                                     interpret=interpret)
+        return unpad_group(out, Nkv, G)
     ppb = pages_per_block or default_pages_per_block(P)
     num_stages = num_stages or (4 if jnp.dtype(q.dtype).itemsize <= 2 else 2)
     rows = G

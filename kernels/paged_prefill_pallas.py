@@ -40,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from sidp_jax.kernels.paged_decode_pallas import (LOG2E, NEG_INIT, _is_pow2, _load, default_pages_per_block,
-                                                  load_kv_block, online_softmax_step, plgpu)
+                                                  load_kv_block, next_pow2, online_softmax_step, pad_group,
+                                                  plgpu, unpad_group)
 
 DEFAULT_TILE_TOKENS = 16
 
@@ -128,6 +129,13 @@ def paged_prefill_attention(
     if tiles.ndim != 2 or tiles.shape[1] != 4:
         raise ValueError(f"tiles must be [num_tiles, 4] (row, t0, n, p0), got {tiles.shape}")
     G = Nq // Nkv
+    if not _is_pow2(G):  # pad the group to a power of 2 (zero queries, outputs dropped)
+        Gp = next_pow2(G)
+        out = paged_prefill_attention(pad_group(q, Nkv, Gp), k_cache, v_cache, layer_page_offset, block_tables,
+                                      tiles, pad_group(out_init, Nkv, Gp), scale=scale, tile_tokens=tile_tokens,
+                                      pages_per_block=pages_per_block, num_warps=num_warps,
+                                      num_stages=num_stages, interpret=interpret)
+        return unpad_group(out, Nkv, G)
     wide = jnp.dtype(q.dtype).itemsize > 2
     ppb = pages_per_block or default_pages_per_block(P, 32 if wide else 64)
     num_stages = num_stages or (1 if wide else 2)

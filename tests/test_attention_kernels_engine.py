@@ -53,14 +53,33 @@ def test_kernel_constraints():
     assert decode_kernel_supported(cfg, lay, 16)
     assert not decode_kernel_supported(cfg, lay, 24)  # 64 // 24 = 2 pages of 24: 48-token blocks
     assert not decode_kernel_supported(dataclasses.replace(cfg, head_dim=8), lay, 16)
-    assert not decode_kernel_supported(dataclasses.replace(cfg, num_heads=6), lay, 16)  # group of 3
+    assert decode_kernel_supported(dataclasses.replace(cfg, num_heads=6), lay, 16)  # group of 3: padded to 4
+    assert decode_kernel_supported(dataclasses.replace(cfg, num_heads=28, num_kv_heads=4), lay, 16)  # Qwen2.5-7B
     from sidp_jax.kernels.attention import kernel_unsupported_reason
 
-    assert kernel_unsupported_reason(cfg, lay, 16) is None
-    # Qwen2.5-7B's 28 / 4 heads: the reason the engine logs (once) when it falls back
-    assert "28 / 4 = 7 heads) is not a power of 2" in kernel_unsupported_reason(
-        dataclasses.replace(cfg, num_heads=28, num_kv_heads=4), lay, 16)
+    # the reason the engine logs (once) when it falls back to the reference on GPU
     assert "page size 24" in kernel_unsupported_reason(cfg, lay, 24)
+    assert "head_dim 8" in kernel_unsupported_reason(dataclasses.replace(cfg, head_dim=8), lay, 16)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(28, 4), (10, 2)])  # query groups of 7 and 5
+def test_kernels_run_query_groups_that_are_not_powers_of_two(heads, kv_heads):
+    from sidp_jax.config import ModelConfig
+
+    cfg = ModelConfig(family="qwen2", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=heads, num_kv_heads=kv_heads, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4,
+                      rope_scaling=None, max_position_embeddings=256, tie_word_embeddings=False, qkv_bias=True,
+                      qk_norm=False)
+    prompts = [list(range(3, 3 + n)) for n in (5, 19, 11)]
+    outs = {}
+    for attention in ("reference", "pallas-interpret"):
+        llm = LLM(cfg, attention=attention, dtype="float32", kv_cache_tokens=512, max_num_batched_tokens=16,
+                  devices=jax.devices("cpu")[:1], verbose=False)
+        outs[attention] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY16, use_tqdm=False)]
+        steps = llm.stats()["steps_per_attention"]
+    assert outs["pallas-interpret"] == outs["reference"]
+    assert steps.get("decode", 0) > 0 and steps.get("mixed", 0) > 0 and "reference" not in steps, steps
+    assert len({t for seq in outs["reference"] for t in seq}) > 3
 
 
 @pytest.mark.parametrize("layout", [

@@ -62,6 +62,9 @@ CASES = [
     (4, 2, 16, 4, 5, None, 8, jnp.float32),  # defaults: G=2 padded to 8, 16 pages per block
     (4, 2, 32, 4, 8, 4, 16, jnp.bfloat16),
     (8, 1, 16, 16, 4, 2, 16, jnp.bfloat16),
+    (28, 4, 16, 16, 4, 2, 8, jnp.float32),  # Qwen2.5-7B's group of 7, padded to 8
+    (40, 8, 16, 16, 4, 2, 8, jnp.bfloat16),  # Qwen2.5-14B's group of 5, padded to 8
+    (6, 2, 16, 4, 5, None, 16, jnp.float32),  # a group of 3 padded to 4, then to 16 rows
 ]
 
 
@@ -148,4 +151,20 @@ def test_padded_group_on_gpu():
                      lengths=lengths, dtype=jnp.bfloat16)
     scale = D ** -0.5
     out = paged_decode_attention(*args, scale=scale, min_rows=16)
+    check(out, reference(*args, scale), args[5], jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
+@pytest.mark.parametrize("Nq,Nkv", [(28, 4), (40, 8)])  # Qwen2.5-7B, Qwen2.5-14B: groups of 7 and 5
+def test_groups_that_are_not_powers_of_two_on_gpu(Nq, Nkv):
+    S, D, P, L, max_len = 32, 128, 16, 2, 1024
+    MB = max_len // P
+    rng = np.random.default_rng(next(_seed))
+    lengths = rng.integers(1, max_len + 1, S)
+    lengths[:3] = [1, max_len, 0]
+    args = make_case(S=S, Nq=Nq, Nkv=Nkv, D=D, P=P, MB=MB, L=L, num_pages=S * MB + 7, layer=1,
+                     lengths=lengths, dtype=jnp.bfloat16)
+    scale = D ** -0.5
+    out = paged_decode_attention(*args, scale=scale)
     check(out, reference(*args, scale), args[5], jnp.bfloat16)

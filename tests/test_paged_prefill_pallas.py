@@ -71,7 +71,8 @@ def run_case(dtype, interpret, tile_tokens=4, f32_tol=2e-5, **kw):
 MIXED = [(1, 9), (1, 0), (1, 22), (7, 0), (9, 5), (1, 13), (4, 19)]
 
 
-@pytest.mark.parametrize("Nq,Nkv,D,P,ppb", [(8, 2, 16, 4, 4), (4, 4, 16, 16, 1), (8, 1, 32, 8, 2)])
+@pytest.mark.parametrize("Nq,Nkv,D,P,ppb", [(8, 2, 16, 4, 4), (4, 4, 16, 16, 1), (8, 1, 32, 8, 2),
+                                            (28, 4, 16, 4, 4), (40, 8, 16, 8, 2)])  # groups of 7 and 5
 def test_mixed_attention_matches_reference(Nq, Nkv, D, P, ppb):
     MB = 32 // P  # 32 positions per row
     decode_len, tiles = run_case(jnp.float32, True, chunks=MIXED, T=32, S=8, Nq=Nq, Nkv=Nkv, D=D, P=P, MB=MB,
@@ -96,3 +97,14 @@ def test_mixed_attention_gpu(dtype):
     # float32 on GPU: exact (IEEE) dots, but the GPU's exp2 is an approximation: 1e-4
     run_case(dtype, False, tile_tokens=16, f32_tol=1e-4, chunks=chunks, T=1024, S=64, Nq=64, Nkv=8, D=128, P=16, MB=64,
              L=2, num_pages=64 * 64 + 1, layer=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Nq,Nkv", [(28, 4), (40, 8)])  # groups of 7 and 5, padded to 8
+def test_mixed_attention_odd_groups_gpu(Nq, Nkv):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    rng = np.random.default_rng(11)
+    chunks = [(1, int(p)) for p in rng.integers(0, 400, 24)] + [(200, 0), (57, 300), (1, 5)]
+    run_case(jnp.bfloat16, False, tile_tokens=16, chunks=chunks, T=512, S=32, Nq=Nq, Nkv=Nkv, D=128, P=16, MB=32,
+             L=2, num_pages=32 * 32 + 1, layer=1)
