@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 
 from sidp_jax.batch import bucket, mixed_rows, mixed_tokens, step_shapes
@@ -129,8 +131,14 @@ def precompile_steps(llm, enabled: bool | None, max_num_batched_tokens: int, max
         enabled = jax.default_backend() != "cpu"
     if not enabled or not runner.tile_tokens:
         return None
-    return runner.precompile(llm.kv_info["step_modes"], step_shapes(max_num_batched_tokens, max_num_seqs),
-                             llm.engine.max_pages, progress=llm.verbose)
+    try:
+        return runner.precompile(llm.kv_info["step_modes"], step_shapes(max_num_batched_tokens, max_num_seqs),
+                                 llm.engine.max_pages, progress=llm.verbose)
+    except Exception as e:  # never fatal: every variant still compiles on first use
+        logging.getLogger("sidp_jax").warning("precompiling the step variants failed (%s: %s); each compiles "
+                                              "on first use instead", type(e).__name__, e)
+        runner._compiled.clear()
+        return None
 
 
 def report_kv(llm, info: dict) -> str:

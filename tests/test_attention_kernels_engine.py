@@ -116,3 +116,17 @@ def test_shapes_a_step_can_take_are_all_precompiled():
             T = mixed_tokens(t, max_tokens)
             assert T >= t and (False, T, mixed_rows(T, max_rows)) in shapes
         assert len(shapes) <= 12  # a handful of variants, each 10-20 s to compile on GPU
+
+
+def test_a_failing_precompile_is_not_fatal(monkeypatch):
+    from sidp_jax.model_runner import ModelRunner
+
+    def broken(self, *a, **k):
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.setattr(ModelRunner, "precompile", broken)
+    llm = LLM(CKPT, attention="pallas-interpret", dtype="float32", kv_cache_tokens=512, verbose=False,
+              max_num_batched_tokens=16, max_num_seqs=4, precompile=True, devices=jax.devices("cpu")[:1])
+    assert llm.stats()["precompile_seconds"] is None
+    outs = llm.generate(PROMPTS, GREEDY16, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == WANT and llm.stats()["precompiled_steps"] == 0
