@@ -75,8 +75,9 @@ def layer(cfg: ModelConfig, w: dict, h: jax.Array, kv, cos, sin, *, attend, ffn,
     """h + attention(norm(h)), then + ffn(norm(h)): one decoder layer for one replica.
 
     attend(q, k, v, kv) -> (o [T, Nq, D], kv): how attention reaches keys and values (paged cache,
-    or none). ffn(x, layer_index, w, active) -> [T, H]. active: None, or a traced bool; False skips
-    this replica's attention (an idle replica in an SPMD step; the FFN decides for itself)."""
+    or none). ffn(x, active) -> [T, H]: this layer's FFN, its weights bound by the caller. active:
+    None, or a traced bool; False skips this replica's attention (an idle replica in an SPMD step;
+    the FFN decides for itself)."""
     def attention(h, kv):
         q, k, v = qkv_projection(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), cos, sin)
         o, kv = attend(q, k, v, kv)

@@ -105,7 +105,6 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> Decoder:
 def model_specs(cfg: ModelConfig) -> dict:
     """The engine's weight pytree as ParamSpecs, read from the modules' variable metadata."""
     _, state = nnx.split(abstract_model(cfg))
-
     specs: dict = {"layers": [{} for _ in range(cfg.num_layers)]}
     for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         keys = [getattr(k, "key", k) for k in path]

@@ -1,8 +1,9 @@
 """Host side of a step: scheduled chunks -> padded, bucketed numpy arrays, one row per replica.
 
 Shapes are rounded up to powers of two (tokens T, sequence rows S, pages per row MB) so the
-number of compiled step variants stays small; a mixed step's rows follow from its tokens alone. Padding tokens write to the reserved page 0 and
-padding rows are greedy, penalty-free and never read back.
+number of compiled step variants stays small; a mixed step's rows follow from its tokens alone.
+Padding tokens write to the reserved page 0 and padding rows are greedy, penalty-free and never
+read back.
 
 A decode-only step (every chunk of every replica is one token) is laid out with token i in row i
 and as many token slots as rows (T == S, one bucket), so the paged decode kernel can read the

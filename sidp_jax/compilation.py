@@ -5,7 +5,8 @@ projection is one cuBLAS call reading its weight in place (4 per layer). With it
 half of them into other kernels and a Qwen3-32B decode step at batch 64 took 25.5 ms instead of
 23.7 (benchmarks/RESULTS.md). `SIDP_JAX_TRITON_GEMM=on` keeps XLA's default.
 
-The cache: JAX's persistent compilation cache (and with it XLA's GPU autotune cache) under ~/.cache/sidp_jax.
+The cache: JAX's persistent compilation cache (and with it XLA's GPU autotune cache) under
+~/.cache/sidp_jax.
 
 A step of a 64-80 layer model is one unrolled program: its first compile takes long, so a rerun
 or a resumed job loads the executables instead of compiling again. JAX also keeps the per-fusion

@@ -176,13 +176,6 @@ def make_sampling_params(base: dict, overrides: dict) -> SamplingParams:
 
 
 @dataclasses.dataclass
-class Plan:
-    requests: list[Request]
-    errors: list[LineError]  # new error records, not yet in the output
-    skipped: int  # records already in the output
-
-
-@dataclasses.dataclass
 class PlanCounts:
     requests: int = 0
     errors: int = 0
@@ -211,15 +204,6 @@ def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: se
         else:
             counts.errors += 1
         yield item
-
-
-def plan_job(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: set[Key]) -> Plan:
-    """plan_items, all at once."""
-    plan, counts = Plan([], [], 0), PlanCounts()
-    for item in plan_items(entries, base_sampling, done, counts):
-        (plan.requests if isinstance(item, Request) else plan.errors).append(item)
-    plan.skipped = counts.skipped
-    return plan
 
 
 def tokenize(req: Request, tokenizer) -> list[int]:

@@ -123,9 +123,6 @@ class JobOutput:
         self._lock.close()
 
 
-ResultWriter = JobOutput  # what the engines' generate() callbacks are handed
-
-
 def _record_key(raw: bytes) -> tuple[str | None, Key]:
     """("result" | "error", key) of a record line, or (None, None) for anything else."""
     try:

@@ -65,9 +65,6 @@ class Layout:
         return [tuple(g * D + r if g * D + r < cfg.num_layers else -1 for r in range(D))
                 for g in range(-(-cfg.num_layers // D))]
 
-    def owner_of(self, layer: int) -> int:
-        return layer % self.num_replicas
-
     def _axis_rules(self) -> dict[str, object]:
         rules: dict[str, object] = {"q_heads": "tp", "kv_heads": "tp", "ffn": "tp"}
         if self.pooled and self.placement == "striped":

@@ -157,7 +157,7 @@ class ModelRunner:
             self.first_call_seconds[variant] = time.perf_counter() - t0
         return out
 
-    def abstract_inputs(self, T: int, S: int, MB: int, decode_only: bool, num_pages_kv=None):
+    def abstract_inputs(self, T: int, S: int, MB: int, decode_only: bool):
         """(batch, samp) ShapeDtypeStructs of a step as build_batch lays it out (default sampling)."""
         D = self.layout.num_replicas
         sd = lambda dt, *shape: jax.ShapeDtypeStruct((D, *shape), dt, sharding=self.batch_sharding)

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from sidp_jax.job_input import LineError, PlanCounts, Request, plan_items, reader_for, tokenize
-from sidp_jax.job_output import JobOutput, OutputError, OutputWriteError, ResultWriter, result_record
+from sidp_jax.job_output import JobOutput, OutputError, OutputWriteError, result_record
 from sidp_jax.sampling_params import SamplingParams
 
 DEFAULT_INPUT = Path(__file__).parent / "assets" / "example_prompts.jsonl"
@@ -127,7 +127,7 @@ def default_llm_factory(**engine_kwargs):
     return LLM(**engine_kwargs)
 
 
-Generate = Callable[[list[Request], dict[int, Any] | None, ResultWriter, JobSummary], None]
+Generate = Callable[[list[Request], dict[int, Any] | None, JobOutput, JobSummary], None]
 
 
 def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False) -> JobSummary:
@@ -235,7 +235,7 @@ def build_llm(llm_factory: LLMFactory, engine_kwargs: dict):
     return llm
 
 
-def _generate(requests: Iterable[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: ResultWriter,
+def _generate(requests: Iterable[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: JobOutput,
               summary: JobSummary) -> None:
     llm = build_llm(llm_factory, cfg.engine_kwargs)
 

@@ -63,7 +63,7 @@ import warnings
 from typing import Any, Callable
 
 from sidp_jax.job_input import LineError, drop_nulls, parse_line
-from sidp_jax.job_output import ResultWriter
+from sidp_jax.job_output import JobOutput
 from sidp_jax.offline_job import JobConfig, JobSummary, execute_job, stream_records, tokenize_requests
 
 INSTALL_HINT = "pip install 'sidp-jax[ray]'"
@@ -286,7 +286,7 @@ def run_ray_job(cfg: JobConfig, opts: RayOptions) -> JobSummary:
                        _run_on_ray(ray, lines, requests, cfg, opts, writer, summary), keep_lines=True)
 
 
-def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOptions, writer: ResultWriter,
+def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOptions, writer: JobOutput,
                 summary: JobSummary) -> None:
     if not ray.is_initialized():
         ray.init(address=opts.address or None)

@@ -56,17 +56,14 @@ class Scheduler:
         self.blocks[seq.replica].free(seq)
         seq.status = Status.FINISHED
 
-    def abort_all(self) -> int:
-        """Drop every waiting and running sequence and free its pages; returns how many."""
-        n = len(self.waiting)
+    def abort_all(self) -> None:
+        """Drop every waiting and running sequence and free its pages."""
         self.waiting.clear()
         for r, running in enumerate(self.running):
             for seq in running:
                 self.blocks[r].free(seq)
                 seq.status = Status.FINISHED
-            n += len(running)
             running.clear()
-        return n
 
     def _preempt(self, replica: int) -> Sequence:
         victim = self.running[replica].pop()
