@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import jax
 import jax.numpy as jnp
-from jax.sharding import SingleDeviceSharding
 
 from sidp_jax.config import ModelConfig
 from sidp_jax.models.modules import model_specs
@@ -72,8 +71,7 @@ def _load_leaf(ckpt, spec, sharding, dtype):
             shards.append(_converter(spec.convert, index, dtype)(*raw(spec.layer)))
             continue
         row_shape = tuple(len(range(*s.indices(d))) for s, d in zip(index[1:], spec.shape[1:]))
-        zeros = jax.jit(lambda: jnp.zeros(row_shape, dtype), out_shardings=SingleDeviceSharding(device))
-        rows = [_converter(spec.convert, index[1:], dtype)(*raw(layer)) if layer >= 0 else zeros()
-                for layer in spec.rows[index[0]]]
+        rows = [_converter(spec.convert, index[1:], dtype)(*raw(layer)) if layer >= 0
+                else jnp.zeros(row_shape, dtype, device=device) for layer in spec.rows[index[0]]]
         shards.append(rows[0][None] if len(rows) == 1 else jnp.stack(rows))
     return jax.make_array_from_single_device_arrays(spec.shape, sharding, shards)

@@ -192,11 +192,15 @@ class ModelRunner:
 
         workers = max(1, min(len(jobs), workers or int(os.environ.get("SIDP_JAX_COMPILE_WORKERS", "1"))))
         bar = _progress(len(jobs), progress, "Compiling step variants")
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for key, exe in pool.map(compile_one, jobs):
-                self._compiled[key] = exe
-                bar.update(1)
-        bar.close()
+        compiled = {}
+        try:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                for key, exe in pool.map(compile_one, jobs):
+                    compiled[key] = exe
+                    bar.update(1)
+        finally:
+            bar.close()
+        self._compiled.update(compiled)  # all or nothing: a failure leaves every variant to jit
         return time.perf_counter() - t0
 
 

@@ -96,7 +96,8 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
             temps = {mode: _step_temp_bytes(probe, mode, *shape) for mode in spmd_modes}
             del probe
             if replicas and "was" in modes:
-                temps["was"] = temps["cas"] + replica_was_extra_bytes(cfg, layout.num_replicas, shape[0], llm.dtype)
+                extra = replica_was_extra_bytes(cfg, layout.num_replicas, shape[0], llm.dtype, was_prefetch_depth)
+                temps["was"] = temps["cas"] + extra
             temp = max(temps.values())
             step_temps = {m: round(t / 2**30, 2) for m, t in temps.items() if m in modes}
             free = free_bytes_for_kv(devices, utilization, temp)
@@ -137,7 +138,6 @@ def precompile_steps(llm, enabled: bool | None, max_num_batched_tokens: int, max
     except Exception as e:  # never fatal: every variant still compiles on first use
         logging.getLogger("sidp_jax").warning("precompiling the step variants failed (%s: %s); each compiles "
                                               "on first use instead", type(e).__name__, e)
-        runner._compiled.clear()
         return None
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sidp_jax.models.decoder import dense_ffn
+from sidp_jax.models.modules import FFN_LEAVES
 
 log = logging.getLogger("sidp_jax")
 
@@ -49,7 +50,7 @@ def _pinned(w, x):
 
 
 def striped_was(x, layer, w, active=None):
-    w, x = _pinned({k: w[k] for k in ("gate_up", "down")}, x)
+    w, x = _pinned({k: w[k] for k in FFN_LEAVES}, x)
     full = {"gate_up": jax.lax.all_gather(w["gate_up"], "dp", axis=2, tiled=True),
             "down": jax.lax.all_gather(w["down"], "dp", axis=0, tiled=True)}
     return dense_ffn(x, layer, full, active)
