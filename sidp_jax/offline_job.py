@@ -152,20 +152,16 @@ def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False)
         if keep_lines:
             entries = list(entries)
             lines = dict(entries)
-        items = plan_items(iter(entries), cfg.sampling, recovered.done, counts)
-
-        def runnable():
-            for item in items:
-                if isinstance(item, LineError):
-                    writer.write(item.record())
-                    summary.requests_errored += 1
-                else:
-                    yield item
-
-        requests = list(runnable()) if keep_lines else runnable()
-        first = requests[0] if keep_lines and requests else None if keep_lines else next(requests, None)
-        if first is not None:  # nothing to run: no engine is built
-            generate(requests if keep_lines else itertools.chain([first], requests), lines, writer, summary)
+        requests = errors_written(plan_items(iter(entries), cfg.sampling, recovered.done, counts), writer, summary)
+        if keep_lines:
+            requests = list(requests)
+            pending = bool(requests)
+        else:  # peek: with nothing to run, no engine is built
+            first = next(requests, None)
+            pending = first is not None
+            requests = itertools.chain([first], requests)
+        if pending:
+            generate(requests, lines, writer, summary)
         summary.requests_skipped = counts.skipped
         if counts.skipped:
             print(f"Resumed: {counts.skipped} records already in {cfg.output} were skipped")
@@ -223,6 +219,17 @@ class ModelLoadError(Exception):
     """The engine could not be built (bad checkpoint, config, tokenizer, memory): exit 1."""
 
 
+def errors_written(items: Iterable, writer: JobOutput, summary: JobSummary) -> Iterator:
+    """Everything among `items` but the LineErrors, whose records are written (and counted) as they
+    pass: requests of the input, or the result records of the engine."""
+    for item in items:
+        if isinstance(item, LineError):
+            writer.write(item.record())
+            summary.requests_errored += 1
+        else:
+            yield item
+
+
 def build_llm(llm_factory: LLMFactory, engine_kwargs: dict):
     try:
         llm = llm_factory(**engine_kwargs)
@@ -238,21 +245,11 @@ def build_llm(llm_factory: LLMFactory, engine_kwargs: dict):
 def _generate(requests: Iterable[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: JobOutput,
               summary: JobSummary) -> None:
     llm = build_llm(llm_factory, cfg.engine_kwargs)
-
-    def runnable():
-        for item in tokenized(requests, llm.tokenizer):
-            if isinstance(item, LineError):
-                writer.write(item.record())
-                summary.requests_errored += 1
-            else:
-                yield item
-
     start = time.perf_counter()
-    for _, result in stream_records(llm, runnable(), use_tqdm=cfg.progress):
-        if isinstance(result, LineError):
-            writer.write(result.record())
-            summary.requests_errored += 1
-            continue
+    runnable = errors_written(tokenized(requests, llm.tokenizer), writer, summary)
+    results = errors_written((result for _, result in stream_records(llm, runnable, use_tqdm=cfg.progress)),
+                             writer, summary)
+    for result in results:
         writer.write(result)
         summary.count_result(result)
     summary.elapsed_s = time.perf_counter() - start
