@@ -61,41 +61,53 @@ class JobOutput:
         self._f = None
 
     def recover(self, retry_errors: bool = False) -> Recovered:
-        """Check the existing output and learn what it holds (call once, before writing)."""
-        results, errors, lines = set(), set(), []
+        """Check the existing output and learn what it holds (call once, before writing). Reads the
+        file line by line: memory holds the keys, not the records."""
+        results, errors = set(), set()
         if self.path.exists():
-            with open(self.path, "rb") as f:
-                data = f.read()
-            body, _, tail = data.rpartition(b"\n")
-            if tail:  # a final line without its newline: a torn write
-                if not self.ours:
-                    raise OutputError(f"{self.path} ends in an incomplete line that no sidp-jax job wrote "
-                                      f"(no {self.marker.name} beside it): not a results file? Use another --output")
-                self.path.open("rb+").truncate(len(data) - len(tail))
-                print(f"Truncated {len(tail)} bytes of a torn record at the end of {self.path}", file=sys.stderr)
-            for n, raw in enumerate(body.split(b"\n") if _ else [], 1):
-                if not raw.strip():
-                    continue
-                kind, key = _record_key(raw)
-                if kind is None:
-                    raise OutputError(f"line {n} of {self.path} is not a result or error record of this job "
-                                      f"({raw[:60]!r}): refusing to append to it; use another --output")
-                (results if kind == "result" else errors).add(key)
-                lines.append((kind, key, raw))
+            with open(self.path, "rb+") as f:
+                good_end = 0  # just past the last whole line
+                for n, raw in enumerate(f, 1):
+                    if not raw.endswith(b"\n"):  # a final line without its newline: a torn write
+                        self._drop_torn_tail(f, good_end, len(raw))
+                        break
+                    good_end += len(raw)
+                    if not raw.strip():
+                        continue
+                    kind, key = _record_key(raw)
+                    if kind is None:
+                        raise OutputError(f"line {n} of {self.path} is not a result or error record of this job "
+                                          f"({raw[:60]!r}): refusing to append to it; use another --output")
+                    (results if kind == "result" else errors).add(key)
         error_only = errors - results
-        retried = 0
-        if retry_errors and error_only:
-            keep = [raw for kind, key, raw in lines if not (kind == "error" and key in error_only)]
-            retried = len(lines) - len(keep)
-            tmp = self.path.with_name(self.path.name + ".retry-tmp")
-            with open(tmp, "wb") as f:
-                f.write(b"".join(raw + b"\n" for raw in keep))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+        retried = self._drop_error_records(error_only) if retry_errors and error_only else 0
         self._mark()
         done = results | (set() if retry_errors else errors)
         return Recovered(done, len(error_only), retried)
+
+    def _drop_torn_tail(self, f, good_end: int, torn: int) -> None:
+        if not self.ours:
+            raise OutputError(f"{self.path} ends in an incomplete line that no sidp-jax job wrote "
+                              f"(no {self.marker.name} beside it): not a results file? Use another --output")
+        f.truncate(good_end)
+        print(f"Truncated {torn} bytes of a torn record at the end of {self.path}", file=sys.stderr)
+
+    def _drop_error_records(self, keys: set) -> int:
+        """Rewrite the output beside itself without the error records of `keys`, then rename it
+        over (never half-written); returns how many records went."""
+        tmp = self.path.with_name(self.path.name + ".retry-tmp")
+        dropped = 0
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            for raw in src:
+                kind, key = _record_key(raw) if raw.strip() else (None, None)
+                if kind == "error" and key in keys:
+                    dropped += 1
+                    continue
+                dst.write(raw)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, self.path)
+        return dropped
 
     def _mark(self) -> None:
         self._lock.seek(0)
