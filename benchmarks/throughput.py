@@ -35,7 +35,7 @@ def run_one(args, parallel: str) -> dict:
     prompts = [rng.integers(100, vocab - 100, size=args.input_len).tolist() for _ in range(args.num_prompts)]
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     engine = llm.engine
-    for req in llm._requests(prompts, sp):
+    for req in llm._requests(prompts, sp)[0]:
         engine.add(req)
     seqs = list(engine.scheduler.waiting)
     start = time.perf_counter()

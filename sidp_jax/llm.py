@@ -125,9 +125,10 @@ class LLM:
         self._request_counter += 1
         return req
 
-    def _requests(self, prompts, sampling_params) -> Iterator[Request]:
-        """Requests of a list of prompts, all checked up front (a bad prompt raises before any runs),
-        or of any other iterable, made one at a time as the engine takes them."""
+    def _requests(self, prompts, sampling_params) -> tuple[Iterator[Request], int | None]:
+        """(requests, how many: None for an iterable). A list of prompts is checked up front (a bad
+        prompt raises before any runs); any other iterable is read one at a time as the engine
+        takes its requests."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt (text, dict, or token ids)
         if isinstance(sampling_params, (list, tuple)):
@@ -137,8 +138,8 @@ class LLM:
         else:
             pairs = ((p, sampling_params) for p in prompts)
         if isinstance(prompts, (list, tuple)):
-            return iter([self._request(p, sp) for p, sp in pairs])
-        return (self._request(p, sp) for p, sp in pairs)
+            return iter([self._request(p, sp) for p, sp in pairs]), len(prompts)
+        return (self._request(p, sp) for p, sp in pairs), None
 
     def _admission_error(self, req: Request) -> str | None:
         if not req.prompt_ids:
@@ -155,15 +156,12 @@ class LLM:
         of a list; 4 x max_num_seqs per replica for an iterable) are held in the engine at once,
         so a stream of millions of prompts needs memory for what is in flight only. A dict prompt
         may carry its own "sampling_params"."""
-        single = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and bool(prompts)
-                                                       and isinstance(prompts[0], int))
-        sized = single or isinstance(prompts, (list, tuple))
         base = self._request_counter
-        reqs = self._requests(prompts, sampling_params)
+        reqs, total = self._requests(prompts, sampling_params)
         if max_pending is None:
-            max_pending = (1 << 62) if sized else 4 * self.engine.max_num_seqs * self.layout.num_replicas
+            max_pending = (1 << 62) if total is not None else 4 * self.engine.max_num_seqs * self.layout.num_replicas
         by_index: dict[int, Request] = {}
-        bar = _progress(1 if single else len(prompts) if sized else None, use_tqdm)
+        bar = _progress(total, use_tqdm)
         start, out_tokens, exhausted = time.perf_counter(), 0, False
         try:
             while True:
