@@ -64,6 +64,12 @@ def step_shapes(max_tokens: int, max_rows: int) -> list[tuple[bool, int, int]]:
     return decode + [(False, T, mixed_rows(T, max_rows)) for T in ladder(MIN_MIXED_TOKENS, max_tokens)]
 
 
+def token_buffer_width(max_tokens: int, max_rows: int) -> int:
+    """Rows of the sampled-token buffer every step returns: the most rows a step can have, so that
+    the next step can read any row's token on the device (one fixed shape, no extra variants)."""
+    return max(S for _, _, S in step_shapes(max_tokens, max_rows))
+
+
 def num_tiles(T: int, S: int, tile_tokens: int) -> int:
     """Tiles a T-token, S-row step can need: sum(ceil(n_i / tile)) <= T // tile + rows."""
     return T // tile_tokens + min(S, T)
@@ -116,6 +122,7 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
     token_seq = np.zeros((D, T), np.int32)
     if decode_only:
         token_seq[:] = np.arange(T)  # padding tokens: their own (all-zero, scratch-page) rows
+    prev_index = np.full((D, T), -1, np.int32)  # >= 0: the token is that row of the previous step's output
     tables = np.zeros((D, S, MB), np.int32)
     sample_index = np.zeros((D, S), np.int32)
     samp = {
@@ -135,17 +142,25 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
         tiles = np.zeros((D, num_tiles(T, S, tile_tokens), 4), np.int32)
     for r, plan in enumerate(plans):
         t = 0
-        ids_r, pos_r, slot_r, seq_r, spans = [], [], [], [], []
+        ids_r, pos_r, slot_r, seq_r, spans, prev_r = [], [], [], [], [], []
         temperature, top_p, top_k, min_p, seed, gen_step = [], [], [], [], [], []
         for row, c in enumerate(plan):
             seq, n, start = c.seq, c.num_tokens, c.start
             pages = seq.page_array()
-            if n == 1:
+            if n == 1 and seq.num_pending:  # its token is the newest the step on the device sampled
+                assert start == seq.num_tokens - 1 and seq.num_pending == 1, "a pending token must be decoded next"
+                ids_r.append(0)
+                prev_r.append((t, seq.pending_row))
+                pos_r.append(start)
+                slot_r.append(int(pages[start // P]) * P + start % P)
+                seq_r.append(row)
+            elif n == 1:
                 ids_r.append(seq.token_at(start))
                 pos_r.append(start)
                 slot_r.append(int(pages[start // P]) * P + start % P)
                 seq_r.append(row)
             else:
+                assert start + n <= seq.num_tokens - seq.num_pending, "a prefill chunk reached a pending token"
                 ids_r.extend(seq.token_slice(start, n))
                 pos = np.arange(start, start + n)
                 pos_r.extend(pos.tolist())
@@ -161,12 +176,15 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
             top_k.append(p.top_k)
             min_p.append(p.min_p)
             seed.append(seq.seed)
-            gen_step.append(len(seq.output_ids))
-            if len(seq.output_ids) < p.min_tokens:
+            gen_step.append(seq.num_generated)
+            if seq.num_generated < p.min_tokens:
                 banned_rows[r, row] = ([] if p.ignore_eos else list(eos_ids)) + p.stop_token_ids
             if flags.penalties:
+                assert not seq.num_pending, "penalties need every earlier token on the host"
                 history_rows[r, row] = (seq.all_ids, len(seq.prompt_ids))
         tokens[r, :t], positions[r, :t], slots[r, :t], token_seq[r, :t] = ids_r, pos_r, slot_r, seq_r
+        for i, prev_row in prev_r:
+            prev_index[r, i] = prev_row
         if mixed_layout:
             decode_len[r], tiles[r] = mixed_step_layout(spans, S, T, tile_tokens)
         for k, vals in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
@@ -193,7 +211,7 @@ def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list
                     samp[name][r, row] = getattr(c.seq.params, name)
     num_tokens = np.array([sum(c.num_tokens for c in p) for p in plans], np.int32)
     batch = {"tokens": tokens, "positions": positions, "slots": slots, "token_seq": token_seq,
-             "block_tables": tables, "sample_index": sample_index, "num_tokens": num_tokens}
+             "block_tables": tables, "sample_index": sample_index, "num_tokens": num_tokens, "prev_index": prev_index}
     if mixed_layout:
         batch["decode_len"], batch["tiles"] = decode_len, tiles
     return batch, samp, flags, decode_only

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import jax
 import numpy as np
 
 from sidp_jax.batch import build_batch
 from sidp_jax.model_runner import ModelRunner
 from sidp_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sidp_jax.sampling_params import SamplingParams
-from sidp_jax.scheduler import Scheduler
+from sidp_jax.scheduler import ScheduledChunk, Scheduler
 from sidp_jax.sequence import Sequence
 
 
@@ -32,9 +34,25 @@ class Request:
         return RequestOutput(str(self.index), self.prompt, self.prompt_ids, outs, True, self.metrics)
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose results the host has not read yet."""
+    plans: list[list[ScheduledChunk]]
+    out: dict  # its outputs, on the devices
+    dispatched_at: float  # perf_counter
+
+
 class Engine:
+    """Runs steps over every replica. With async_scheduling (the default) the host works one step
+    ahead: it schedules, builds and dispatches step N+1 while step N runs, then reads N's tokens
+    and applies them (stop checks, detokenization) while N+1 runs. A token N sampled reaches N+1
+    on the device (sidp_jax/token_buffer.py); a sequence that N finished may have a token in flight
+    in N+1, which is discarded. Steps whose batch has penalties wait for the previous step first
+    (the penalties read every earlier token), so outputs are identical with the overlap on or off."""
+
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, *, tokenizer, eos_ids: list[int],
-                 max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int, seed: int, mode_policy):
+                 max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int, seed: int, mode_policy,
+                 async_scheduling: bool = True):
         self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
@@ -42,11 +60,17 @@ class Engine:
         self.max_pages = -(-max_model_len // runner.page_size)
         self.rng = np.random.default_rng(seed)
         self.mode_policy = mode_policy
+        self.async_scheduling = async_scheduling
         self.steps_per_mode: dict[str, int] = {}
-        self.host_seconds = 0.0
-        self.device_seconds = 0.0
+        self.wall_seconds = 0.0  # inside step()
+        self.wait_seconds = 0.0  # of which blocked on the devices' results
+        self.device_seconds = 0.0  # device busy, as the host sees it (see _read)
+        self.steps_found_ready = 0  # steps whose results were ready before the host asked
+        self.device_fed_tokens = 0  # tokens a step read from the previous step's output on the device
         self.num_steps = 0
         self._next_seq_id = 0
+        self._inflight: _InFlight | None = None
+        self._last_ready = 0.0
 
     def add(self, req: Request) -> None:
         p = req.params
@@ -59,32 +83,86 @@ class Engine:
             req.seqs.append(seq)
             self.scheduler.add(seq)
 
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort_all(self) -> None:
+        """Drop every sequence and the step in flight (its results are never read)."""
+        self._inflight = None
+        self.scheduler.abort_all()
+
     def step(self) -> list[Sequence]:
         """One engine step over every replica; returns the sequences that finished."""
         t0 = time.perf_counter()
+        finished: list[Sequence] = []
         plans = self.scheduler.schedule()
-        chunks = [c for plan in plans for c in plan]
-        if not chunks:
-            raise RuntimeError("scheduler produced an empty step although work is pending (KV cache too small?)")
+        if self._inflight is not None and _needs_host_tokens(plans):
+            finished += self._apply(self._take_inflight())
+            plans = [[c for c in plan if c.seq.finish_reason is None] for plan in plans]
+        if not any(plans):
+            if self._inflight is None:
+                raise RuntimeError("scheduler produced an empty step although work is pending (KV cache too small?)")
+            finished += self._apply(self._take_inflight())  # every planned sequence awaits its last token
+            self.wall_seconds += time.perf_counter() - t0
+            return finished
         batch, samp, flags, decode_only = build_batch(plans, self.runner.page_size, self.eos_ids,
                                                       self.max_num_batched_tokens, self.max_num_seqs, self.max_pages,
                                                       self.runner.tile_tokens)
         mode = self.mode_policy(plans)
-        t1 = time.perf_counter()
-        out = self.runner.run(batch, samp, flags, mode, decode_only)
-        t2 = time.perf_counter()
-        finished = []
-        for r, plan in enumerate(plans):
+        self.device_fed_tokens += int((batch["prev_index"] >= 0).sum())
+        previous = self._take_inflight()
+        dispatched_at = time.perf_counter()
+        out = self.runner.dispatch(batch, samp, flags, mode, decode_only,
+                                   previous.out["tokens"] if previous is not None else None)
+        for plan in plans:
             for row, c in enumerate(plan):
-                seq = c.seq
-                seq.num_computed += c.num_tokens
-                if c.samples and self._append(seq, out, r, row):
-                    self.scheduler.finish(seq)
-                    finished.append(seq)
+                c.seq.num_computed += c.num_tokens
+                if c.samples:
+                    c.seq.num_pending += 1
+                    c.seq.pending_row = row
+        self._inflight = _InFlight(plans, out, dispatched_at)
         self.steps_per_mode[mode] = self.steps_per_mode.get(mode, 0) + 1
         self.num_steps += 1
-        self.device_seconds += t2 - t1
-        self.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        if previous is not None:
+            finished += self._apply(previous)
+        if not self.async_scheduling:
+            finished += self._apply(self._take_inflight())
+        self.wall_seconds += time.perf_counter() - t0
+        return finished
+
+    def _take_inflight(self) -> _InFlight | None:
+        flight, self._inflight = self._inflight, None
+        return flight
+
+    def _read(self, flight: _InFlight) -> dict:
+        """Wait for a step's results. Its device time runs from the later of its dispatch and the
+        previous step's end to when its results arrive: exact while the host waits on the device;
+        a step whose results were ready before the host asked (counted in steps_found_ready) is
+        timed to when the host asked, which counts the device's idle gap as busy."""
+        t = time.perf_counter()
+        self.steps_found_ready += all(a.is_ready() for a in flight.out.values())
+        out = jax.device_get(flight.out)
+        ready = time.perf_counter()
+        self.wait_seconds += ready - t
+        self.device_seconds += ready - max(flight.dispatched_at, self._last_ready)
+        self._last_ready = ready
+        return out
+
+    def _apply(self, flight: _InFlight | None) -> list[Sequence]:
+        """Read a step's tokens and add them; returns the sequences they finished."""
+        if flight is None:
+            return []
+        out = self._read(flight)
+        finished = []
+        for r, plan in enumerate(flight.plans):
+            for row, c in enumerate(plan):
+                seq = c.seq
+                if not c.samples:
+                    continue
+                seq.num_pending -= 1
+                if seq.finish_reason is None and self._append(seq, out, r, row):  # else: discarded
+                    self.scheduler.finish(seq)
+                    finished.append(seq)
         return finished
 
     def _append(self, seq: Sequence, out: dict, r: int, row: int) -> bool:
@@ -134,8 +212,22 @@ class Engine:
         return True
 
     def stats(self) -> dict:
+        """host: time in step() not spent waiting on the devices; device_idle_share: the share of
+        step() wall time the devices were not busy (a lower bound where steps_found_ready > 0)."""
+        steps = max(self.num_steps, 1)
+        host = self.wall_seconds - self.wait_seconds
         return {"num_steps": self.num_steps, "steps_per_mode": dict(self.steps_per_mode),
                 "num_preemptions": self.scheduler.num_preemptions,
                 "steps_per_attention": dict(self.runner.steps_per_attention),
-                "precompiled_steps": self.runner.precompiled_steps,
-                "host_seconds": self.host_seconds, "device_seconds": self.device_seconds}
+                "precompiled_steps": self.runner.precompiled_steps, "async_scheduling": self.async_scheduling,
+                "wall_seconds": self.wall_seconds, "host_seconds": host, "device_seconds": self.device_seconds,
+                "wall_ms_per_step": 1e3 * self.wall_seconds / steps, "host_ms_per_step": 1e3 * host / steps,
+                "device_ms_per_step": 1e3 * self.device_seconds / steps,
+                "device_idle_share": max(0.0, 1 - self.device_seconds / self.wall_seconds) if self.wall_seconds else 0.0,
+                "steps_found_ready": self.steps_found_ready, "device_fed_tokens": self.device_fed_tokens}
+
+
+def _needs_host_tokens(plans: list[list[ScheduledChunk]]) -> bool:
+    """A batch with penalties sends every row's token history, so it cannot leave tokens on the device."""
+    chunks = [c for plan in plans for c in plan]
+    return any(c.seq.params.uses_penalties for c in chunks) and any(c.seq.num_pending for c in chunks)

@@ -28,7 +28,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, kv_block_size: int = 16,
                  seed: int = 0, kv_cache_tokens: int | None = None, ffn_crossover_tokens: int | None = None,
                  devices=None, verbose: bool = True, attention: str = "auto", was_runner: str = "auto",
-                 was_prefetch_depth: int = 1, precompile: bool | None = None):
+                 was_prefetch_depth: int = 1, precompile: bool | None = None, async_scheduling: bool = True):
         """was_runner: how sidp runs Weight-as-a-Service steps: "replicas" (per-replica programs, the
         next layer's FFN slices copied by async device_put while this layer computes; striped
         placement, tp=1), "spmd" (all-gathers inside the one SPMD step), "auto" (replicas where
@@ -40,7 +40,11 @@ class LLM:
         steps by the attention they ran ("decode", "mixed" or "reference").
         was_prefetch_depth: how many layers ahead per-replica WaS copies the FFN slices (1: a
         double buffer). precompile: compile every step variant at start-up (None: on GPUs;
-        stats()["precompile_seconds"]); otherwise each compiles on first use."""
+        stats()["precompile_seconds"]); otherwise each compiles on first use.
+        async_scheduling: the host schedules and builds step N+1 and reads step N's tokens while
+        the devices run (sidp_jax/engine.py); False runs each step to its end first (for debugging
+        and comparison; outputs are the same). stats() reports wall, host and device ms per step
+        and the devices' idle share."""
         if ffn_mode not in FFN_MODES:
             raise ValueError(f"ffn_mode must be one of {FFN_MODES}, got {ffn_mode!r}")
         if attention not in ATTENTION_CHOICES:
@@ -73,7 +77,8 @@ class LLM:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else []
         self.engine = Engine(runner, scheduler, tokenizer=self.tokenizer, eos_ids=eos,
                              max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-                             max_num_seqs=max_num_seqs, seed=seed, mode_policy=policy)
+                             max_num_seqs=max_num_seqs, seed=seed, mode_policy=policy,
+                             async_scheduling=async_scheduling)
         self._request_counter = 0
         self.kv_info["precompile_seconds"] = precompile_steps(self, precompile, max_num_batched_tokens, max_num_seqs)
         self.startup_seconds = time.perf_counter() - t_start
@@ -175,7 +180,7 @@ class LLM:
                     else:
                         by_index[req.index] = req
                         self.engine.add(req)
-                if not self.engine.scheduler.has_work():
+                if not self.engine.has_work():
                     if exhausted:
                         break
                     continue
@@ -189,7 +194,7 @@ class LLM:
                         bar.set_postfix_str(f"{out_tokens / (time.perf_counter() - start):.1f} out tok/s")
                         yield req.index - base, req.output()
         finally:  # an error (or a consumer that stopped early) must not leave sequences behind
-            self.engine.scheduler.abort_all()
+            self.engine.abort_all()
             bar.close()
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -222,8 +227,6 @@ class LLM:
         s["kv_tokens_per_replica"] = self.kv_info["tokens_per_replica"]
         s["num_replicas"] = self.layout.num_replicas
         s["max_concurrency"] = self.kv_info["tokens_per_replica"] / self.max_model_len
-        s["host_ms_per_step"] = 1e3 * s["host_seconds"] / max(s["num_steps"], 1)
-        s["device_ms_per_step"] = 1e3 * s["device_seconds"] / max(s["num_steps"], 1)
         s["startup_seconds"] = self.startup_seconds
         s["first_call_seconds"] = dict(self.engine.runner.first_call_seconds)
         return s

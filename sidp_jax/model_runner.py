@@ -37,6 +37,7 @@ from sidp_jax.models.decoder import dense_ffn, forward
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
 from sidp_jax.sampler import SamplerFlags, sample
+from sidp_jax.token_buffer import pad_tokens, with_prev_tokens
 
 KV_SPEC = P("dp", None, None, "tp", None)  # [replica, L*pages, page, kv_heads, head_dim]
 
@@ -48,7 +49,11 @@ def kv_bytes_per_page(cfg: ModelConfig, layout: Layout, page_size: int, dtype) -
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, layout: Layout, params: dict, *, num_pages: int, page_size: int,
-                 kv_dtype, attention: str = "auto", was_runner: str = "auto", was_prefetch_depth: int = 1):
+                 kv_dtype, attention: str = "auto", was_runner: str = "auto", was_prefetch_depth: int = 1,
+                 token_buffer_width: int | None = None):
+        """token_buffer_width: rows of the sampled-token array every step returns (batch.
+        token_buffer_width), so that the next step can read its tokens on the device whatever its
+        shape; None: each step's own rows."""
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
         self.cfg, self.layout, self.params = cfg, layout, params
@@ -65,6 +70,8 @@ class ModelRunner:
         self.first_call_seconds: dict[str, float] = {}  # per step variant: compile (or cache load) + one run
         self._compiled: dict = {}  # (mode, flags, attention, input shapes) -> executable (precompile)
         self.precompiled_steps = 0  # steps that ran a precompiled executable
+        self.token_buffer_width = token_buffer_width
+        self._no_prev_tokens: dict[int, jax.Array] = {}
         self.replica_was = ReplicaWaS(cfg, layout, params, self.kv_sharding, self._attn_fn, was_prefetch_depth) \
             if uses_replica_was(layout, was_runner) else None
 
@@ -108,11 +115,12 @@ class ModelRunner:
         def local(params, kv, batch, samp):
             squeeze = functools.partial(jax.tree.map, lambda a: a[0])
             kv, batch, samp = squeeze(kv), squeeze(batch), squeeze(samp)
+            batch = with_prev_tokens(batch)
             strategy = self._ffn(mode)
             logits, kv = forward(cfg, params, kv, batch, ffn_for=lambda l: (strategy, lay.ffn_weights(params, l)),
                                  attn_fn=self._attn_fn(attn, batch), tp_axis=tp_axis,
                                  skip_idle=lay.num_replicas > 1)
-            out = sample(logits, samp, flags)
+            out = pad_tokens(sample(logits, samp, flags), batch["prev_tokens"].shape[0])
             expand = functools.partial(jax.tree.map, lambda a: a[None])
             return expand(out), expand(kv)
 
@@ -132,12 +140,37 @@ class ModelRunner:
             self._steps[key] = self._build(*key)
         return self._steps[key]
 
-    def run(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "local",
-            decode_only: bool = False) -> dict:
-        """Run one step; returns numpy arrays [D, S, ...] of sampled tokens and logprobs.
+    def tokens_width(self, S: int) -> int:
+        W = self.token_buffer_width or S
+        if W < S:
+            raise ValueError(f"a step of {S} rows exceeds token_buffer_width {W}")
+        return W
 
+    def no_prev_tokens(self, W: int) -> jax.Array:
+        """The token buffer of a step that reads none from the previous one: zeros [D, W]."""
+        if W not in self._no_prev_tokens:
+            self._no_prev_tokens[W] = jax.device_put(np.zeros((self.layout.num_replicas, W), np.int32),
+                                                     self.batch_sharding)
+        return self._no_prev_tokens[W]
+
+    def run(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "local",
+            decode_only: bool = False, prev_tokens: jax.Array | None = None) -> dict:
+        """dispatch() and wait: numpy arrays of the step's outputs."""
+        return jax.device_get(self.dispatch(batch, samp, flags, mode, decode_only, prev_tokens))
+
+    def dispatch(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "local",
+                 decode_only: bool = False, prev_tokens: jax.Array | None = None) -> dict:
+        """Launch one step and return at once: its outputs on the devices, "tokens" [D, W] (padded
+        to the token buffer width), "logprob" [D, S] and any top logprobs [D, S, k].
+
+        batch: build_batch's arrays; a token whose `prev_index` is >= 0 is read from that row of
+        `prev_tokens`, the previous step's "tokens" (still on the device: host overlap).
         decode_only: the batch was built as a decode-only step (token i in row i, S == T); a
         mixed step for the kernels must carry build_batch's `decode_len` and `tiles`."""
+        S = batch["sample_index"].shape[-1]
+        if prev_tokens is None:
+            prev_tokens = self.no_prev_tokens(self.tokens_width(S))
+        batch = dict(batch, prev_tokens=prev_tokens)
         attn = self.attention_kind(decode_only)
         self.steps_per_attention[attn] = self.steps_per_attention.get(attn, 0) + 1
         variant = (f"{mode}/{attn}/T={batch['tokens'].shape[-1]}/S={batch['sample_index'].shape[-1]}"
@@ -152,8 +185,8 @@ class ModelRunner:
             fn = fn or self.step_fn(mode, flags, decode_only)
             batch, samp = jax.device_put((batch, samp), self.batch_sharding)
             out, self.kv = fn(self.params, self.kv, batch, samp)
-            out = jax.device_get(out)
-        if first:
+        if first:  # waits once per variant, to time its compilation
+            jax.block_until_ready(out)
             self.first_call_seconds[variant] = time.perf_counter() - t0
         return out
 
@@ -163,7 +196,8 @@ class ModelRunner:
         sd = lambda dt, *shape: jax.ShapeDtypeStruct((D, *shape), dt, sharding=self.batch_sharding)
         i32, f32 = functools.partial(sd, np.int32), functools.partial(sd, np.float32)
         batch = {"tokens": i32(T), "positions": i32(T), "slots": i32(T), "token_seq": i32(T),
-                 "block_tables": i32(S, MB), "sample_index": i32(S), "num_tokens": i32()}
+                 "block_tables": i32(S, MB), "sample_index": i32(S), "num_tokens": i32(), "prev_index": i32(T),
+                 "prev_tokens": i32(self.tokens_width(S))}
         if self.tile_tokens and not decode_only:
             batch.update(decode_len=i32(S), tiles=i32(num_tiles(T, S, self.tile_tokens), 4))
         samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),

@@ -11,6 +11,10 @@ Admission keeps preemption from thrashing (a victim re-admitted at once, chunk b
 be the newest sequence and the next victim, its recompute thrown away again): nothing is admitted
 in a step that preempted, and a replica admits a sequence only if its WHOLE remaining prefill
 fits beside a reserve of one page per running sequence (their next tokens' growth).
+
+With host overlap (sidp_jax/engine.py) the scheduler plans step N+1 while step N runs: a token
+that N samples counts as known (Sequence.num_pending), so its sequence is planned one decode
+token as usual; a sequence whose pending token is its last (max_tokens) is not planned again.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ class ScheduledChunk:
     seq: Sequence
     start: int  # first token position computed in this step
     num_tokens: int
+    samples: bool = dataclasses.field(init=False)  # reaches the end of the known tokens: samples the next
 
-    @property
-    def samples(self) -> bool:  # the chunk reaches the end of the known tokens: sample the next one
-        return self.start + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self):  # fixed when planned: the sequence grows before the step's tokens are read
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -52,8 +56,13 @@ class Scheduler:
         return bool(self.waiting) or any(self.running)
 
     def finish(self, seq: Sequence) -> None:
-        self.running[seq.replica].remove(seq)
-        self.blocks[seq.replica].free(seq)
+        """seq is done: free its pages. It may be waiting: preempted while its last token was still
+        on the device (host overlap)."""
+        if seq.status is Status.RUNNING:
+            self.running[seq.replica].remove(seq)
+            self.blocks[seq.replica].free(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
         seq.status = Status.FINISHED
 
     def abort_all(self) -> None:
@@ -98,6 +107,8 @@ class Scheduler:
                 break
             r = max(open_replicas, key=lambda i: (self.blocks[i].num_free, budgets[i]))
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token still on the device: prefill it once it lands
+                break
             n = min(seq.num_uncomputed, budgets[r])
             if not self._fits(r, seq, n):
                 break
@@ -116,6 +127,9 @@ class Scheduler:
         i = 0
         while i < len(running) and budgets[r] > 0:
             seq = running[i]
+            if seq.num_pending and seq.num_generated >= seq.max_tokens:  # its last token is on the device
+                i += 1
+                continue
             n = min(seq.num_uncomputed, budgets[r])
             while not blocks.can_allocate(seq, n):
                 if self._preempt(r) is seq:

@@ -32,6 +32,10 @@ class Sequence:
         self.pages: list[int] = []
         self._page_array: np.ndarray | None = None  # page_array()'s cache
         self.num_computed = 0  # tokens whose K/V are in the cache
+        # Tokens sampled by a step still on the device (host overlap, sidp_jax/engine.py): they
+        # count in num_tokens, and the next step reads the newest from the device by `pending_row`.
+        self.num_pending = 0
+        self.pending_row = -1  # the newest pending token's row in its step's output
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -39,7 +43,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens sampled so far, the pending ones included (the sampler's step index)."""
+        return len(self.output_ids) + self.num_pending
 
     @property
     def all_ids(self) -> list[int]:
@@ -57,6 +66,7 @@ class Sequence:
         self._page_array = None
 
     def token_at(self, i: int) -> int:
+        """Token i, known on the host (a pending token is read on the device instead)."""
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 

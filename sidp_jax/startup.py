@@ -6,7 +6,7 @@ import logging
 
 import jax
 
-from sidp_jax.batch import bucket, mixed_rows, mixed_tokens, step_shapes
+from sidp_jax.batch import bucket, mixed_rows, mixed_tokens, step_shapes, token_buffer_width
 from sidp_jax.capacity import dp_comparison_line, weight_bytes_per_gpu
 from sidp_jax.checkpoint import load_params
 from sidp_jax.config import PRESETS, ModelConfig
@@ -108,7 +108,8 @@ def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, m
             num_pages = free // page_bytes
             source = f"free memory (step temporaries {temp / 2**30:.2f} GiB: {step_temps})"
     runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype,
-                         attention=attention, was_runner=was_runner, was_prefetch_depth=was_prefetch_depth)
+                         attention=attention, was_runner=was_runner, was_prefetch_depth=was_prefetch_depth,
+                         token_buffer_width=token_buffer_width(max_num_batched_tokens, max_num_seqs))
 
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,

@@ -162,16 +162,16 @@ def test_a_stop_token_outside_the_vocabulary_fails_that_request_alone(qwen3):
 def test_the_llm_stays_usable_after_a_step_fails(qwen3, monkeypatch):
     prompts, want = fixture_prompts("tiny-qwen3")
     runner = qwen3.engine.runner
-    real_run = runner.run
+    real_dispatch = runner.dispatch
 
     def failing_run(*a, **k):
         raise RuntimeError("device error in the middle of a step")
 
-    monkeypatch.setattr(runner, "run", failing_run)
+    monkeypatch.setattr(runner, "dispatch", failing_run)
     with pytest.raises(RuntimeError, match="middle of a step"):
         qwen3.generate(prompts, GREEDY16, use_tqdm=False)
     assert not qwen3.engine.scheduler.has_work()  # nothing left behind ...
-    monkeypatch.setattr(runner, "run", real_run)
+    monkeypatch.setattr(runner, "dispatch", real_dispatch)
     free = [b.num_free for b in qwen3.engine.scheduler.blocks]
     outs = qwen3.generate(prompts, GREEDY16, use_tqdm=False)  # ... and the next call is exact
     assert [o.outputs[0].token_ids for o in outs] == want

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.capacity import ffn_layer_bytes
 from sidp_jax.compilation import step_compiler_options
 from sidp_jax.models.decoder import embed, head_logits, layer, paged_attend, swiglu
 from sidp_jax.models.modules import FFN_LEAVES
 from sidp_jax.sampler import SamplerFlags, sample
+from sidp_jax.token_buffer import pad_tokens, with_prev_tokens
 
 
 WAS_RUNNERS = ("auto", "replicas", "spmd")
@@ -140,11 +142,11 @@ class ReplicaWaS:
         self.local = local_views(params, self.devices)
         self.fetcher = FfnFetcher([[_ffn_of(w) for w in p["layers"]] for p in self.local], self.devices,
                                   prefetch_depth)
-        self._embed = jax.jit(lambda p, b: embed(cfg, p, b))
+        self.batch_sharding = NamedSharding(layout.mesh, P("dp"))
+        self._embed = jax.jit(lambda p, b, prev: embed(cfg, p, with_prev_tokens(dict(b, prev_tokens=prev[0]))))
         self._layer = jax.jit(self._one_layer, donate_argnums=(3,), static_argnums=(8,),
                               compiler_options=step_compiler_options(jax.default_backend()))
-        self._head = jax.jit(lambda p, x, b, s, flags: sample(head_logits(cfg, p, x, b), s, flags),
-                             static_argnums=(4,))
+        self._head = jax.jit(self._one_head, static_argnums=(4, 5))
 
     def _one_layer(self, w, fetched, h, kv, layer_index, batch, cos, sin, attn: str):
         kv = jax.tree.map(lambda a: a[0], kv)
@@ -153,16 +155,23 @@ class ReplicaWaS:
                       attend=paged_attend(self.cfg, layer_index, batch, self.attn_fn_for(attn, batch)))
         return h, jax.tree.map(lambda a: a[None], kv)
 
+    def _one_head(self, p, x, b, s, flags: SamplerFlags, width: int):
+        out = pad_tokens(sample(head_logits(self.cfg, p, x, b), s, flags), width)
+        return jax.tree.map(lambda a: a[None], out)
+
     def run(self, kv: dict, batch: dict, samp: dict, flags: SamplerFlags, attn: str = "reference"):
-        """kv: the global cache; batch/samp: numpy [D, ...]; attn: the step's attention kind
-        (ModelRunner.attention_kind). Returns (outputs [D, ...], kv)."""
+        """kv: the global cache; batch/samp: numpy [D, ...], but batch["prev_tokens"]: the previous
+        step's tokens [D, W] on the devices; attn: the step's attention kind
+        (ModelRunner.attention_kind). Returns (outputs [D, ...] on the devices, kv); nothing waits."""
         D, L = len(self.devices), self.cfg.num_layers
+        prev = batch["prev_tokens"]
+        batch = {k: v for k, v in batch.items() if k != "prev_tokens"}
         active = [r for r in range(D) if batch["num_tokens"][r] > 0]
         kvs = [{k: shard_on(v, d) for k, v in kv.items()} for d in self.devices]
         state = {}
         for r in active:
             b = jax.device_put({k: v[r] for k, v in batch.items()}, self.devices[r])
-            x, cos, sin = self._embed(self.local[r], b)
+            x, cos, sin = self._embed(self.local[r], b, shard_on(prev, self.devices[r]))
             state[r] = [x, b, cos, sin]
         self.fetcher.start(active)
         for l in range(L):
@@ -176,10 +185,13 @@ class ReplicaWaS:
         for r in active:
             x, b, _, _ = state[r]
             s = jax.device_put({k: v[r] for k, v in samp.items()}, self.devices[r])
-            outs[r] = jax.device_get(self._head(self.local[r], x, b, s, flags))
+            outs[r] = self._head(self.local[r], x, b, s, flags, prev.shape[1])
         kv = {k: jax.make_array_from_single_device_arrays(kv[k].shape, self.kv_sharding, [c[k] for c in kvs])
               for k in kv}
         template = next(iter(outs.values()))
-        stacked = {k: np.stack([outs[r][k] if r in outs else np.zeros_like(v) for r in range(D)])
+        for r in set(range(D)) - set(active):  # an idle replica's rows are never read: zeros
+            outs[r] = {k: jax.device_put(np.zeros(v.shape, v.dtype), self.devices[r]) for k, v in template.items()}
+        stacked = {k: jax.make_array_from_single_device_arrays((D, *v.shape[1:]), self.batch_sharding,
+                                                               [outs[r][k] for r in range(D)])
                    for k, v in template.items()}
         return stacked, kv
