@@ -1,18 +1,22 @@
-"""Host time per engine step (schedule, build the batch, apply sampled tokens), no model, CPU.
+"""Host time per engine step, and how much of it the host overlap hides; no model, CPU.
 
-The engine's own step loop with a stand-in runner that returns random tokens at once, so what is
-timed is exactly the host work that `stats()["host_ms_per_step"]` reports on the GPUs (there it
-sits between device steps). The workload is the KV-bound one of RESULTS.md: prompts of
---input-len tokens, --output-len outputs, D replicas with --kv-tokens each; the first
---warmup-steps fill the batch, the next --steps are timed.
+The engine's own step loop with a stand-in device: one worker thread that runs each dispatched
+step for exactly --device-ms (a GPU stream's order: one step at a time) and answers with random
+tokens. With async_scheduling off the host's work (schedule, build the batch, apply the sampled
+tokens) sits between device steps; with it on (the default) the host does it while the stand-in
+step runs. Both run here, on the KV-bound workload of RESULTS.md: prompts of --input-len
+tokens, --output-len outputs, D replicas with --kv-tokens each; the first --warmup-steps fill the
+batch, the next --steps are timed.
 
   python benchmarks/host_overhead.py                    # sidp at util 0.6: 2 x 186k tokens
   python benchmarks/host_overhead.py --kv-tokens 88320  # dp at util 0.6
+  python benchmarks/host_overhead.py --device-ms 0      # the host work alone
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import sys
 import time
 
@@ -24,17 +28,64 @@ from sidp_jax.scheduler import Scheduler
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
-class InstantRunner:
-    """What Engine needs of a ModelRunner, answering every step with random tokens at once."""
+class _OnDevice:
+    """A stand-in step's output: ready when its worker finished (what the engine asks of a jax.Array)."""
 
-    def __init__(self, page_size: int, tile_tokens: int | None):
-        self.page_size, self.tile_tokens = page_size, tile_tokens
+    def __init__(self, future):
+        self.future = future
+
+    def is_ready(self) -> bool:
+        return self.future.done()
+
+    def __array__(self, dtype=None, copy=None):
+        return self.future.result()
+
+
+class StandInRunner:
+    """What Engine needs of a ModelRunner; every step takes `device_ms` on one worker thread."""
+
+    def __init__(self, page_size: int, tile_tokens: int | None, device_ms: float):
+        self.page_size, self.tile_tokens, self.device_s = page_size, tile_tokens, device_ms / 1e3
         self.steps_per_attention: dict[str, int] = {}
+        self.precompiled_steps = 0
         self.rng = np.random.default_rng(0)
+        self.device = concurrent.futures.ThreadPoolExecutor(1)
 
-    def run(self, batch, samp, flags, mode, decode_only):
-        D, S = batch["sample_index"].shape
-        return {"tokens": self.rng.integers(100, 1000, (D, S), dtype=np.int32)}
+    def _run(self, D: int, S: int) -> np.ndarray:
+        if self.device_s:
+            time.sleep(self.device_s)
+        return self.rng.integers(100, 1000, (D, S), dtype=np.int32)
+
+    def dispatch(self, batch, samp, flags, mode, decode_only, prev_tokens=None):
+        return {"tokens": _OnDevice(self.device.submit(self._run, *batch["sample_index"].shape))}
+
+
+def run(a, async_scheduling: bool) -> dict:
+    P = 16
+    sched = Scheduler(a.replicas, a.kv_tokens // P + 1, P, a.max_num_seqs, a.max_num_batched_tokens)
+    engine = Engine(StandInRunner(P, a.tile_tokens or None, a.device_ms), sched, tokenizer=None, eos_ids=[0],
+                    max_model_len=a.input_len + a.output_len, max_num_batched_tokens=a.max_num_batched_tokens,
+                    max_num_seqs=a.max_num_seqs, seed=0, mode_policy=lambda plans: "cas",
+                    async_scheduling=async_scheduling)
+    params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    for i in range(a.num_prompts):
+        engine.add(Request(i, None, rng.integers(100, 1000, a.input_len).tolist(), params))
+    for _ in range(a.warmup_steps):
+        engine.step()
+    before = engine.stats()
+    rows = []
+    for _ in range(a.steps):
+        engine.step()
+        rows.append(sum(len(p) for p in sched.running))
+    after = engine.stats()
+    steps = after["num_steps"] - before["num_steps"]
+    per_step = {k: 1e3 * (after[f"{k}_seconds"] - before[f"{k}_seconds"]) / steps for k in ("wall", "host", "device")}
+    return {"async_scheduling": async_scheduling, "wall_ms_per_step": per_step["wall"],
+            "host_ms_per_step": per_step["host"], "device_ms_per_step": per_step["device"],
+            "device_idle_share": max(0.0, 1 - per_step["device"] / per_step["wall"]),
+            "steps_found_ready": after["steps_found_ready"] - before["steps_found_ready"],
+            "mean_running_sequences": float(np.mean(rows))}
 
 
 def main():
@@ -47,33 +98,19 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--tile-tokens", type=int, default=16, help="0: the reference attention's batch layout")
+    ap.add_argument("--device-ms", type=float, default=25.0, help="the stand-in device step's duration")
     ap.add_argument("--warmup-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    P = 16
-    sched = Scheduler(a.replicas, a.kv_tokens // P + 1, P, a.max_num_seqs, a.max_num_batched_tokens)
-    engine = Engine(InstantRunner(P, a.tile_tokens or None), sched, tokenizer=None, eos_ids=[0],
-                    max_model_len=a.input_len + a.output_len, max_num_batched_tokens=a.max_num_batched_tokens,
-                    max_num_seqs=a.max_num_seqs, seed=0, mode_policy=lambda plans: "cas")
-    params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
-    rng = np.random.default_rng(0)
-    for i in range(a.num_prompts):
-        engine.add(Request(i, None, rng.integers(100, 1000, a.input_len).tolist(), params))
-    for _ in range(a.warmup_steps):
-        engine.step()
-    engine.host_seconds, first = 0.0, engine.num_steps
-    rows = []
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        engine.step()
-        rows.append(sum(len(p) for p in sched.running))
-    wall = time.perf_counter() - t
-    res = {"host_ms_per_step": 1e3 * engine.host_seconds / (engine.num_steps - first),
-           "wall_ms_per_step": 1e3 * wall / a.steps, "mean_running_sequences": float(np.mean(rows)),
-           "args": vars(a), "argv": sys.argv[1:]}
-    print(f"host {res['host_ms_per_step']:.2f} ms/step over {a.steps} steps, "
-          f"{res['mean_running_sequences']:.0f} running sequences on {a.replicas} replicas")
+    rows = [run(a, False), run(a, True)]
+    res = {"rows": rows, "args": vars(a)}
+    print(f"{'async':>6} {'wall ms/step':>13} {'host ms/step':>13} {'device ms/step':>15} {'device idle':>12}")
+    for r in rows:
+        print(f"{str(r['async_scheduling']):>6} {r['wall_ms_per_step']:13.2f} {r['host_ms_per_step']:13.2f} "
+              f"{r['device_ms_per_step']:15.2f} {r['device_idle_share']:12.1%}")
+    print(f"{rows[0]['mean_running_sequences']:.0f} running sequences on {a.replicas} replicas, "
+          f"stand-in device step {a.device_ms} ms")
     if a.out:
         write_result(a.out, res)
 

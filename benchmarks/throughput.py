@@ -3,7 +3,8 @@
 Random prompts of --input-len tokens, --output-len generated tokens each (ignore_eos), on a preset
 shape with random weights or a checkpoint. Each layout runs in its own process (clean memory).
 A run longer than --time-limit is cut there and its steady-state rate reported (after a warm-up
-window that absorbs compilation); the JSON says so.
+window that absorbs compilation); the JSON says so. --scheduling async,sync runs each layout with
+the host overlap on and off; wall / host / device ms per step cover the same window as the rates.
 
   python benchmarks/throughput.py --model qwen3-32b --mesh dp=2 --compare dp,tp,sidp \
       --input-len 1024 --output-len 2048 --num-prompts 2000 --gpu-memory-utilization 0.9
@@ -20,7 +21,7 @@ from child_process import report, run_child  # benchmarks/ is on sys.path when r
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
-def run_one(args, parallel: str) -> dict:
+def run_one(args, parallel: str, async_scheduling: bool) -> dict:
     import numpy as np
 
     from sidp_jax import LLM, SamplingParams
@@ -28,7 +29,8 @@ def run_one(args, parallel: str) -> dict:
     t_start = time.perf_counter()
     llm = LLM(args.model, mesh=args.mesh, parallel=parallel, placement=args.placement, ffn_mode=args.ffn_mode,
               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.input_len + args.output_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, verbose=True)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, verbose=True,
+              async_scheduling=async_scheduling)
     startup_s = time.perf_counter() - t_start
     rng = np.random.default_rng(0)
     vocab = llm.cfg.vocab_size
@@ -40,15 +42,18 @@ def run_one(args, parallel: str) -> dict:
     seqs = list(engine.scheduler.waiting)
     start = time.perf_counter()
     marks = []  # (time, output tokens so far, prompt tokens computed so far)
-    while engine.scheduler.has_work():
+    at_warmup = None  # engine.stats() when the warm-up window ended
+    while engine.has_work():
         engine.step()
         now = time.perf_counter()
+        if at_warmup is None and now - start >= args.warmup:
+            at_warmup = engine.stats()
         out_tok = sum(len(s.output_ids) for s in seqs)
         in_tok = sum(min(s.num_computed, len(s.prompt_ids)) for s in seqs)
         marks.append((now - start, out_tok, in_tok))
         if now - start > args.time_limit:
             break
-    done = not engine.scheduler.has_work()
+    done = not engine.has_work()
     t_end, out_end, in_end = marks[-1]
     if done:
         t0, out0, in0, finished = 0.0, 0, 0, args.num_prompts
@@ -57,12 +62,20 @@ def run_one(args, parallel: str) -> dict:
         finished = sum(s.finish_reason is not None for s in seqs)
     dt = t_end - t0
     stats = llm.stats()
+    base = at_warmup if not done and at_warmup else {k: 0 for k in ("num_steps", "wall_seconds", "host_seconds",
+                                                                    "device_seconds")}
+    steps = max(stats["num_steps"] - base["num_steps"], 1)
+    window = {f"{k}_ms_per_step": 1e3 * (stats[f"{k}_seconds"] - base[f"{k}_seconds"]) / steps
+              for k in ("wall", "host", "device")}
+    window["device_idle_share"] = max(0.0, 1 - window["device_ms_per_step"] / window["wall_ms_per_step"])
     return {"parallel": parallel, "complete": done, "window_s": dt, "finished_requests": finished,
             "requests_per_s": finished / t_end if done else None,
             "output_tokens_per_s": (out_end - out0) / dt, "total_tokens_per_s": (out_end - out0 + in_end - in0) / dt,
             "kv_tokens_per_replica": stats["kv_tokens_per_replica"], "num_replicas": stats["num_replicas"],
             "steps_per_mode": stats["steps_per_mode"], "num_preemptions": stats["num_preemptions"],
-            "host_ms_per_step": stats["host_ms_per_step"], "device_ms_per_step": stats["device_ms_per_step"],
+            "async_scheduling": async_scheduling, **window, "steps_in_window": steps,
+            "steps_found_ready": stats["steps_found_ready"], "device_fed_tokens": stats["device_fed_tokens"],
+            "precompile_seconds": stats.get("precompile_seconds"),
             "num_steps": stats["num_steps"], "steps_per_attention": stats["steps_per_attention"],
             "startup_s": startup_s, "first_call_seconds": stats.get("first_call_seconds"),
             "compile_cache": getattr(llm, "compile_cache", None), "device": llm.layout.mesh.devices.flat[0].device_kind,
@@ -85,15 +98,22 @@ def main():
     ap.add_argument("--time-limit", type=float, default=150.0)
     ap.add_argument("--warmup", type=float, default=40.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--scheduling", default="async",
+                    help="comma list of async (host overlap, the default) and sync: each layout runs in each")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        report(run_one(args, args.one))
+        parallel, scheduling = args.one.split(":")
+        report(run_one(args, parallel, scheduling == "async"))
         return
     rows = []
-    for parallel in args.compare.split(","):
-        res, stdout = run_child([__file__, *sys.argv[1:], "--one", parallel])
+    runs = [(p, sch) for p in args.compare.split(",") for sch in args.scheduling.split(",")]
+    if any(sch not in ("async", "sync") for _, sch in runs):
+        raise SystemExit(f"--scheduling takes async and/or sync, got {args.scheduling!r}")
+    for parallel, scheduling in runs:
+        res, stdout = run_child([__file__, *sys.argv[1:], "--one", f"{parallel}:{scheduling}"])
         res.setdefault("parallel", parallel)
+        res.setdefault("async_scheduling", scheduling == "async")
         print("\n".join(l for l in stdout.splitlines() if l.startswith("[sidp_jax]")))
         rows.append(res)
         print(json.dumps(res), flush=True)
@@ -104,10 +124,11 @@ def main():
             print(f"{r['parallel']}: error {r['error'][-300:]}")
             continue
         rps = f"{r['requests_per_s']:.2f}" if r["requests_per_s"] else "n/a (cut)"
-        print(f"{r['parallel']:>5}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
+        print(f"{r['parallel']:>5} {'async' if r['async_scheduling'] else 'sync':>5}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
               f"{r['output_tokens_per_s']:.2f} output tokens/s | KV {r['kv_tokens_per_replica']:,}/replica, "
               f"modes {r['steps_per_mode']}, preempt {r['num_preemptions']}, "
-              f"host {r['host_ms_per_step']:.1f} ms/step, device {r['device_ms_per_step']:.1f} ms/step")
+              f"wall {r['wall_ms_per_step']:.1f} / host {r['host_ms_per_step']:.1f} / device "
+              f"{r['device_ms_per_step']:.1f} ms/step, device idle {r['device_idle_share']:.1%}")
 
 
 if __name__ == "__main__":

@@ -268,6 +268,7 @@ def format_summary(s: JobSummary) -> str:
         f"max concurrency {stats.get('max_concurrency', na)}, replicas {stats.get('num_replicas', na)}",
         f"Preemptions: {stats.get('num_preemptions', na)}",
         "Steps per mode: " + (", ".join(f"{k}={v}" for k, v in steps.items()) if steps else na),
+        _step_time_line(stats),
         f"Requests: {s.requests_completed} completed, {s.requests_errored} errors, "
         f"{s.requests_skipped} skipped (already in the output)",
         f"Errors: {s.requests_errored}" + (f" ({s.errors_retryable} earlier error records could be run again with "
@@ -275,6 +276,15 @@ def format_summary(s: JobSummary) -> str:
         f"Results written to {s.output}",
     ]
     return "\n".join(lines)
+
+
+def _step_time_line(stats: dict) -> str:
+    if "wall_ms_per_step" not in stats:
+        return "Step time: n/a"
+    overlap = "on" if stats.get("async_scheduling") else "off"
+    return (f"Step time: {stats['wall_ms_per_step']:.1f} ms wall, {stats['host_ms_per_step']:.1f} ms host, "
+            f"{stats['device_ms_per_step']:.1f} ms device per step; device idle {stats['device_idle_share']:.1%} "
+            f"(host overlap {overlap})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine = p.add_argument_group("engine")
     for flag, typ, choices, help_ in ENGINE_FLAGS:
         engine.add_argument(flag, type=typ, choices=choices, default=None, help=help_)
+    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="host overlap: schedule step N+1 while step N runs (default on; off for debugging)")
     sampling = p.add_argument_group("sampling (defaults as vLLM's SamplingParams; a line's own fields win)")
     for flag, typ in SAMPLING_FLAGS:
         sampling.add_argument(flag, type=typ, default=None)
@@ -349,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     engine = {"model": args.model}
     engine.update({_dest(f): getattr(args, _dest(f)) for f, *_ in ENGINE_FLAGS if getattr(args, _dest(f)) is not None})
+    if args.async_scheduling is not None:
+        engine["async_scheduling"] = args.async_scheduling
     sampling_names = [_dest(f) for f, _ in SAMPLING_FLAGS] + ["stop", "stop_token_ids", "ignore_eos"]
     sampling = {n: getattr(args, n) for n in sampling_names if getattr(args, n) is not None}
     return JobConfig(args.input, args.output, engine, sampling, progress=not args.no_progress,

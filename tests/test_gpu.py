@@ -1,4 +1,5 @@
-"""GPU runs of the layout parity (pytest -m gpu on a host with >= 2 GPUs)."""
+"""GPU runs of the engine: layout parity (>= 2 GPUs), the kernels' engine path, bf16 and host
+overlap on one GPU (pytest -m gpu)."""
 
 import jax
 import pytest
@@ -41,3 +42,45 @@ def test_engine_with_the_decode_kernel_matches_transformers():
     steps = llm.stats()["steps_per_attention"]
     assert steps.get("decode", 0) > 0 and steps.get("mixed", 0) > 0, steps
 
+
+
+@pytest.mark.skipif(len(gpus()) < 1, reason="needs a GPU")
+def test_bf16_on_one_gpu_within_the_stated_tolerance():
+    # the default dtype on the GPU path (Pallas kernels, TF32-free bf16 GEMMs), against float32 transformers
+    from test_bf16 import assert_bf16_agrees, next_token_errors
+
+    with jax.default_matmul_precision("default"):
+        errors, firsts = next_token_errors("dp", "striped", "auto", mesh="dp=1", devices=gpus()[:1])
+    assert_bf16_agrees(errors, firsts)
+
+
+@pytest.mark.skipif(len(gpus()) < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("parallel,placement,mode", [("tp", "striped", "auto"), ("sidp", "striped", "cas"),
+                                                     ("sidp", "owner", "was")])
+def test_bf16_layouts_on_two_gpus(parallel, placement, mode):
+    from test_bf16 import assert_bf16_agrees, next_token_errors
+
+    with jax.default_matmul_precision("default"):
+        errors, firsts = next_token_errors(parallel, placement, mode, mesh="dp=2", devices=gpus()[:2])
+    assert_bf16_agrees(errors, firsts)
+
+
+@pytest.mark.skipif(len(gpus()) < 1, reason="needs a GPU")
+def test_host_overlap_on_and_off_agree_on_gpu():
+    from test_host_overlap import PROMPTS as P, WANT as W, assert_same, outputs
+    from sidp_jax import LLM, SamplingParams
+
+    def make(async_scheduling):
+        return LLM(CKPT, dtype="float32", devices=gpus()[:1], verbose=False, kv_cache_tokens=64, kv_block_size=4,
+                   max_num_batched_tokens=8, max_num_seqs=6, async_scheduling=async_scheduling)
+
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=7, n=2, max_tokens=12, logprobs=2)]
+    prompts = [p for p in P for _ in params]
+    sync, ahead = make(False), make(True)
+    got_sync, got_ahead = outputs(sync, prompts, params * len(P)), outputs(ahead, prompts, params * len(P))
+    assert_same(got_ahead, got_sync)
+    assert [o[0][0] for o in got_ahead[::2]] == W
+    stats = ahead.stats()
+    assert stats["num_preemptions"] > 0 and stats["device_fed_tokens"] > 0
+    assert stats["steps_per_attention"].get("decode", 0) > 0
