@@ -12,7 +12,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/sidp-now 
 now="env PYTHONPATH=/tmp/sidp-now"
 $now python3 -c "import jax, sidp_jax; print('jax', jax.__version__, jax.devices(), sidp_jax.__file__)"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  (cd tests && timeout 200 $now python3 -m pytest -q -m gpu -p no:cacheprovider . 2>&1 | tail -25 | tee "$OUT/pytest-gpu.log")
+  (cd tests && timeout "${TEST_TIMEOUT:-170}" $now python3 -m pytest -q -m gpu -p no:cacheprovider . 2>&1 | tail -25 | tee "$OUT/pytest-gpu.log")
 fi
 timeout "${TP_TIMEOUT:-420}" $now python3 benchmarks/throughput.py --model qwen3-32b --mesh dp=1 --compare dp \
   --scheduling sync,async --num-prompts "${PROMPTS:-1024}" --input-len "${INPUT_LEN:-256}" --output-len "${OUTPUT_LEN:-1024}" \
