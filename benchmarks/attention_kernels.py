@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from sidp_jax.kernels.paged_attention import paged_attention_reference  # noqa: E402
 from sidp_jax.kernels.paged_decode_pallas import paged_decode_attention  # noqa: E402
-from sidp_jax.timing import single_and_burst_us  # noqa: E402
+from sidp_jax.engine.timing import single_and_burst_us  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 L_CACHE = 2  # layers' pools in the cache; the timed layer is the last (non-zero page offset)

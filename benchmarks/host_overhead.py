@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from sidp_jax.engine import Engine, Request
+from sidp_jax.engine.engine import Engine, Request
 from sidp_jax.sampling_params import SamplingParams
-from sidp_jax.scheduler import Scheduler
+from sidp_jax.engine.scheduler import Scheduler
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 

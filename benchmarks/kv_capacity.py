@@ -1,5 +1,5 @@
 """Usable KV tokens per GPU per layout, measured after weights and the compiled step are on the
-devices, beside the analytic bound (sidp_jax/capacity.py) with the measured step temporaries as
+devices, beside the analytic bound (sidp_jax/parallel/capacity.py) with the measured step temporaries as
 workspace. Each configuration runs in its own process so memory from the last one is gone.
 
   python benchmarks/kv_capacity.py --model qwen3-32b --mesh dp=2 --layouts dp,tp,sidp --util 0.9,0.6
@@ -19,8 +19,8 @@ def measure(model: str, mesh: str, layout_name: str, placement: str, util: float
     import jax
 
     from sidp_jax import LLM
-    from sidp_jax.capacity import kv_tokens_per_gpu
-    from sidp_jax.memory import device_memory
+    from sidp_jax.parallel.capacity import kv_tokens_per_gpu
+    from sidp_jax.engine.memory import device_memory
 
     parallel, _, ffn_mode = layout_name.partition("/")
     try:

@@ -1,13 +1,13 @@
 """Attention of MIXED steps (prefill chunks beside decode tokens) on one GPU: reference vs kernels.
 
 One replica's step at Qwen3-32B shapes (Nq=64, Nkv=8, D=128, P=16, bf16, one layer of a two-layer
-cache), laid out exactly as the engine lays it out (sidp_jax.batch.mixed_step_layout):
+cache), laid out exactly as the engine lays it out (sidp_jax.engine.step_inputs.mixed_step_layout):
   reference   kernels/paged_attention.py under jit (what mixed steps ran before the chunk kernel)
   kernels     kernels/attention.py::mixed_attention (decode kernel over the decode rows, then the
               chunk kernel over the tiles of the other chunks): what the engine runs on GPU now
   chunk_*     the chunk kernel alone over the same tiles, at other tile sizes / warps / stages
 Each output is checked against the reference (max |out - ref| / max |ref| over real tokens).
-Times: median per call of back-to-back bursts (sidp_jax.timing.single_and_burst_us).
+Times: median per call of back-to-back bursts (sidp_jax.engine.timing.single_and_burst_us).
 
   python benchmarks/mixed_attention.py --out mixed.json
   python benchmarks/mixed_attention.py --interpret --small --reps 2   # CPU smoke test of the script
@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention_kernels import err  # noqa: E402
 
-from sidp_jax.batch import bucket, mixed_step_layout  # noqa: E402
+from sidp_jax.engine.step_inputs import bucket, mixed_step_layout  # noqa: E402
 from sidp_jax.kernels.attention import mixed_attention  # noqa: E402
 from sidp_jax.kernels.paged_attention import paged_attention_reference  # noqa: E402
 from sidp_jax.kernels.paged_prefill_pallas import paged_prefill_attention  # noqa: E402
-from sidp_jax.timing import single_and_burst_us  # noqa: E402
+from sidp_jax.engine.timing import single_and_burst_us  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 # name -> (decode rows, their context range, prefill chunks as (tokens, first position))

@@ -48,7 +48,7 @@ from jax import lax  # noqa: E402
 
 from sidp_jax.kernels.rms_norm_pallas import (  # noqa: E402
     default_block_rows, default_num_warps, fused_rms_norm, rms_norm_reference)
-from sidp_jax.timing import single_and_burst_us  # noqa: E402
+from sidp_jax.engine.timing import single_and_burst_us  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 EPS = 1e-6

@@ -22,12 +22,12 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from sidp_jax.checkpoint import load_params
-from sidp_jax.config import PRESETS
-from sidp_jax.layouts import make_layout
+from sidp_jax.loading.checkpoint import load_params
+from sidp_jax.models.config import PRESETS
+from sidp_jax.parallel.layouts import make_layout
 from sidp_jax.models.modules import model_specs
 from sidp_jax.models.params import expected_hf_shapes
-from sidp_jax.placed_checkpoint import restore_placed, save_placed
+from sidp_jax.loading.placed_checkpoint import restore_placed, save_placed
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 

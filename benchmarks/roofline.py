@@ -32,8 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sidp_jax.sampler import SamplerFlags  # noqa: E402
-from sidp_jax.timing import median_seconds  # noqa: E402
+from sidp_jax.engine.sampler import SamplerFlags  # noqa: E402
+from sidp_jax.engine.timing import median_seconds  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
@@ -62,7 +62,7 @@ def matmul_rate(n: int, reps: int) -> float:
 def layer_gemms_ms(params: dict, S: int, reps: int) -> float:
     """Every layer's projections and FFN GEMMs (fused QKV, o, gate_up, down) at M = S rows in ONE
     program (a Python loop over the per-layer weights, as the step walks them), nothing else."""
-    from sidp_jax.compilation import step_compiler_options
+    from sidp_jax.engine.compilation import step_compiler_options
 
     x = jnp.ones((S, params["layers"][0]["qkv"].shape[0]), params["layers"][0]["qkv"].dtype)
 
@@ -101,7 +101,7 @@ def hlo_gemm_census(compiled_text: str, num_layers: int) -> dict:
 
 
 def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
-    """A decode-only step as sidp_jax.batch lays it out: token i in row i, one replica."""
+    """A decode-only step as sidp_jax.engine.step_inputs lays it out: token i in row i, one replica."""
     rng = np.random.default_rng(seed)
     MB = -(-(context + 1) // page_size)
     pages = (1 + np.arange(S * MB, dtype=np.int32)).reshape(S, MB)

@@ -1,6 +1,6 @@
 """The scheduler alone on a KV-bound offline workload: preemptions and recompute, no model.
 
-Drives sidp_jax.scheduler.Scheduler the way the engine does (every scheduled chunk is computed,
+Drives sidp_jax.engine.scheduler.Scheduler the way the engine does (every scheduled chunk is computed,
 a chunk reaching the end of the known tokens samples one token, a sequence finishes at
 max_tokens) for --num-prompts prompts of --input-len tokens and --output-len outputs (ignore_eos),
 with the KV capacity per replica of a measured layout, and compares the admission rules that
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 
 from sidp_jax.sampling_params import SamplingParams
-from sidp_jax.scheduler import Scheduler
-from sidp_jax.sequence import Sequence
+from sidp_jax.engine.scheduler import Scheduler
+from sidp_jax.engine.sequence import Sequence
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 

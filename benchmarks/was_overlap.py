@@ -28,10 +28,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from sidp_jax.config import PRESETS  # noqa: E402
+from sidp_jax.models.config import PRESETS  # noqa: E402
 from sidp_jax.models.decoder import dense_ffn  # noqa: E402
 from sidp_jax.pool.ffn import striped_cas  # noqa: E402
-from sidp_jax.timing import median_seconds  # noqa: E402
+from sidp_jax.engine.timing import median_seconds  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 

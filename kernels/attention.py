@@ -5,7 +5,7 @@ run the decode kernel over the leading one-token rows and the chunk kernel
 (paged_prefill_pallas.py) over the tiles of every other chunk (`mixed_attention`).
 
 `decode_attention` has the decoder's `attn_fn` signature (models/decoder.py) and is only valid for
-a batch built as a decode-only step (sidp_jax/batch.py): one token per sequence row, token i in
+a batch built as a decode-only step (sidp_jax/engine/step_inputs.py): one token per sequence row, token i in
 row i (S == T), so the block tables are already aligned to the tokens and `token_seq` is not needed.
 Padding tokens sit at position 0 of a padding row whose block-table row is all zeros: they attend
 to one token of the scratch page 0 (finite: zeros or padding writes) and their output is never
@@ -18,8 +18,6 @@ import jax.numpy as jnp
 
 from sidp_jax.kernels.paged_decode_pallas import default_pages_per_block, paged_decode_attention
 from sidp_jax.kernels.paged_prefill_pallas import DEFAULT_TILE_TOKENS, paged_prefill_attention
-
-ATTENTION_CHOICES = ("auto", "reference", "pallas-interpret")  # "pallas-interpret": tests only (CPU)
 
 
 def _is_pow2(n: int) -> bool:
@@ -57,7 +55,7 @@ def decode_attention(q, k_cache, v_cache, offset, block_tables, token_seq, posit
 
 def mixed_attention(q, k_cache, v_cache, offset, block_tables, token_seq, positions, *, decode_len, tiles,
                     scale: float, tile_tokens: int = DEFAULT_TILE_TOKENS, interpret: bool = False):
-    """attn_fn for mixed steps laid out by sidp_jax.batch with `tile_tokens` (decode_len, tiles).
+    """attn_fn for mixed steps laid out by sidp_jax.engine.step_inputs with `tile_tokens` (decode_len, tiles).
 
     Rows with decode_len > 0 have their one token at the row's own index: the decode kernel fills
     those tokens (and zeros for the rest of the first min(S, T) tokens); the chunk kernel then

@@ -8,7 +8,7 @@ The engine never calls these modules on its hot path: it takes their abstract st
 (`model_specs`: nnx.eval_shape + nnx.split), places the leaves (random, safetensors or orbax) as a
 plain pytree `{"embed", "final_norm", "lm_head"?, "layers": [per-layer dict] * L}` and jits its
 step over that, so the module system costs nothing per step. A JAX user can instead take the
-module itself (`from_pretrained`) and call it on token ids for scoring or evaluation: the same
+module itself (`sidp_jax.loading.checkpoint.from_pretrained`) and call it on token ids for scoring or evaluation: the same
 `models.decoder.layer` runs, with dense causal attention and no paged cache.
 """
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sidp_jax.config import ModelConfig
+from sidp_jax.models.config import ModelConfig
 from sidp_jax.models import decoder
 from sidp_jax.models.params import Convert, ParamSpec, initial_value
 
@@ -114,14 +114,3 @@ def model_specs(cfg: ModelConfig) -> dict:
                          meta["convert"], layer=layer, name=str(keys[-1]))
         (specs["layers"][layer] if layer is not None else specs)[str(keys[-1])] = leaf
     return specs
-
-
-def from_pretrained(model_dir: str, dtype=jnp.bfloat16, device=None) -> Decoder:
-    """A Hugging Face checkpoint directory as a Decoder module on one device (default: the first)."""
-    from sidp_jax.checkpoint import load_params
-    from sidp_jax.config import load_config
-    from sidp_jax.layouts import make_layout
-
-    cfg = load_config(model_dir)
-    layout = make_layout("dp=1", "dp", devices=[device or jax.devices()[0]])
-    return module_from_params(cfg, load_params(model_dir, cfg, dtype, layout))

@@ -6,30 +6,32 @@ import os
 import time
 from typing import Iterator
 
-from sidp_jax.compilation import enable_compile_cache
-from sidp_jax.config import PRESETS, ModelConfig, dtype_from_name, load_config
-from sidp_jax.engine import Engine, Request
-from sidp_jax.kernels.attention import ATTENTION_CHOICES
-from sidp_jax.layouts import make_layout
+from sidp_jax.engine.compilation import enable_compile_cache
+from sidp_jax.models.config import PRESETS, ModelConfig, dtype_from_name, load_config
+from sidp_jax.engine.engine import Engine, Request
+from sidp_jax.engine_config import EngineConfig
+from sidp_jax.parallel.layouts import make_layout
 from sidp_jax.outputs import RequestOutput
 from sidp_jax.sampling_params import SamplingParams
-from sidp_jax.startup import build_runner, precompile_steps, report_kv
+from sidp_jax.engine.startup import build_runner, precompile_steps, report_kv
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny-qwen3")
-FFN_MODES = ("auto", "was", "cas")
 
 PromptLike = str | list[int] | dict
 
 
 class LLM:
-    def __init__(self, model: str | ModelConfig | None = None, *, mesh: str = "dp=1", parallel: str = "sidp",
-                 placement: str = "striped", ffn_mode: str = "auto", dtype: str = "bfloat16",
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, kv_block_size: int = 16,
-                 seed: int = 0, kv_cache_tokens: int | None = None, ffn_crossover_tokens: int | None = None,
-                 devices=None, verbose: bool = True, attention: str = "auto", was_runner: str = "auto",
-                 was_prefetch_depth: int = 1, precompile: bool | None = None, async_scheduling: bool = True):
-        """was_runner: how sidp runs Weight-as-a-Service steps: "replicas" (per-replica programs, the
+    def __init__(self, model: str | ModelConfig | None = None, *, devices=None, verbose: bool = True,
+                 **engine_kwargs):
+        """model: a checkpoint directory, a preset name or a ModelConfig (random weights); default:
+        the bundled tiny model. engine_kwargs: the fields of sidp_jax.engine_config.EngineConfig
+        (mesh, parallel, placement, ffn_mode, dtype, gpu_memory_utilization, max_model_len,
+        max_num_seqs, max_num_batched_tokens, kv_block_size, seed, kv_cache_tokens,
+        ffn_crossover_tokens, attention, was_runner, was_prefetch_depth, precompile,
+        async_scheduling), each checked there. devices: the devices the mesh is built from
+        (default: all of the default backend's).
+
+        was_runner: how sidp runs Weight-as-a-Service steps: "replicas" (per-replica programs, the
         next layer's FFN slices copied by async device_put while this layer computes; striped
         placement, tp=1), "spmd" (all-gathers inside the one SPMD step), "auto" (replicas where
         it applies).
@@ -42,33 +44,21 @@ class LLM:
         double buffer). precompile: compile every step variant at start-up (None: on GPUs;
         stats()["precompile_seconds"]); otherwise each compiles on first use.
         async_scheduling: the host schedules and builds step N+1 and reads step N's tokens while
-        the devices run (sidp_jax/engine.py); False runs each step to its end first (for debugging
-        and comparison; outputs are the same). stats() reports wall, host and device ms per step
-        and the devices' idle share."""
-        if ffn_mode not in FFN_MODES:
-            raise ValueError(f"ffn_mode must be one of {FFN_MODES}, got {ffn_mode!r}")
-        if attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
-                        ("kv_block_size", kv_block_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        the devices run (sidp_jax/engine/engine.py); False runs each step to its end first (for
+        debugging and comparison; outputs are the same). stats() reports wall, host and device ms
+        per step and the devices' idle share."""
+        config = EngineConfig.from_kwargs(**engine_kwargs)
+        self.config = config
         t_start = time.perf_counter()
         self.model = model or BUNDLED_MODEL
-        self.dtype = dtype_from_name(dtype)
+        self.dtype = dtype_from_name(config.dtype)
         self.cfg, self.tokenizer = self._load_config_and_tokenizer(self.model)
-        self.layout = make_layout(mesh, parallel, placement, devices)
+        self.layout = make_layout(config.mesh, config.parallel, config.placement, devices)
         self.layout.check(self.cfg)
-        self.compile_cache = enable_compile_cache(self.layout.mesh.devices.flat[0].platform)
-        self.max_model_len = max_model_len or min(self.cfg.max_position_embeddings, 32768)
+        self.compile_cache = enable_compile_cache(self.layout.platform)
+        self.max_model_len = config.max_model_len or min(self.cfg.max_position_embeddings, 32768)
         self.verbose = verbose
-        runner, scheduler, policy, kv_info = build_runner(
-            self, ffn_mode=ffn_mode, utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, page_size=kv_block_size, seed=seed,
-            kv_cache_tokens=kv_cache_tokens, crossover_tokens=ffn_crossover_tokens, attention=attention,
-            was_runner=was_runner, was_prefetch_depth=was_prefetch_depth)
+        runner, scheduler, policy, kv_info = build_runner(self, config)
         self.kv_info = kv_info
         if self.max_model_len > kv_info["tokens_per_replica"]:
             print(f"[sidp_jax] max_model_len {self.max_model_len} exceeds one replica's KV capacity; "
@@ -76,11 +66,12 @@ class LLM:
             self.max_model_len = kv_info["tokens_per_replica"]
         eos = self.tokenizer.eos_token_ids if self.tokenizer else []
         self.engine = Engine(runner, scheduler, tokenizer=self.tokenizer, eos_ids=eos,
-                             max_model_len=self.max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-                             max_num_seqs=max_num_seqs, seed=seed, mode_policy=policy,
-                             async_scheduling=async_scheduling)
+                             max_model_len=self.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
+                             max_num_seqs=config.max_num_seqs, seed=config.seed, mode_policy=policy,
+                             async_scheduling=config.async_scheduling)
         self._request_counter = 0
-        self.kv_info["precompile_seconds"] = precompile_steps(self, precompile, max_num_batched_tokens, max_num_seqs)
+        self.kv_info["precompile_seconds"] = precompile_steps(self, config.precompile, config.max_num_batched_tokens,
+                                                              config.max_num_seqs)
         self.startup_seconds = time.perf_counter() - t_start
         if verbose:
             print(report_kv(self, kv_info))
@@ -96,7 +87,7 @@ class LLM:
         if not os.path.isdir(model):
             raise FileNotFoundError(
                 f"model {model!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
-        from sidp_jax.tokenizer import Tokenizer
+        from sidp_jax.loading.tokenizer import Tokenizer
 
         tok = Tokenizer.from_dir(model) if os.path.isfile(os.path.join(model, "tokenizer.json")) else None
         return load_config(model), tok
@@ -216,7 +207,7 @@ class LLM:
 
     def save_placed(self, path: str) -> None:
         """Save the weights as placed (orbax); `LLM(path, <same layout>)` restores them directly."""
-        from sidp_jax.placed_checkpoint import save_placed
+        from sidp_jax.loading.placed_checkpoint import save_placed
 
         source = self.model if isinstance(self.model, str) and os.path.isdir(self.model) else None
         save_placed(path, self.engine.runner.params, self.cfg, self.layout, source)

@@ -8,9 +8,9 @@ import jax
 import pytest
 
 from sidp_jax import LLM, SamplingParams
-from sidp_jax.config import load_config
+from sidp_jax.models.config import load_config
 from sidp_jax.kernels.attention import decode_kernel_supported
-from sidp_jax.layouts import make_layout
+from sidp_jax.parallel.layouts import make_layout
 
 CKPT = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints", "tiny-qwen3")
 GREEDY16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -64,7 +64,7 @@ def test_kernel_constraints():
 
 @pytest.mark.parametrize("heads,kv_heads", [(28, 4), (10, 2)])  # query groups of 7 and 5
 def test_kernels_run_query_groups_that_are_not_powers_of_two(heads, kv_heads):
-    from sidp_jax.config import ModelConfig
+    from sidp_jax.models.config import ModelConfig
 
     cfg = ModelConfig(family="qwen2", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=heads, num_kv_heads=kv_heads, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4,
@@ -90,7 +90,7 @@ def test_kernels_run_query_groups_that_are_not_powers_of_two(heads, kv_heads):
 def test_precompiled_step_variants_serve_every_step(layout, monkeypatch):
     """precompile=True compiles every (mode, step shape) up front (here two at a time); the run then
     never compiles a step of default sampling, and its greedy output is unchanged."""
-    from sidp_jax.batch import step_shapes
+    from sidp_jax.engine.step_inputs import step_shapes
 
     monkeypatch.setenv("SIDP_JAX_COMPILE_WORKERS", "2")
     llm = LLM(CKPT, attention="pallas-interpret", dtype="float32", kv_cache_tokens=512, verbose=False,
@@ -105,7 +105,7 @@ def test_precompiled_step_variants_serve_every_step(layout, monkeypatch):
 
 
 def test_shapes_a_step_can_take_are_all_precompiled():
-    from sidp_jax.batch import decode_rows, mixed_rows, mixed_tokens, step_shapes
+    from sidp_jax.engine.step_inputs import decode_rows, mixed_rows, mixed_tokens, step_shapes
 
     for max_tokens, max_rows in [(4096, 512), (2048, 256), (16, 4), (3000, 100)]:
         shapes = set(step_shapes(max_tokens, max_rows))
@@ -119,7 +119,7 @@ def test_shapes_a_step_can_take_are_all_precompiled():
 
 
 def test_a_failing_precompile_is_not_fatal(monkeypatch):
-    from sidp_jax.model_runner import ModelRunner
+    from sidp_jax.engine.model_runner import ModelRunner
 
     def broken(self, *a, **k):
         raise RuntimeError("compiler crashed")

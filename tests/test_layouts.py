@@ -1,7 +1,9 @@
 """SiDP and the baselines on 8 virtual CPU devices: same greedy tokens in every layout and mode."""
 
 import json
+import math
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -9,16 +11,16 @@ import numpy as np
 import pytest
 
 from sidp_jax import LLM, SamplingParams
-from sidp_jax.capacity import kv_tokens_per_gpu, weight_bytes_per_gpu
-from sidp_jax.checkpoint import load_params
-from sidp_jax.config import PRESETS, ModelConfig, load_config
-from sidp_jax.layouts import make_layout
+from sidp_jax.parallel.capacity import kv_tokens_per_gpu, weight_bytes_per_gpu
+from sidp_jax.loading.checkpoint import load_params
+from sidp_jax.models.config import PRESETS, ModelConfig, load_config
+from sidp_jax.parallel.layouts import make_layout
 from sidp_jax.pool.policy import ModePolicy
 
-CKPT = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints", "tiny-qwen3")
+from fixture_paths import REFERENCE, TINY_QWEN3 as CKPT
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
-with open(os.path.join(os.path.dirname(__file__), "fixtures", "reference", "tiny-qwen3.json")) as f:
+with open(os.path.join(REFERENCE, "tiny-qwen3.json")) as f:
     _META = json.load(f)
 PROMPTS = [p["token_ids"] for p in _META["prompts"]]
 WANT = [p["greedy_token_ids"][:10] for p in _META["prompts"]]
@@ -88,7 +90,8 @@ def test_bytes_held_per_device_equal_the_formula(parallel, placement):
 
 
 def test_kv_capacity_ratios_match_the_design_bounds():
-    # DESIGN.md's table comes out ~1.3 GB per GPU tighter than this first-principles formula
+    # The design card's capacity table (its targets are quoted in benchmarks/RESULTS.md) comes out
+    # ~1.3 GB per GPU tighter than this first-principles formula
     # (same slope in memory): ratios agree within 5%, absolute capacities within 7%.
     q = PRESETS["qwen3-32b"]
     mem = 150e9
@@ -102,11 +105,33 @@ def test_kv_capacity_ratios_match_the_design_bounds():
 
 def test_mode_policy_picks_cas_for_small_steps_and_was_for_large():
     q = PRESETS["qwen3-32b"]
-    policy = ModePolicy(fixed=None, num_replicas=2, hidden=q.hidden_size, intermediate=q.intermediate_size,
-                        placement="striped")
-    assert 256 <= policy.crossover <= 16384
-    assert policy.choose(16) == "cas" and policy.choose(policy.crossover) == "was"
+    shape = dict(num_replicas=2, hidden=q.hidden_size, intermediate=q.intermediate_size)
+    policy = ModePolicy(fixed=None, placement="striped", **shape)
+    c = policy.crossover
+    assert 256 <= c <= 16384
+    # The crossover is the first power of two at which the cost model has WaS faster than CaS.
+    sizes = [1 << k for k in range(21)]
+    assert c in sizes
+    assert all(policy.layer_seconds("cas", t) <= policy.layer_seconds("was", t) for t in sizes if t < c)
+    assert policy.layer_seconds("was", c) < policy.layer_seconds("cas", c)
+    # Neither mode gets cheaper with more tokens.
+    for mode in ("was", "cas"):
+        seconds = [policy.layer_seconds(mode, t) for t in sizes]
+        assert seconds == sorted(seconds), mode
+    # choose() switches exactly at the crossover; a step is sized by its busiest replica.
+    assert policy.choose(16) == "cas" and policy.choose(c - 1) == "cas"
+    assert policy.choose(c) == "was" and policy.choose(4 * c) == "was"
+    chunks = lambda *n: [SimpleNamespace(num_tokens=k) for k in n]
+    assert policy([chunks(c // 2, c // 2), chunks(1)]) == "was"
+    assert policy([chunks(c // 2, c // 2 - 1), chunks(c - 1)]) == "cas"
     assert policy.layer_seconds("cas", 1) < policy.layer_seconds("was", 1)
+    # Owner CaS runs every replica's tokens on one GPU: WaS pays off sooner than when striped.
+    assert ModePolicy(fixed=None, placement="owner", **shape).crossover < c
+    # A measured crossover is used as given, and a fixed mode ignores the step size.
+    given = ModePolicy(fixed=None, placement="striped", crossover_tokens=100, **shape)
+    assert given.crossover == 100 and given.choose(99) == "cas" and given.choose(100) == "was"
+    assert ModePolicy(fixed="cas", placement="striped", **shape).choose(1 << 20) == "cas"
+    assert ModePolicy(fixed="was", placement="striped", **shape).choose(1) == "was"
 
 
 def ffn_leaves(layout, params):
@@ -180,9 +205,19 @@ def test_calibration_times_both_modes_and_caches(tmp_path, monkeypatch, placemen
     cfg = load_config(CKPT)
     layout = make_layout("dp=2", "sidp", placement, devices=jax.devices("cpu"))
     crossover, source = calibrate.calibrated_crossover(layout, cfg, jnp.float32)
-    assert "measured now" in source and crossover >= 8
+    assert "measured now" in source
+    [path] = tmp_path.glob("crossover-*.json")
+    saved = json.loads(path.read_text())
+    timings = saved["seconds_per_layer"]
+    assert sorted(map(int, timings)) == [8, 32] and all(set(row) == {"was", "cas"} for row in timings.values())
+    # what it returns, what it cached and what crossover_from makes of the cached timings agree:
+    # WaS first faster at 8 -> 8, at 32 -> sqrt(8 * 32) = 16, never -> 1 << 30 (always CaS)
+    assert crossover == saved["crossover"] == calibrate.crossover_from(timings)
+    assert crossover in (8, 16, 1 << 30)
+    assert f"T=8: was {1e3 * timings['8']['was']:.2f} / cas {1e3 * timings['8']['cas']:.2f} ms" in source
+    monkeypatch.setattr(calibrate, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
     again, source2 = calibrate.calibrated_crossover(layout, cfg, jnp.float32)
-    assert again == crossover and "cached" in source2
+    assert again == crossover and "cached" in source2 and str(path) in source2
 
 
 def test_crossover_from_timings():
@@ -195,7 +230,7 @@ def test_crossover_from_timings():
 
 
 def test_a_layout_whose_weights_do_not_fit_fails_early_with_numbers(monkeypatch):
-    import sidp_jax.startup as startup
+    import sidp_jax.engine.startup as startup
 
     monkeypatch.setattr(startup, "device_memory", lambda d: {"total": 150e9, "limit": 142e9, "in_use": 0})
     with pytest.raises(MemoryError, match=r"parallel=dp on mesh dp=2,tp=1 needs 141\.\d GB of weights"):
@@ -224,6 +259,17 @@ def test_calibration_of_replica_was(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SIDP_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(calibrate, "TOKENS", (8, 32))
+    chain = []  # what the per-replica WaS timer returned, per size
+
+    def spy(*args, **kw):
+        chain.append(real(*args, **kw))
+        return chain[-1]
+
+    real = calibrate.ffn_chain_seconds
+    monkeypatch.setattr(calibrate, "ffn_chain_seconds", spy)
     layout = make_layout("dp=2", "sidp", "striped", devices=jax.devices("cpu"))
     timings = calibrate.measure(layout, load_config(CKPT), jnp.float32, replicas=True)
-    assert all(row["was"] > 0 and row["cas"] > 0 for row in timings.values())
+    assert sorted(timings) == [8, 32]
+    # WaS is the per-replica chain's time, once per size; CaS is still the SPMD program's.
+    assert [timings[t]["was"] for t in (8, 32)] == chain
+    assert all(0 < row[m] and math.isfinite(row[m]) for row in timings.values() for m in ("was", "cas"))

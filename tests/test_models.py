@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from sidp_jax.checkpoint import load_params
-from sidp_jax.config import PRESETS, config_from_hf_dict, load_config
-from sidp_jax.layouts import make_layout
+from sidp_jax.loading.checkpoint import load_params
+from sidp_jax.models.config import PRESETS, config_from_hf_dict, load_config
+from sidp_jax.parallel.layouts import make_layout
 from sidp_jax.models.decoder import forward
-from sidp_jax.safetensors_io import CheckpointError
+from sidp_jax.loading.safetensors_io import CheckpointError
 
 HERE = os.path.dirname(__file__)
 CKPTS = os.path.join(HERE, "fixtures", "checkpoints")
@@ -67,7 +67,8 @@ def test_the_flax_module_scores_tokens_like_transformers():
     a batch of two prompts at once gives each prompt's own logits."""
     from flax import nnx
 
-    from sidp_jax.models.modules import Decoder, from_pretrained
+    from sidp_jax.loading.checkpoint import from_pretrained
+    from sidp_jax.models.modules import Decoder
 
     model = from_pretrained(os.path.join(CKPTS, "tiny-qwen3"), dtype=jnp.float32, device=jax.devices("cpu")[0])
     assert isinstance(model, Decoder) and isinstance(model.layers[0].qkv, nnx.Param)
@@ -209,7 +210,7 @@ def _one_tensor_file(path, header: dict, data: bytes, header_len: int | None = N
     ({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "invalid shape"),
 ])
 def test_safetensors_headers_are_checked_against_the_file(tmp_path, header, data, header_len, why):
-    from sidp_jax.safetensors_io import SafetensorsCheckpoint
+    from sidp_jax.loading.safetensors_io import SafetensorsCheckpoint
 
     _one_tensor_file(tmp_path / "model.safetensors", header, data, header_len)
     with pytest.raises(CheckpointError, match=why) as e:
@@ -218,7 +219,7 @@ def test_safetensors_headers_are_checked_against_the_file(tmp_path, header, data
 
 
 def test_an_index_pointing_outside_the_checkpoint_is_refused(tmp_path):
-    from sidp_jax.safetensors_io import SafetensorsCheckpoint
+    from sidp_jax.loading.safetensors_io import SafetensorsCheckpoint
 
     (tmp_path / "ckpt").mkdir()
     _one_tensor_file(tmp_path / "elsewhere.safetensors", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
@@ -251,7 +252,7 @@ def test_bad_config_fields_are_named_at_load_time(tmp_path, change, why):
 
 
 def test_a_corrupt_tokenizer_is_an_error_at_load_time(tmp_path):
-    from sidp_jax.tokenizer import Tokenizer
+    from sidp_jax.loading.tokenizer import Tokenizer
 
     path = _copy(tmp_path, "tiny-qwen3")
     with open(os.path.join(path, "tokenizer.json"), "w") as f:

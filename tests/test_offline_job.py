@@ -1,4 +1,4 @@
-"""Tests of the offline job (sidp_jax/offline_job.py, run_offline.py) against a fake LLM.
+"""Tests of the offline job (sidp_jax/jobs/offline_job.py, run_offline.py) against a fake LLM.
 
 The fake implements the engine's interface deterministically and finishes requests in an order
 different from the input's. `run_offline.py` subprocesses reach it through the hidden
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from sidp_jax import offline_job
-from sidp_jax.job_output import MARKER_SUFFIX, JobOutput
-from sidp_jax.offline_job import DEFAULT_INPUT, main
+from sidp_jax.jobs import cli, offline_job
+from sidp_jax.jobs.job_output import MARKER_SUFFIX, JobOutput
+from sidp_jax.jobs.cli import main
+from sidp_jax.jobs.offline_job import DEFAULT_INPUT
 from sidp_jax.outputs import CompletionOutput, RequestOutput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def test_happy_path(tmp_path, capsys):
 
 def test_throughput_line_format():
     s = offline_job.JobSummary(output="x", requests_completed=10, prompt_tokens=300, output_tokens=100, elapsed_s=2.0)
-    first = offline_job.format_summary(s).splitlines()[0]
+    first = cli.format_summary(s).splitlines()[0]
     assert first == "Throughput: 5.00 requests/s, 200.00 total tokens/s, 50.00 output tokens/s"
 
 
@@ -392,7 +393,7 @@ def test_a_full_disk_stops_the_job_clearly_and_a_rerun_resumes(tmp_path, monkeyp
 
 def test_no_arguments_runs_bundled_examples(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = offline_job.build_parser().parse_args([])
+    args = cli.build_parser().parse_args([])
     assert args.model is None and args.input == DEFAULT_INPUT and str(args.output) == "out/results.jsonl"
     rec = Recorder(max_model_len=10_000)
     assert main(["--no-progress"], llm_factory=rec) == 0

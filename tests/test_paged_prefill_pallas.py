@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sidp_jax.batch import mixed_step_layout
+from sidp_jax.engine.step_inputs import mixed_step_layout
 from sidp_jax.kernels.attention import mixed_attention
 from sidp_jax.kernels.paged_attention import paged_attention_reference
 

@@ -1,4 +1,4 @@
-"""sidp_jax.ray on a local Ray cluster (CPU): 2 actors, each a dp=4 SiDP group on 4 virtual devices.
+"""sidp_jax.jobs.ray on a local Ray cluster (CPU): 2 actors, each a dp=4 SiDP group on 4 virtual devices.
 
 Greedy results must equal those of one LLM.generate/chat in a single process, and every id must
 come out exactly once. The reference LLM runs first, in a Ray worker with the actors' 4-device
@@ -17,7 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from sidp_jax.offline_job import main  # noqa: E402
+from sidp_jax.jobs.cli import main  # noqa: E402
 from sidp_jax.ray import SiDPProcessorConfig, build_sidp_processor, records_table, run_rows  # noqa: E402
 
 ENGINE = {"mesh": "dp=4", "parallel": "sidp", "ffn_mode": "cas", "verbose": False}

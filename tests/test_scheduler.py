@@ -1,8 +1,8 @@
 """The scheduler alone: admission that keeps preemption from thrashing."""
 
 from sidp_jax.sampling_params import SamplingParams
-from sidp_jax.scheduler import Scheduler
-from sidp_jax.sequence import Sequence
+from sidp_jax.engine.scheduler import Scheduler
+from sidp_jax.engine.sequence import Sequence
 
 P = 16
 

@@ -1,4 +1,4 @@
-"""sidp_jax.tokenizer against the transformers-made fixtures (tools/make_fixtures.py)."""
+"""sidp_jax.loading.tokenizer against the transformers-made fixtures (tools/make_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from sidp_jax.tokenizer import ChatTemplateError, Tokenizer
+from sidp_jax.loading.tokenizer import ChatTemplateError, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -194,7 +194,7 @@ def test_bundled_asset_is_the_tiny_qwen3_fixture():
 
 
 def test_runtime_imports_neither_torch_nor_transformers():
-    code = ("import sys, sidp_jax.tokenizer; bad = {'torch', 'transformers'} & set(sys.modules); "
+    code = ("import sys, sidp_jax.loading.tokenizer; bad = {'torch', 'transformers'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -209,7 +209,7 @@ def test_runtime_imports_neither_torch_nor_transformers():
 def test_a_chat_template_cannot_hang_or_flood_the_job(tmp_path, monkeypatch, tpl, why):
     import time
 
-    from sidp_jax import bounded_jinja
+    from sidp_jax.loading import bounded_jinja
 
     monkeypatch.setattr(bounded_jinja, "RENDER_SECONDS", 0.5)
     tok = Tokenizer.from_dir(tokenizer_dir(tmp_path, {}))

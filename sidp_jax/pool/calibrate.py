@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sidp_jax.compilation import cache_root
+from sidp_jax.engine.compilation import cache_root
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ffn_chain_seconds
-from sidp_jax.timing import median_seconds
+from sidp_jax.engine.timing import median_seconds
 
 log = logging.getLogger("sidp_jax")
 TOKENS = (128, 512, 2048, 8192)
@@ -53,7 +53,7 @@ def measure(layout, cfg, dtype, replicas: bool = False) -> dict:
     tp_axis = "tp" if layout.tp > 1 else None
 
     def body(mode):
-        fn = pool_ffn.make_owner_ffns(D)[mode] if owner else {"was": pool_ffn.striped_was,
+        fn = pool_ffn.make_owner_ffns(D, layout.platform)[mode] if owner else {"was": pool_ffn.striped_was,
                                                               "cas": pool_ffn.striped_cas}[mode]
 
         def local(x, ws):

@@ -30,11 +30,11 @@ from sidp_jax.models.modules import FFN_LEAVES
 log = logging.getLogger("sidp_jax")
 
 
-def broadcast_from(x, axis: str, source: int):
-    """Broadcast x from rank `source` (static) of `axis`.
+def broadcast_from(x, axis: str, source: int, platform: str):
+    """Broadcast x from rank `source` (static) of `axis` on a mesh of `platform` devices.
 
     GPU: lax.pbroadcast. Elsewhere (no CPU lowering): psum of a masked copy."""
-    if jax.default_backend() == "gpu":
+    if platform == "gpu":
         try:
             return jax.lax.pbroadcast(x, (axis,), source)
         except (NameError, TypeError, NotImplementedError) as e:  # jax builds whose pbroadcast rejects this
@@ -67,14 +67,14 @@ def _own_row(group: dict) -> dict:
     return jax.tree.map(lambda a: a[0], group)
 
 
-def make_owner_ffns(num_replicas: int):
+def make_owner_ffns(num_replicas: int, platform: str):
     """Owner placement: w is layer l's group (stacked over "dp"); layer l is static, so its
-    owner l mod D is a static root."""
+    owner l mod D is a static root. platform: the mesh's devices' (Layout.platform)."""
     D = num_replicas
 
     def owner_was(x, layer, group, active=None):
         row, x = _pinned(_own_row(group), x)
-        return dense_ffn(x, layer, broadcast_from(row, "dp", layer % D), active)
+        return dense_ffn(x, layer, broadcast_from(row, "dp", layer % D, platform), active)
 
     def owner_cas(x, layer, group, active=None):  # only the owner computes, for everyone
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)

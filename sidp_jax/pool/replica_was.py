@@ -21,21 +21,18 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sidp_jax.capacity import ffn_layer_bytes
-from sidp_jax.compilation import step_compiler_options
+from sidp_jax.parallel.capacity import ffn_layer_bytes
+from sidp_jax.engine.compilation import step_compiler_options
+from sidp_jax.engine_config import WasRunner
 from sidp_jax.models.decoder import embed, head_logits, layer, paged_attend, swiglu
 from sidp_jax.models.modules import FFN_LEAVES
-from sidp_jax.sampler import SamplerFlags, sample
-from sidp_jax.token_buffer import pad_tokens, with_prev_tokens
-
-
-WAS_RUNNERS = ("auto", "replicas", "spmd")
+from sidp_jax.engine.sampler import SamplerFlags, sample
+from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 
 
 def uses_replica_was(layout, was_runner: str) -> bool:
     """auto: per-replica WaS wherever it applies (pooled striped FFN, one GPU per replica)."""
-    if was_runner not in WAS_RUNNERS:
-        raise ValueError(f"was_runner must be one of {WAS_RUNNERS}, got {was_runner!r}")
+    was_runner = WasRunner(was_runner)  # the choices: sidp_jax/engine_config.py
     supported = layout.pooled and layout.placement == "striped" and layout.tp == 1
     if was_runner == "replicas" and not supported:
         raise ValueError("was_runner='replicas' needs parallel='sidp', placement='striped', tp=1 and dp > 1")
@@ -108,7 +105,7 @@ def local_views(tree, devices: list) -> list:
 def ffn_chain_seconds(layout, layers: list[dict], x: jax.Array, depth: int = 1) -> float:
     """Seconds per layer of striped WaS FFN layers run this way (for the mode calibration).
     layers: per-layer {"gate_up", "down"} sharded as the striped layout stores them."""
-    from sidp_jax.timing import median_seconds
+    from sidp_jax.engine.timing import median_seconds
 
     devices = list(layout.mesh.devices[:, 0])
     local = local_views(layers, devices)
@@ -145,7 +142,7 @@ class ReplicaWaS:
         self.batch_sharding = NamedSharding(layout.mesh, P("dp"))
         self._embed = jax.jit(lambda p, b, prev: embed(cfg, p, with_prev_tokens(dict(b, prev_tokens=prev[0]))))
         self._layer = jax.jit(self._one_layer, donate_argnums=(3,), static_argnums=(8,),
-                              compiler_options=step_compiler_options(jax.default_backend()))
+                              compiler_options=step_compiler_options(layout.platform))
         self._head = jax.jit(self._one_head, static_argnums=(4, 5))
 
     def _one_layer(self, w, fetched, h, kv, layer_index, batch, cos, sin, attn: str):

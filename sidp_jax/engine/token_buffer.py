@@ -3,7 +3,7 @@
 Every step returns its sampled tokens padded to one width W (batch.token_buffer_width), and the
 next step takes that array back as `prev_tokens` with `prev_index` [T] from build_batch: a token
 whose index is >= 0 is that row of the previous step's output. So the engine can dispatch step
-N+1 before it has read step N's results (host overlap, sidp_jax/engine.py), and the buffer's one
+N+1 before it has read step N's results (host overlap, sidp_jax/engine/engine.py), and the buffer's one
 shape adds no compiled variants.
 """
 

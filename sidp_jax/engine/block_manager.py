@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidp_jax.sequence import Sequence
+from sidp_jax.engine.sequence import Sequence
 
 
 class BlockManager:

@@ -11,7 +11,7 @@ import math
 
 import jax.numpy as jnp
 
-from sidp_jax.config import ModelConfig
+from sidp_jax.models.config import ModelConfig
 
 
 def ffn_layer_bytes(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:

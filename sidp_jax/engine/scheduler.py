@@ -12,7 +12,7 @@ be the newest sequence and the next victim, its recompute thrown away again): no
 in a step that preempted, and a replica admits a sequence only if its WHOLE remaining prefill
 fits beside a reserve of one page per running sequence (their next tokens' growth).
 
-With host overlap (sidp_jax/engine.py) the scheduler plans step N+1 while step N runs: a token
+With host overlap (sidp_jax/engine/engine.py) the scheduler plans step N+1 while step N runs: a token
 that N samples counts as known (Sequence.num_pending), so its sequence is planned one decode
 token as usual; a sequence whose pending token is its last (max_tokens) is not planned again.
 """
@@ -22,8 +22,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from sidp_jax.block_manager import BlockManager
-from sidp_jax.sequence import Sequence, Status
+from sidp_jax.engine.block_manager import BlockManager
+from sidp_jax.engine.sequence import Sequence, Status
 
 
 @dataclasses.dataclass

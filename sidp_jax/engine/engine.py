@@ -8,12 +8,12 @@ import time
 import jax
 import numpy as np
 
-from sidp_jax.batch import build_batch
-from sidp_jax.model_runner import ModelRunner
+from sidp_jax.engine.step_inputs import build_batch
+from sidp_jax.engine.model_runner import ModelRunner
 from sidp_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sidp_jax.sampling_params import SamplingParams
-from sidp_jax.scheduler import ScheduledChunk, Scheduler
-from sidp_jax.sequence import Sequence
+from sidp_jax.engine.scheduler import ScheduledChunk, Scheduler
+from sidp_jax.engine.sequence import Sequence
 
 
 class Request:
@@ -46,7 +46,7 @@ class Engine:
     """Runs steps over every replica. With async_scheduling (the default) the host works one step
     ahead: it schedules, builds and dispatches step N+1 while step N runs, then reads N's tokens
     and applies them (stop checks, detokenization) while N+1 runs. A token N sampled reaches N+1
-    on the device (sidp_jax/token_buffer.py); a sequence that N finished may have a token in flight
+    on the device (sidp_jax/engine/token_buffer.py); a sequence that N finished may have a token in flight
     in N+1, which is discarded. Steps whose batch has penalties wait for the previous step first
     (the penalties read every earlier token), so outputs are identical with the overlap on or off."""
 

@@ -15,7 +15,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from sidp_jax.config import ModelConfig
+from sidp_jax.models.config import ModelConfig
 
 LAYOUT_FILE = "sidp_layout.json"
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -32,7 +32,7 @@ class Sequence:
         self.pages: list[int] = []
         self._page_array: np.ndarray | None = None  # page_array()'s cache
         self.num_computed = 0  # tokens whose K/V are in the cache
-        # Tokens sampled by a step still on the device (host overlap, sidp_jax/engine.py): they
+        # Tokens sampled by a step still on the device (host overlap, sidp_jax/engine/engine.py): they
         # count in num_tokens, and the next step reads the newest from the device by `pending_row`.
         self.num_pending = 0
         self.pending_row = -1  # the newest pending token's row in its step's output

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from sidp_jax.job_input import Key, Request, is_valid_id
+from sidp_jax.jobs.job_input import Key, Request, is_valid_id
 
 
 

@@ -17,12 +17,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sidp_jax.config import ModelConfig
+from sidp_jax.engine_config import Parallel, Placement
+from sidp_jax.models.config import ModelConfig
 from sidp_jax.models.modules import FFN_LEAVES, model_specs
 from sidp_jax.models.params import ParamSpec, is_spec
 
-PARALLEL_KINDS = ("dp", "tp", "sidp")
-PLACEMENTS = ("striped", "owner")
 
 
 def parse_mesh(mesh: str) -> dict[str, int]:
@@ -41,6 +40,12 @@ class Layout:
     parallel: str
     placement: str
     mesh: Mesh
+
+    @property
+    def platform(self) -> str:
+        """The platform of the mesh's devices ("gpu", "cpu", ...): what picks kernels and collectives,
+        not jax.default_backend() (an LLM on CPU devices of a GPU host runs CPU paths)."""
+        return self.mesh.devices.flat[0].platform
 
     @property
     def num_replicas(self) -> int:
@@ -116,10 +121,7 @@ class Layout:
 
 
 def make_layout(mesh: str, parallel: str = "sidp", placement: str = "striped", devices=None) -> Layout:
-    if parallel not in PARALLEL_KINDS:
-        raise ValueError(f"parallel must be one of {PARALLEL_KINDS}, got {parallel!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    parallel, placement = Parallel(parallel), Placement(placement)  # the choices: sidp_jax/engine_config.py
     sizes = parse_mesh(mesh)
     n = sizes["dp"] * sizes["tp"]
     devices = list(devices if devices is not None else jax.devices())

@@ -18,7 +18,7 @@ import jinja2
 import jinja2.ext
 import tokenizers
 
-from sidp_jax.bounded_jinja import BoundedSandbox, render
+from sidp_jax.loading.bounded_jinja import BoundedSandbox, render
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 GENERATION_DEFAULT_KEYS = (

@@ -1,5 +1,5 @@
 """Input of the offline job: reading JSONL/Parquet lines and turning each into a request or an
-error record (the formats are described in sidp_jax/offline_job.py)."""
+error record (the formats are described in sidp_jax/jobs/offline_job.py)."""
 
 from __future__ import annotations
 

@@ -6,19 +6,20 @@ import logging
 
 import jax
 
-from sidp_jax.batch import bucket, mixed_rows, mixed_tokens, step_shapes, token_buffer_width
-from sidp_jax.capacity import dp_comparison_line, weight_bytes_per_gpu
-from sidp_jax.checkpoint import load_params
-from sidp_jax.config import PRESETS, ModelConfig
-from sidp_jax.memory import compiled_temp_bytes, device_memory, free_bytes_for_kv
-from sidp_jax.model_runner import ModelRunner, kv_bytes_per_page
+from sidp_jax.engine_config import EngineConfig
+from sidp_jax.engine.step_inputs import bucket, mixed_rows, mixed_tokens, step_shapes, token_buffer_width
+from sidp_jax.parallel.capacity import dp_comparison_line, weight_bytes_per_gpu
+from sidp_jax.loading.checkpoint import load_params
+from sidp_jax.models.config import PRESETS, ModelConfig
+from sidp_jax.engine.memory import compiled_temp_bytes, device_memory, free_bytes_for_kv
+from sidp_jax.engine.model_runner import ModelRunner, kv_bytes_per_page
 from sidp_jax.models.params import init_params
-from sidp_jax.placed_checkpoint import is_placed_checkpoint, restore_placed
+from sidp_jax.loading.placed_checkpoint import is_placed_checkpoint, restore_placed
 from sidp_jax.pool.calibrate import calibrated_crossover
 from sidp_jax.pool.policy import ModePolicy
 from sidp_jax.pool.replica_was import replica_was_extra_bytes, uses_replica_was
-from sidp_jax.sampler import SamplerFlags
-from sidp_jax.scheduler import Scheduler
+from sidp_jax.engine.sampler import SamplerFlags
+from sidp_jax.engine.scheduler import Scheduler
 
 CPU_DEFAULT_KV_TOKENS = 32768  # per replica, where the device reports no memory (CPU)
 
@@ -58,17 +59,20 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
     return compiled_temp_bytes(fn.lower(runner.params, runner.kv, batch, samp).compile())
 
 
-def build_runner(llm, *, ffn_mode: str, utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
-                 page_size: int, seed: int, kv_cache_tokens: int | None, crossover_tokens: int | None = None,
-                 attention: str = "auto", was_runner: str = "auto", was_prefetch_depth: int = 1):
+def build_runner(llm, config: EngineConfig):
     cfg, layout = llm.cfg, llm.layout
+    ffn_mode, utilization, page_size, seed = (config.ffn_mode, config.gpu_memory_utilization, config.kv_block_size,
+                                              config.seed)
+    max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
+    kv_cache_tokens, crossover_tokens = config.kv_cache_tokens, config.ffn_crossover_tokens
+    attention, was_runner, was_prefetch_depth = config.attention, config.was_runner, config.was_prefetch_depth
     replicas = uses_replica_was(layout, was_runner)
     check_weights_fit(llm, utilization)
     params = place_params(llm, seed)
     fixed = "local" if not layout.pooled else None if ffn_mode == "auto" else ffn_mode
     modes = ["was", "cas"] if fixed is None else [fixed]
     crossover_source = "given" if crossover_tokens is not None else "cost model defaults"
-    if fixed is None and crossover_tokens is None and jax.default_backend() == "gpu":
+    if fixed is None and crossover_tokens is None and layout.platform == "gpu":
         crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, llm.dtype, replicas)  # before KV
     if fixed is None and crossover_tokens is not None:  # size the KV only for modes auto can pick
         if crossover_tokens > max_num_batched_tokens:
@@ -130,7 +134,7 @@ def precompile_steps(llm, enabled: bool | None, max_num_batched_tokens: int, max
     kernel path, whose block tables are always full width, so the shapes are known up front."""
     runner = llm.engine.runner
     if enabled is None:
-        enabled = jax.default_backend() != "cpu"
+        enabled = llm.layout.platform != "cpu"
     if not enabled or not runner.tile_tokens:
         return None
     try:

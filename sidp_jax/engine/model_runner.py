@@ -26,18 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sidp_jax.batch import num_tiles
-from sidp_jax.compilation import step_compiler_options
-from sidp_jax.config import ModelConfig
-from sidp_jax.kernels.attention import (ATTENTION_CHOICES, DEFAULT_TILE_TOKENS, decode_attention,
+from sidp_jax.engine.step_inputs import num_tiles
+from sidp_jax.engine.compilation import step_compiler_options
+from sidp_jax.models.config import ModelConfig
+from sidp_jax.kernels.attention import (DEFAULT_TILE_TOKENS, decode_attention,
                                         kernel_unsupported_reason, mixed_attention)
 from sidp_jax.kernels.paged_attention import paged_attention_reference
-from sidp_jax.layouts import Layout
+from sidp_jax.parallel.layouts import Layout
 from sidp_jax.models.decoder import dense_ffn, forward
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
-from sidp_jax.sampler import SamplerFlags, sample
-from sidp_jax.token_buffer import pad_tokens, with_prev_tokens
+from sidp_jax.engine_config import Attention
+from sidp_jax.engine.sampler import SamplerFlags, sample
+from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 
 KV_SPEC = P("dp", None, None, "tp", None)  # [replica, L*pages, page, kv_heads, head_dim]
 
@@ -54,8 +55,7 @@ class ModelRunner:
         """token_buffer_width: rows of the sampled-token array every step returns (batch.
         token_buffer_width), so that the next step can read its tokens on the device whatever its
         shape; None: each step's own rows."""
-        if attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+        attention = Attention(attention)  # the choices: sidp_jax/engine_config.py
         self.cfg, self.layout, self.params = cfg, layout, params
         self.num_pages, self.page_size = num_pages, page_size
         self.kv_sharding = NamedSharding(layout.mesh, KV_SPEC)
@@ -81,13 +81,13 @@ class ModelRunner:
             return None
         reason = kernel_unsupported_reason(self.cfg, self.layout, self.page_size)
         if reason is not None:
-            if attention == "auto" and jax.default_backend() == "gpu":
+            if attention == "auto" and self.layout.platform == "gpu":
                 _warn_once(f"attention kernels off, every step runs the reference attention (which gathers "
                            f"each token's whole context): {reason}")
             return None
         if attention == "pallas-interpret":
             return "interpret"
-        return "gpu" if jax.default_backend() == "gpu" else None
+        return "gpu" if self.layout.platform == "gpu" else None
 
     def _attn_fn(self, attn: str, batch: dict):
         """attn_fn of a step whose attention is "decode", "mixed" or "reference"."""
@@ -106,7 +106,7 @@ class ModelRunner:
             return dense_ffn
         if lay.placement == "striped":
             return {"was": pool_ffn.striped_was, "cas": pool_ffn.striped_cas}[mode]
-        return pool_ffn.make_owner_ffns(lay.num_replicas)[mode]
+        return pool_ffn.make_owner_ffns(lay.num_replicas, lay.platform)[mode]
 
     def _build(self, mode: str, flags: SamplerFlags, attn: str):
         cfg, lay = self.cfg, self.layout
@@ -127,7 +127,7 @@ class ModelRunner:
         kv_specs = {"k": KV_SPEC, "v": KV_SPEC}
         stepped = jax.shard_map(local, mesh=lay.mesh, in_specs=(lay.param_pspecs(cfg), kv_specs, P("dp"), P("dp")),
                                 out_specs=(P("dp"), kv_specs), check_vma=False)
-        return jax.jit(stepped, donate_argnums=(1,), compiler_options=step_compiler_options(jax.default_backend()))
+        return jax.jit(stepped, donate_argnums=(1,), compiler_options=step_compiler_options(lay.platform))
 
     def attention_kind(self, decode_only: bool) -> str:
         if not self.kernels:

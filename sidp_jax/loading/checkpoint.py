@@ -13,10 +13,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sidp_jax.config import ModelConfig
-from sidp_jax.models.modules import model_specs
+from sidp_jax.models.config import ModelConfig, load_config
+from sidp_jax.models.modules import model_specs, module_from_params
 from sidp_jax.models.params import expected_hf_shapes, is_spec
-from sidp_jax.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from sidp_jax.loading.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 Index = tuple[slice, ...]
 
@@ -43,7 +43,7 @@ def validate(ckpt: SafetensorsCheckpoint, cfg: ModelConfig) -> None:
 
 
 def load_params(model_dir: str, cfg: ModelConfig, dtype, layout) -> dict:
-    """Load a checkpoint into arrays placed as `layout` says (a sidp_jax.layouts.Layout)."""
+    """Load a checkpoint into arrays placed as `layout` says (a sidp_jax.parallel.layouts.Layout)."""
     ckpt = SafetensorsCheckpoint(model_dir)
     validate(ckpt, cfg)
     specs = layout.param_specs(cfg)
@@ -75,3 +75,12 @@ def _load_leaf(ckpt, spec, sharding, dtype):
                 else jnp.zeros(row_shape, dtype, device=device) for layer in spec.rows[index[0]]]
         shards.append(rows[0][None] if len(rows) == 1 else jnp.stack(rows))
     return jax.make_array_from_single_device_arrays(spec.shape, sharding, shards)
+
+
+def from_pretrained(model_dir: str, dtype=jnp.bfloat16, device=None) -> "Decoder":
+    """A Hugging Face checkpoint directory as a Decoder module on one device (default: the first)."""
+    from sidp_jax.parallel.layouts import make_layout
+
+    cfg = load_config(model_dir)
+    layout = make_layout("dp=1", "dp", devices=[device or jax.devices()[0]])
+    return module_from_params(cfg, load_params(model_dir, cfg, dtype, layout))

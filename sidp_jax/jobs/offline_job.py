@@ -35,14 +35,14 @@ input must not change between runs). At start, a last line that lacks its newlin
 by kill -9 or a full disk) is truncated away and its request runs again. `--retry-errors` also
 runs again every id (and id-less line) whose only records are errors, removing those records.
 
-The output is the job's own (sidp_jax/job_output.py): a marker beside it, `<output>.sidp-job`,
+The output is the job's own (sidp_jax/jobs/job_output.py): a marker beside it, `<output>.sidp-job`,
 says a job wrote it and holds an exclusive lock while one runs (a second job exits 2). An output
 that is the input, a directory, or holds a line that is not a record is refused with exit 2 and
 left untouched; a torn last line is only dropped where the marker proves the job wrote it. A
 failing write (a full disk) stops the job with exit 1; rerunning resumes.
 
-Reading and parsing lines: sidp_jax/job_input.py; writing and recovering records:
-sidp_jax/job_output.py. Input formats plug into `READERS` (file suffix -> reader yielding (line number, object)):
+Reading and parsing lines: sidp_jax/jobs/job_input.py; writing and recovering records:
+sidp_jax/jobs/job_output.py. Input formats plug into `READERS` (file suffix -> reader yielding (line number, object)):
 JSONL (.jsonl, .ndjson) and Parquet (.parquet, needs pyarrow; "line" is the row number from 1
 and a row's null columns are left out).
 
@@ -50,7 +50,7 @@ The input is streamed: lines are parsed and tokenized one at a time as the engin
 (LLM.stream keeps a bounded window of requests), so memory follows what is in flight; only the
 ids seen so far are kept, to find duplicates across the whole file.
 
-`--ray [ADDRESS]` runs the same job on a Ray cluster, one SiDP group per node: see sidp_jax/ray.py.
+`--ray [ADDRESS]` runs the same job on a Ray cluster, one SiDP group per node: see sidp_jax/jobs/ray.py.
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sidp_jax.job_input import LineError, PlanCounts, Request, plan_items, reader_for, tokenize
-from sidp_jax.job_output import JobOutput, OutputError, OutputWriteError, result_record
+from sidp_jax.jobs.job_input import LineError, PlanCounts, Request, plan_items, reader_for, tokenize
+from sidp_jax.jobs.job_output import JobOutput, OutputError, OutputWriteError, result_record
 from sidp_jax.sampling_params import SamplingParams
 
-DEFAULT_INPUT = Path(__file__).parent / "assets" / "example_prompts.jsonl"
+DEFAULT_INPUT = Path(__file__).parent.parent / "assets" / "example_prompts.jsonl"
 DEFAULT_OUTPUT = Path("out") / "results.jsonl"
 
 LLMFactory = Callable[..., Any]  # (**engine_kwargs) -> an object with the LLM interface
@@ -254,173 +254,3 @@ def _generate(requests: Iterable[Request], cfg: JobConfig, llm_factory: LLMFacto
         summary.count_result(result)
     summary.elapsed_s = time.perf_counter() - start
     summary.engine_stats = llm.stats()
-
-
-def format_summary(s: JobSummary) -> str:
-    r = s.rates()
-    stats = s.engine_stats or {}
-    na = "n/a"
-    steps = stats.get("steps_per_mode")
-    lines = [
-        f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
-        f"{r['output_tokens_per_s']:.2f} output tokens/s",
-        f"KV cache: {stats.get('kv_tokens_per_replica', na)} tokens per replica, "
-        f"max concurrency {stats.get('max_concurrency', na)}, replicas {stats.get('num_replicas', na)}",
-        f"Preemptions: {stats.get('num_preemptions', na)}",
-        "Steps per mode: " + (", ".join(f"{k}={v}" for k, v in steps.items()) if steps else na),
-        _step_time_line(stats),
-        f"Requests: {s.requests_completed} completed, {s.requests_errored} errors, "
-        f"{s.requests_skipped} skipped (already in the output)",
-        f"Errors: {s.requests_errored}" + (f" ({s.errors_retryable} earlier error records could be run again with "
-                                            f"--retry-errors)" if s.errors_retryable else ""),
-        f"Results written to {s.output}",
-    ]
-    return "\n".join(lines)
-
-
-def _step_time_line(stats: dict) -> str:
-    if "wall_ms_per_step" not in stats:
-        return "Step time: n/a"
-    overlap = "on" if stats.get("async_scheduling") else "off"
-    return (f"Step time: {stats['wall_ms_per_step']:.1f} ms wall, {stats['host_ms_per_step']:.1f} ms host, "
-            f"{stats['device_ms_per_step']:.1f} ms device per step; device idle {stats['device_idle_share']:.1%} "
-            f"(host overlap {overlap})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-ENGINE_FLAGS = [  # (flag, type, choices, help); None defaults leave the LLM's own defaults
-    ("--mesh", str, None, "device mesh, e.g. dp=8 (default dp=1)"),
-    ("--parallel", str, ["sidp", "dp", "tp"], "parallelism scheme (default sidp)"),
-    ("--placement", str, ["owner", "striped"], "SiDP weight placement (default striped)"),
-    ("--ffn-mode", str, ["auto", "was", "cas"], "SiDP FFN mode (default auto)"),
-    ("--dtype", str, None, "compute dtype (default bfloat16)"),
-    ("--gpu-memory-utilization", float, None, "fraction of accelerator memory to use (default 0.9)"),
-    ("--max-model-len", int, None, "longest prompt + output (default: the model's)"),
-    ("--max-num-seqs", int, None, "most concurrent sequences (default 256)"),
-    ("--max-num-batched-tokens", int, None, "token budget per step (default 2048)"),
-    ("--kv-block-size", int, None, "KV cache block size in tokens (default 16)"),
-    ("--seed", int, None, "engine random seed (default 0)"),
-]
-
-SAMPLING_FLAGS = [  # (flag, type); per-line fields override these
-    ("--n", int), ("--temperature", float), ("--top-p", float), ("--top-k", int), ("--min-p", float),
-    ("--max-tokens", int), ("--min-tokens", int), ("--logprobs", int), ("--presence-penalty", float),
-    ("--frequency-penalty", float), ("--repetition-penalty", float),
-]
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # the error alone, not 20 lines of usage before it
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="run_offline.py",
-        description="Offline batch inference: JSONL prompts in, JSONL results out (resumable). "
-        "With no arguments, runs the bundled tiny model on the bundled example prompts.",
-    )
-    p.add_argument("--model", default=None, help="checkpoint directory or preset name (default: bundled tiny model)")
-    p.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="prompts file (.jsonl or .parquet)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results file, appended (default out/results.jsonl)")
-    engine = p.add_argument_group("engine")
-    for flag, typ, choices, help_ in ENGINE_FLAGS:
-        engine.add_argument(flag, type=typ, choices=choices, default=None, help=help_)
-    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                        help="host overlap: schedule step N+1 while step N runs (default on; off for debugging)")
-    sampling = p.add_argument_group("sampling (defaults as vLLM's SamplingParams; a line's own fields win)")
-    for flag, typ in SAMPLING_FLAGS:
-        sampling.add_argument(flag, type=typ, default=None)
-    sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
-    sampling.add_argument("--ignore-eos", action="store_true", default=None)
-    ray = p.add_argument_group("Ray (across hosts: one SiDP group per node; needs 'sidp-jax[ray]')")
-    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                     help="run on a Ray cluster: ray.init(address=ADDRESS), or RAY_ADDRESS/a local cluster without one")
-    ray.add_argument("--ray-concurrency", type=int, default=None, metavar="N",
-                     help="SiDP groups (Ray actors; default: one per node)")
-    ray.add_argument("--ray-batch-size", type=int, default=512, metavar="ROWS",
-                     help="rows per batch sent to a group (default 512)")
-    ray.add_argument("--ray-num-gpus-per-actor", type=float, default=None, metavar="G",
-                     help="GPUs each group takes (default: all of a node's)")
-    p.add_argument("--retry-errors", action="store_true",
-                   help="run again the ids whose only records in the output are errors (their error records are removed)")
-    p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for model-loading errors")
-    p.add_argument("--llm-factory", default=None, help=argparse.SUPPRESS)  # tests: module:callable
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> JobConfig:
-    engine = {"model": args.model}
-    engine.update({_dest(f): getattr(args, _dest(f)) for f, *_ in ENGINE_FLAGS if getattr(args, _dest(f)) is not None})
-    if args.async_scheduling is not None:
-        engine["async_scheduling"] = args.async_scheduling
-    sampling_names = [_dest(f) for f, _ in SAMPLING_FLAGS] + ["stop", "stop_token_ids", "ignore_eos"]
-    sampling = {n: getattr(args, n) for n in sampling_names if getattr(args, n) is not None}
-    return JobConfig(args.input, args.output, engine, sampling, progress=not args.no_progress,
-                     retry_errors=args.retry_errors)
-
-
-def load_factory(spec: str) -> LLMFactory:
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    if not cfg.input.is_file():
-        parser.error(f"input file not found: {cfg.input}")
-    try:
-        reader_for(cfg.input)
-        SamplingParams.from_dict(cfg.sampling)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.ray_concurrency is not None and args.ray_concurrency < 1:
-        parser.error("--ray-concurrency must be at least 1")
-    if args.ray_batch_size < 1:
-        parser.error("--ray-batch-size must be at least 1")
-    if args.ray is not None:
-        if llm_factory is not None or args.llm_factory:
-            parser.error("--ray builds its engines in the Ray actors: no --llm-factory")
-        try:
-            from sidp_jax import ray as sidp_ray
-
-            sidp_ray.import_ray()
-        except ImportError as e:
-            print(f"error: --ray needs Ray Data: {e}", file=sys.stderr)
-            return 2
-        opts = sidp_ray.RayOptions(address=args.ray or None, concurrency=args.ray_concurrency,
-                                   batch_size=args.ray_batch_size, num_gpus_per_actor=args.ray_num_gpus_per_actor)
-        run = lambda: sidp_ray.run_ray_job(cfg, opts)
-    else:
-        if llm_factory is None:
-            llm_factory = load_factory(args.llm_factory) if args.llm_factory else default_llm_factory
-        run = lambda: run_job(cfg, llm_factory)
-    try:
-        summary = run()
-    except ModelLoadError as e:
-        if args.debug:
-            raise
-        print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)
-        return 1
-    except OutputWriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OutputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
-    return 0

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sidp_jax.sampler import SamplerFlags
-from sidp_jax.scheduler import ScheduledChunk
+from sidp_jax.engine.sampler import SamplerFlags
+from sidp_jax.engine.scheduler import ScheduledChunk
 
 
 # Smallest buckets: a decode step of up to 64 rows, or a mixed step of up to 256 tokens, is bound by
