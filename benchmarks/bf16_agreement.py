@@ -19,7 +19,9 @@ import jax
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from sidp_jax import LLM, SamplingParams
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"  # the reference outputs
+TINY_QWEN3 = ROOT / "sidp_jax" / "assets" / "tiny-qwen3"  # the bundled model (stored once, in the package)
 VARIANTS = [("dp", "striped", "auto"), ("tp", "striped", "auto"), ("sidp", "striped", "was"),
             ("sidp", "striped", "cas"), ("sidp", "owner", "was"), ("sidp", "owner", "cas")]
 
@@ -45,7 +47,7 @@ def main():
     greedy = SamplingParams(temperature=0, max_tokens=a.tokens, ignore_eos=True)
     rows = []
     for parallel, placement, mode in VARIANTS:
-        llm = LLM(str(FIXTURES / "checkpoints" / "tiny-qwen3"), mesh=a.mesh, parallel=parallel, placement=placement,
+        llm = LLM(str(TINY_QWEN3), mesh=a.mesh, parallel=parallel, placement=placement,
                   ffn_mode=mode, dtype="bfloat16", max_num_batched_tokens=16, max_num_seqs=4, kv_cache_tokens=256,
                   max_model_len=256, verbose=False, devices=jax.devices("cpu"))
         outs = llm.generate(prompts, greedy, use_tqdm=False)

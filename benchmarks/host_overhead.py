@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from sidp_jax.engine.engine import Engine, Request
+from sidp_jax.engine.sampler import Sampled
 from sidp_jax.sampling_params import SamplingParams
 from sidp_jax.engine.scheduler import Scheduler
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
@@ -55,8 +56,9 @@ class StandInRunner:
             time.sleep(self.device_s)
         return self.rng.integers(100, 1000, (D, S), dtype=np.int32)
 
-    def dispatch(self, batch, samp, flags, mode, decode_only, prev_tokens=None):
-        return {"tokens": _OnDevice(self.device.submit(self._run, *batch["sample_index"].shape))}
+    def dispatch(self, inputs, mode, prev_tokens=None):
+        shape = inputs.shape
+        return Sampled(_OnDevice(self.device.submit(self._run, shape.D, shape.S)), None)
 
 
 def run(a, async_scheduling: bool) -> dict:

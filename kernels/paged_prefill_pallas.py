@@ -5,9 +5,10 @@ Same cache layout as `paged_attention.py` (the pure-JAX reference) and `paged_de
 the traced scalar `layer_page_offset`.
 
 The work is cut into TILES of up to `tile_tokens` consecutive query tokens of one sequence row,
-described by the host (sidp_jax/engine/step_inputs.py, `chunk_tiles`) as `tiles[i] = (row, t0, n, p0)`: the
-tile's tokens are flat tokens `t0 .. t0+n-1` at cache positions `p0 .. p0+n-1` of sequence row
-`row` (a chunk's positions are consecutive). A tile with n == 0 is padding and does nothing.
+described by the host (sidp_jax/engine/step_inputs.py, `mixed_step_layout`; `num_tiles` fixes
+their count) as `tiles[i] = (row, t0, n, p0)`: the tile's tokens are flat tokens `t0 .. t0+n-1`
+at cache positions `p0 .. p0+n-1` of sequence row `row` (a chunk's positions are consecutive).
+A tile with n == 0 is padding and does nothing.
 
 Grid: one program per (tile, kv head), kv head fastest. A program gathers its tile's queries for
 the kv head's whole GQA group as one `[tile_tokens * G, D]` matrix (row r = token r // G, head

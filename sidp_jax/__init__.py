@@ -3,8 +3,10 @@
 import os as _os
 
 # Let JAX preallocate most of each GPU; `gpu_memory_utilization` then decides our share.
-# Only effective when sidp_jax is imported before JAX initialises its backends.
-_os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+# Only effective when sidp_jax is imported before JAX initialises its backends (so this module
+# imports no jax). sidp_jax.engine.memory reads the same constant to recover the device's size.
+XLA_MEM_FRACTION = "0.95"
+_os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", XLA_MEM_FRACTION)
 
 from sidp_jax.sampling_params import SamplingParams  # noqa: E402
 from sidp_jax.outputs import CompletionOutput, RequestOutput  # noqa: E402

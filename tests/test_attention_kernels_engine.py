@@ -12,10 +12,11 @@ from sidp_jax.models.config import load_config
 from sidp_jax.kernels.attention import decode_kernel_supported
 from sidp_jax.parallel.layouts import make_layout
 
-CKPT = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints", "tiny-qwen3")
+from fixture_paths import REFERENCE, TINY_QWEN3 as CKPT
+
 GREEDY16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
-with open(os.path.join(os.path.dirname(__file__), "fixtures", "reference", "tiny-qwen3.json")) as f:
+with open(os.path.join(REFERENCE, "tiny-qwen3.json")) as f:
     _META = json.load(f)
 PROMPTS = [p["token_ids"] for p in _META["prompts"]]
 WANT = [p["greedy_token_ids"] for p in _META["prompts"]]

@@ -19,8 +19,9 @@ from safetensors.numpy import load_file
 
 from sidp_jax import LLM, SamplingParams
 
+from fixture_paths import TINY_QWEN3 as CKPT
+
 HERE = os.path.dirname(__file__)
-CKPT = os.path.join(HERE, "fixtures", "checkpoints", "tiny-qwen3")
 BF16_LOGPROB_TOL = 0.15  # nats; measured 0.07-0.11 on this fixture (2026-12-01, CPU)
 DRIFT_FACTOR = 1.25
 VARIANTS = [("dp", "striped", "auto"), ("tp", "striped", "auto"), ("sidp", "striped", "was"),

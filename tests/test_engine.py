@@ -8,8 +8,8 @@ import pytest
 
 from sidp_jax import LLM, SamplingParams
 
-CKPTS = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints")
-REFS = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
+from fixture_paths import REFERENCE as REFS, checkpoint
+
 GREEDY16 = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
@@ -21,7 +21,7 @@ def fixture_prompts(name):
 
 def make_llm(name="tiny-qwen3", **kw):
     kw.setdefault("devices", jax.devices("cpu")[:1]) if kw.get("mesh", "dp=1") == "dp=1" else None
-    return LLM(os.path.join(CKPTS, name), dtype="float32", verbose=False, **kw)
+    return LLM(checkpoint(name), dtype="float32", verbose=False, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import pytest
 
 from sidp_jax import LLM, SamplingParams
 
-CKPT = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints", "tiny-qwen3")
-with open(os.path.join(os.path.dirname(__file__), "fixtures", "reference", "tiny-qwen3.json")) as f:
+from fixture_paths import REFERENCE, TINY_QWEN3 as CKPT
+
+with open(os.path.join(REFERENCE, "tiny-qwen3.json")) as f:
     _META = json.load(f)
 PROMPTS = [p["token_ids"] for p in _META["prompts"]]
 WANT = [p["greedy_token_ids"] for p in _META["prompts"]]

@@ -273,3 +273,14 @@ def test_calibration_of_replica_was(tmp_path, monkeypatch):
     # WaS is the per-replica chain's time, once per size; CaS is still the SPMD program's.
     assert [timings[t]["was"] for t in (8, 32)] == chain
     assert all(0 < row[m] and math.isfinite(row[m]) for row in timings.values() for m in ("was", "cas"))
+
+
+def test_sharding_rules_refuse_two_logical_axes_on_one_mesh_axis():
+    from sidp_jax.parallel.layouts import ShardingRules
+
+    rules = ShardingRules({"q_heads": "tp", "ffn": ("dp", "tp"), "ffn_owner": "dp"})
+    assert rules.spec(("embed", "q_heads")) == jax.sharding.PartitionSpec(None, "tp")
+    with pytest.raises(ValueError, match="onto one mesh axis"):
+        rules.spec(("ffn_owner", "ffn"), "gate_up")  # "dp" twice
+    for layout in [make_layout("dp=4", "sidp", p, devices=jax.devices("cpu")) for p in ("striped", "owner")]:
+        layout.partition_specs(load_config(CKPT))  # the real layouts pass the check

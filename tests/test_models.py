@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -16,9 +17,8 @@ from sidp_jax.parallel.layouts import make_layout
 from sidp_jax.models.decoder import forward
 from sidp_jax.loading.safetensors_io import CheckpointError
 
-HERE = os.path.dirname(__file__)
-CKPTS = os.path.join(HERE, "fixtures", "checkpoints")
-REFS = os.path.join(HERE, "fixtures", "reference")
+from fixture_paths import REFERENCE as REFS, checkpoint
+
 MODELS = ["tiny-llama3", "tiny-qwen2", "tiny-qwen3"]
 
 
@@ -28,8 +28,8 @@ def reference(name):
     return meta, load_file(os.path.join(REFS, f"{name}.safetensors"))
 
 
-def prefill_logits(cfg, params, ids, page_size=4):
-    """All positions' logits for one prompt through the paged forward (pages 1.. of a small pool)."""
+def prefill_inputs(cfg, ids, page_size=4):
+    """(kv, batch) of a prefill of one prompt over pages 1.. of a small pool."""
     T = len(ids)
     pages = -(-T // page_size)
     kv = {k: jnp.zeros((cfg.num_layers * (pages + 1), page_size, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
@@ -40,13 +40,18 @@ def prefill_logits(cfg, params, ids, page_size=4):
              "token_seq": jnp.zeros(T, jnp.int32),
              "block_tables": jnp.arange(1, pages + 1, dtype=jnp.int32)[None],
              "sample_index": jnp.arange(T, dtype=jnp.int32), "num_tokens": jnp.int32(T)}
-    logits, _ = jax.jit(lambda p, kv, b: forward(cfg, p, kv, b))(params, kv, batch)
+    return kv, batch
+
+
+def prefill_logits(cfg, params, ids, page_size=4):
+    """All positions' logits for one prompt through the paged forward."""
+    logits, _ = jax.jit(lambda p, kv, b: forward(cfg, p, kv, b))(params, *prefill_inputs(cfg, ids, page_size))
     return np.asarray(logits)
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def loaded(request):
-    path = os.path.join(CKPTS, request.param)
+    path = checkpoint(request.param)
     cfg = load_config(path)
     layout = make_layout("dp=1", "dp", devices=jax.devices("cpu"))
     return request.param, cfg, load_params(path, cfg, jnp.float32, layout)
@@ -62,6 +67,15 @@ def test_prefill_logits_match_transformers(loaded):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_profiles_name_the_attention_and_ffn_blocks(loaded):
+    """Every layer's attention and FFN ops sit in named scopes (what a profile groups them by)."""
+    name, cfg, params = loaded
+    kv, batch = prefill_inputs(cfg, list(range(3, 9)))
+    text = jax.jit(lambda p, kv, b: forward(cfg, p, kv, b)).lower(params, kv, batch).as_text(debug_info=True)
+    for scope in ("attention", "ffn"):  # e.g. loc("jit(<lambda>)/ffn/th,hci->tci/dot_general")
+        assert re.search(rf'loc\("jit\(<lambda>\)/{scope}/[^"]*dot_general"', text), scope
+
+
 def test_the_flax_module_scores_tokens_like_transformers():
     """from_pretrained gives an NNX module: called on token ids (no paged cache), transformers' logits;
     a batch of two prompts at once gives each prompt's own logits."""
@@ -70,7 +84,7 @@ def test_the_flax_module_scores_tokens_like_transformers():
     from sidp_jax.loading.checkpoint import from_pretrained
     from sidp_jax.models.modules import Decoder
 
-    model = from_pretrained(os.path.join(CKPTS, "tiny-qwen3"), dtype=jnp.float32, device=jax.devices("cpu")[0])
+    model = from_pretrained(checkpoint("tiny-qwen3"), dtype=jnp.float32, device=jax.devices("cpu")[0])
     assert isinstance(model, Decoder) and isinstance(model.layers[0].qkv, nnx.Param)
     assert model.layers[0].gate_up.get_metadata()["logical_axes"] == ("embed", None, "ffn")
     meta, tensors = reference("tiny-qwen3")
@@ -88,7 +102,7 @@ def test_checkpoint_names_derive_from_the_module_declarations():
     from sidp_jax.models.modules import model_specs
     from sidp_jax.models.params import expected_hf_shapes
 
-    cfg = load_config(os.path.join(CKPTS, "tiny-qwen2"))  # qkv bias, tied embeddings
+    cfg = load_config(checkpoint("tiny-qwen2"))  # qkv bias, tied embeddings
     shapes = expected_hf_shapes(model_specs(cfg))
     q = cfg.num_heads * cfg.head_dim
     assert shapes["model.layers.1.self_attn.q_proj.bias"] == (q,)
@@ -99,13 +113,13 @@ def test_checkpoint_names_derive_from_the_module_declarations():
 
 
 def test_configs_of_both_generations():
-    llama = load_config(os.path.join(CKPTS, "tiny-llama3"))  # current form: rope_parameters, dtype
-    qwen2 = load_config(os.path.join(CKPTS, "tiny-qwen2"))  # legacy form: rope_theta, torch_dtype
+    llama = load_config(checkpoint("tiny-llama3"))  # current form: rope_parameters, dtype
+    qwen2 = load_config(checkpoint("tiny-qwen2"))  # legacy form: rope_theta, torch_dtype
     assert llama.rope_scaling is not None and dict(llama.rope_scaling)["factor"] == 8.0
     assert llama.rope_theta == 500000.0 and llama.checkpoint_dtype == "float32"
     assert qwen2.rope_scaling is None and qwen2.checkpoint_dtype == "bfloat16"
     assert qwen2.tie_word_embeddings and qwen2.qkv_bias
-    qwen3 = load_config(os.path.join(CKPTS, "tiny-qwen3"))
+    qwen3 = load_config(checkpoint("tiny-qwen3"))
     assert qwen3.qk_norm and qwen3.head_dim != qwen3.hidden_size // qwen3.num_heads
     legacy = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
               "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 5e5, "torch_dtype": "bfloat16",
@@ -131,7 +145,7 @@ def test_unsupported_architecture_is_named():
 
 def _copy(tmp_path, name="tiny-llama3"):
     dst = tmp_path / name
-    shutil.copytree(os.path.join(CKPTS, name), dst)
+    shutil.copytree(checkpoint(name), dst)
     return str(dst)
 
 
@@ -185,7 +199,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
 
 
 def test_bf16_checkpoint_loads_as_bf16():
-    path = os.path.join(CKPTS, "tiny-qwen2")
+    path = checkpoint("tiny-qwen2")
     cfg = load_config(path)
     params = load_params(path, cfg, jnp.bfloat16, make_layout("dp=1", "dp", devices=jax.devices("cpu")))
     assert params["embed"].dtype == jnp.bfloat16 and "lm_head" not in params

@@ -14,11 +14,14 @@ import os
 
 import pytest
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
+from sidp_jax.jobs.cli import main
+from sidp_jax.ray import SiDPProcessorConfig, build_sidp_processor, records_table, run_rows
 
-from sidp_jax.jobs.cli import main  # noqa: E402
-from sidp_jax.ray import SiDPProcessorConfig, build_sidp_processor, records_table, run_rows  # noqa: E402
+try:
+    import ray
+    import ray.data
+except ImportError:  # only the tests on a Ray cluster (those using `cluster`) are skipped then
+    ray = None
 
 ENGINE = {"mesh": "dp=4", "parallel": "sidp", "ffn_mode": "cas", "verbose": False}
 PROMPTS = ["The capital of France is", "Hello", "JAX is", "Once upon a time", "1 2 3 4", "Ray Data",
@@ -43,6 +46,8 @@ def actor_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(actor_env):
+    if ray is None:
+        pytest.skip("Ray Data is not installed (pip install 'sidp-jax[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=actor_env, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
@@ -139,21 +144,30 @@ def test_run_offline_ray_job(cluster, reference, tmp_path, capsys):
     assert [json.loads(x) for x in out.read_text().splitlines()] == records
 
 
-def test_run_rows_without_ray():
-    """The actor's batch function on a fake engine: row errors stay rows, order is kept."""
+def fake_records() -> list[dict]:
+    """The actor's batch function (run_rows) on a fake engine, over rows with and without errors."""
     from test_offline_job import FakeLLM
 
     rows = [{"id": 1, "prompt": "ab", "max_tokens": None}, {"id": None, "prompt": "x"},
             {"id": 3, "messages": [{"role": "explode", "content": "x"}]}, {"id": 4, "prompt": "y" * 100},
             {"id": 5, "prompt": "cd", "sampling_params": {"max_tokens": 1, "n": None}},
             {"id": 6, "prompt": "ef", "n": 2, "logprobs": 1}]
-    recs = run_rows(FakeLLM(), rows, {"max_tokens": 8})
+    return run_rows(FakeLLM(), rows, {"max_tokens": 8})
+
+
+def test_run_rows_without_ray():
+    """Row errors stay rows, order is kept."""
+    recs = fake_records()
     assert [r["id"] for r in recs] == [1, None, 3, 4, 5, 6]
     assert recs[0]["text"] == "ba0" and recs[4]["text"] == "d"
     assert "missing 'id'" in recs[1]["error"] and "template" in recs[2]["error"]
     assert "max_model_len" in recs[3]["error"]
 
-    table = records_table(recs).to_pylist()  # the default output: one fixed schema
+
+def test_records_table_without_ray():
+    """The actor's default output: the records as one Arrow table of a fixed schema."""
+    pytest.importorskip("pyarrow")  # comes with Ray Data; run_rows does not need it
+    table = records_table(fake_records()).to_pylist()
     assert table[0]["text"] == "ba0" and table[0]["error"] is None and table[1]["text"] is None
     assert [c["text"] for c in table[5]["completions"]] == ["fe0", "fe1"]
     assert table[5]["logprobs"] == [[(str(ord(c)), -0.5)] for c in "fe0"]

@@ -13,6 +13,8 @@ from safetensors.numpy import load_file
 
 from sidp_jax.loading.tokenizer import ChatTemplateError, Tokenizer
 
+from fixture_paths import checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 CHECKPOINTS = ("tiny-llama3", "tiny-qwen2", "tiny-qwen3")
@@ -21,7 +23,7 @@ CONVERSATIONS = CHAT["conversations"]
 
 
 def ckpt(name: str) -> Path:
-    return FIXTURES / "checkpoints" / name
+    return Path(checkpoint(name))
 
 
 def reference(name: str) -> dict:
@@ -187,10 +189,15 @@ def test_template_raise_exception_and_empty_conversation():
 # ----- packaging -----
 
 def test_bundled_asset_is_the_tiny_qwen3_fixture():
-    asset = ROOT / "sidp_jax" / "assets" / "tiny-qwen3"
+    # One copy: the tests run the package's bundled default model, so they test what ships.
+    from sidp_jax.llm import BUNDLED_MODEL
+
+    asset = Path(BUNDLED_MODEL)
+    assert asset.resolve() == ckpt("tiny-qwen3").resolve() == (ROOT / "sidp_jax" / "assets" / "tiny-qwen3").resolve()
+    assert not (FIXTURES / "checkpoints" / "tiny-qwen3").exists()
     files = sorted(p.name for p in asset.iterdir())
-    assert files == sorted(p.name for p in ckpt("tiny-qwen3").iterdir())
-    assert all((asset / f).read_bytes() == (ckpt("tiny-qwen3") / f).read_bytes() for f in files)
+    assert all((asset / f).is_file() for f in files)  # what package-data's "assets/*/*" installs
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= set(files)
 
 
 def test_runtime_imports_neither_torch_nor_transformers():

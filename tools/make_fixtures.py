@@ -19,11 +19,13 @@ Writes, under --out (the repo root by default):
 
     tests/fixtures/checkpoints/<name>/    config.json, generation_config.json, *.safetensors,
                                          tokenizer.json, tokenizer_config.json [, chat_template.jinja]
+                                         (tiny-llama3, tiny-qwen2)
+    sidp_jax/assets/tiny-qwen3/          the same for tiny-qwen3, the bundled default model (stored
+                                         once: the tests use the package's copy)
     tests/fixtures/reference/<name>.safetensors   logits_<i> f32 [len, vocab], prompt_<i> i32 [len],
                                                   greedy_<i> i32 [16]
     tests/fixtures/reference/<name>.json          prompts, token ids, greedy ids, top-2 gaps, versions
     tests/fixtures/reference/chat.json            chat-template renderings by transformers
-    sidp_jax/assets/tiny-qwen3/                   copy of the tiny-qwen3 checkpoint (bundled default)
 
 for <name> in tiny-llama3 (Llama, llama3 rope scaling, f32, current config form),
 tiny-qwen2 (Qwen2, QKV bias, tied embeddings, bf16, legacy config form) and
@@ -66,6 +68,7 @@ WEIGHT_STD = 0.2  # std of re-drawn weight matrices: final logits std ~1.5
 MIN_GAP = 1e-2  # required top-2 logit gap at every greedy step (the brief asks for > 1e-3)
 VOCAB_SIZE = 512  # model vocab; the tokenizer has fewer entries (like real padded vocabs)
 TOKENIZER_VOCAB = 448
+BUNDLED = "tiny-qwen3"  # the package's default model: written to sidp_jax/assets, not tests/fixtures
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -452,7 +455,7 @@ def build_checkpoint(name: str, ckpt_dir: Path, ref_dir: Path, tok: PreTrainedTo
     logits_std = [float(r["logits"].std()) for r in refs]
     meta = {
         "name": name,
-        "checkpoint": f"tests/fixtures/checkpoints/{name}",
+        "checkpoint": checkpoint_path(name),
         "model_class": type(ref_model).__name__,
         "seed": seed,
         "checkpoint_dtype": str(save_dtype).removeprefix("torch."),
@@ -477,6 +480,12 @@ def build_checkpoint(name: str, ckpt_dir: Path, ref_dir: Path, tok: PreTrainedTo
     (ref_dir / f"{name}.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     print(f"{name}: seed {seed}, min top-2 gap {min_gap:.4f}, logits std {[round(s, 2) for s in logits_std]}")
     return meta
+
+
+def checkpoint_path(name: str) -> str:
+    """Where checkpoint `name` goes, relative to the repo root: tiny-qwen3, the bundled default
+    model, straight into the package (the tests read it there), the others under tests/fixtures."""
+    return f"sidp_jax/assets/{name}" if name == BUNDLED else f"tests/fixtures/checkpoints/{name}"
 
 
 def check_checkpoint_files(name: str, path: Path) -> None:
@@ -549,8 +558,8 @@ def main() -> None:
 
     ckpt_root = args.out / "tests" / "fixtures" / "checkpoints"
     ref_dir = args.out / "tests" / "fixtures" / "reference"
-    asset_dir = args.out / "sidp_jax" / "assets" / "tiny-qwen3"
-    for d in (ckpt_root, ref_dir):
+    ckpt_dirs = {name: args.out / checkpoint_path(name) for name in PROMPTS}
+    for d in (ckpt_root, ref_dir):  # (build_checkpoint replaces the bundled one's directory)
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
@@ -561,13 +570,10 @@ def main() -> None:
     sample = "Grüße 你好 🌍 — the lighthouse keeper."
     assert tok.decode(tok.encode(sample)) == sample
 
-    metas = {name: build_checkpoint(name, ckpt_root / name, ref_dir, tok, ids) for name in PROMPTS}
-    chat = chat_fixture({name: ckpt_root / name for name in PROMPTS})
+    metas = {name: build_checkpoint(name, ckpt_dirs[name], ref_dir, tok, ids) for name in PROMPTS}
+    chat = chat_fixture(ckpt_dirs)
     (ref_dir / "chat.json").write_text(json.dumps(chat, indent=2, ensure_ascii=False) + "\n")
 
-    if asset_dir.exists():
-        shutil.rmtree(asset_dir)
-    shutil.copytree(ckpt_root / "tiny-qwen3", asset_dir)
     print(f"min top-2 gap over all fixtures: {min(m['min_top2_gap'] for m in metas.values()):.4f}")
 
 

@@ -8,12 +8,14 @@ import time
 import jax
 import numpy as np
 
-from sidp_jax.engine.step_inputs import build_batch
+from sidp_jax.engine.step_inputs import build_step
 from sidp_jax.engine.model_runner import ModelRunner
 from sidp_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sidp_jax.sampling_params import SamplingParams
+from sidp_jax.engine.sampler import Sampled
 from sidp_jax.engine.scheduler import ScheduledChunk, Scheduler
 from sidp_jax.engine.sequence import Sequence
+from sidp_jax.engine.stop import check_stop
 
 
 class Request:
@@ -38,7 +40,7 @@ class Request:
 class _InFlight:
     """A dispatched step whose results the host has not read yet."""
     plans: list[list[ScheduledChunk]]
-    out: dict  # its outputs, on the devices
+    out: Sampled  # its outputs, on the devices
     dispatched_at: float  # perf_counter
 
 
@@ -105,15 +107,13 @@ class Engine:
             finished += self._apply(self._take_inflight())  # every planned sequence awaits its last token
             self.wall_seconds += time.perf_counter() - t0
             return finished
-        batch, samp, flags, decode_only = build_batch(plans, self.runner.page_size, self.eos_ids,
-                                                      self.max_num_batched_tokens, self.max_num_seqs, self.max_pages,
-                                                      self.runner.tile_tokens)
+        inputs = build_step(plans, self.runner.page_size, self.eos_ids, self.max_num_batched_tokens,
+                            self.max_num_seqs, self.max_pages, self.runner.tile_tokens)
         mode = self.mode_policy(plans)
-        self.device_fed_tokens += int((batch["prev_index"] >= 0).sum())
+        self.device_fed_tokens += int((inputs.batch["prev_index"] >= 0).sum())
         previous = self._take_inflight()
         dispatched_at = time.perf_counter()
-        out = self.runner.dispatch(batch, samp, flags, mode, decode_only,
-                                   previous.out["tokens"] if previous is not None else None)
+        out = self.runner.dispatch(inputs, mode, previous.out.tokens if previous is not None else None)
         for plan in plans:
             for row, c in enumerate(plan):
                 c.seq.num_computed += c.num_tokens
@@ -140,7 +140,7 @@ class Engine:
         a step whose results were ready before the host asked (counted in steps_found_ready) is
         timed to when the host asked, which counts the device's idle gap as busy."""
         t = time.perf_counter()
-        self.steps_found_ready += all(a.is_ready() for a in flight.out.values())
+        self.steps_found_ready += all(a.is_ready() for a in jax.tree.leaves(flight.out))
         out = jax.device_get(flight.out)
         ready = time.perf_counter()
         self.wait_seconds += ready - t
@@ -165,50 +165,23 @@ class Engine:
                     finished.append(seq)
         return finished
 
-    def _append(self, seq: Sequence, out: dict, r: int, row: int) -> bool:
+    def _append(self, seq: Sequence, out: Sampled, r: int, row: int) -> bool:
         """Add the sampled token; True when the sequence is done."""
-        token = int(out["tokens"][r, row])
+        token = int(out.tokens[r, row])
         seq.output_ids.append(token)
         p = seq.params
         if p.logprobs is not None:
-            lp = {token: float(out["logprob"][r, row])}
+            lp = {token: float(out.logprob[r, row])}
             if p.logprobs:
-                ids, lps = out["top_ids"][r, row][:p.logprobs], out["top_logprobs"][r, row][:p.logprobs]
+                ids, lps = out.top_ids[r, row][:p.logprobs], out.top_logprobs[r, row][:p.logprobs]
                 lp.update({int(i): float(v) for i, v in zip(ids, lps)})
             seq.output_logprobs.append(lp)
-        n = len(seq.output_ids)
-        if n >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_ids:
-                seq.finish_reason, seq.stop_reason = "stop", None
-            elif token in p.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif p.stop and self._hit_stop_string(seq):
-                seq.finish_reason = "stop"
-        if seq.finish_reason is None and n >= seq.max_tokens:
-            seq.finish_reason = "length"
-        if seq.finish_reason is None:
+        decode = self.tokenizer.decode if self.tokenizer else None
+        stop = check_stop(seq.output_ids, p, seq.max_tokens, self.eos_ids, decode)
+        if stop is None:
             return False
-        if not (p.stop and seq.finish_reason == "stop" and isinstance(seq.stop_reason, str)):
-            seq.text = self.tokenizer.decode(seq.output_ids) if self.tokenizer else ""
-        return True
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        """Checked after every token, so a stop string that just appeared ends in the newest token:
-        decode only a tail window wide enough to hold it (4 tokens per character covers byte-level
-        pieces, plus slack for the window's ragged start), and the whole output only on a hit (to
-        cut the text exactly), instead of decoding the whole output every step."""
-        if self.tokenizer is None:
-            return False
-        window = 4 * max(len(s) for s in seq.params.stop) + 8
-        if len(seq.output_ids) > window and not any(
-                s in self.tokenizer.decode(seq.output_ids[-window:]) for s in seq.params.stop):
-            return False
-        text = self.tokenizer.decode(seq.output_ids)
-        hits = [(text.find(s), s) for s in seq.params.stop if s in text]
-        if not hits:
-            return False
-        pos, s = min(hits)
-        seq.text, seq.stop_reason = text[:pos], s
+        seq.finish_reason, seq.stop_reason = stop.finish_reason, stop.stop_reason
+        seq.text = stop.text if stop.text is not None else decode(seq.output_ids) if decode else ""
         return True
 
     def stats(self) -> dict:

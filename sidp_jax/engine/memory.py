@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 
+from sidp_jax import XLA_MEM_FRACTION  # the fraction `import sidp_jax` sets (imports no jax)
+
 
 def device_memory(device) -> dict | None:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None
-    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", XLA_MEM_FRACTION))
     return {"total": stats["bytes_limit"] / fraction, "limit": stats["bytes_limit"],
             "in_use": stats.get("bytes_in_use", 0)}
 

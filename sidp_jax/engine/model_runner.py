@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sidp_jax.engine.step_inputs import num_tiles
+from sidp_jax.engine.step_inputs import StepInputs, StepShape
 from sidp_jax.engine.compilation import step_compiler_options
 from sidp_jax.models.config import ModelConfig
 from sidp_jax.kernels.attention import (DEFAULT_TILE_TOKENS, decode_attention,
@@ -37,7 +37,7 @@ from sidp_jax.models.decoder import dense_ffn, forward
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
 from sidp_jax.engine_config import Attention
-from sidp_jax.engine.sampler import SamplerFlags, sample
+from sidp_jax.engine.sampler import Sampled, SamplerFlags, sample
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 
 KV_SPEC = P("dp", None, None, "tp", None)  # [replica, L*pages, page, kv_heads, head_dim]
@@ -65,7 +65,7 @@ class ModelRunner:
         self.kv = {"k": zeros(), "v": zeros()}
         self._steps: dict = {}
         self.kernels = self._kernels(attention)
-        self.tile_tokens = DEFAULT_TILE_TOKENS if self.kernels else None  # build_batch lays out tiles
+        self.tile_tokens = DEFAULT_TILE_TOKENS if self.kernels else None  # build_step lays out tiles
         self.steps_per_attention: dict[str, int] = {}
         self.first_call_seconds: dict[str, float] = {}  # per step variant: compile (or cache load) + one run
         self._compiled: dict = {}  # (mode, flags, attention, input shapes) -> executable (precompile)
@@ -125,7 +125,7 @@ class ModelRunner:
             return expand(out), expand(kv)
 
         kv_specs = {"k": KV_SPEC, "v": KV_SPEC}
-        stepped = jax.shard_map(local, mesh=lay.mesh, in_specs=(lay.param_pspecs(cfg), kv_specs, P("dp"), P("dp")),
+        stepped = jax.shard_map(local, mesh=lay.mesh, in_specs=(lay.partition_specs(cfg), kv_specs, P("dp"), P("dp")),
                                 out_specs=(P("dp"), kv_specs), check_vma=False)
         return jax.jit(stepped, donate_argnums=(1,), compiler_options=step_compiler_options(lay.platform))
 
@@ -153,28 +153,23 @@ class ModelRunner:
                                                      self.batch_sharding)
         return self._no_prev_tokens[W]
 
-    def run(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "local",
-            decode_only: bool = False, prev_tokens: jax.Array | None = None) -> dict:
-        """dispatch() and wait: numpy arrays of the step's outputs."""
-        return jax.device_get(self.dispatch(batch, samp, flags, mode, decode_only, prev_tokens))
+    def run(self, inputs: StepInputs, mode: str = "local", prev_tokens: jax.Array | None = None) -> Sampled:
+        """dispatch() and wait: the step's outputs as numpy arrays."""
+        return jax.device_get(self.dispatch(inputs, mode, prev_tokens))
 
-    def dispatch(self, batch: dict, samp: dict, flags: SamplerFlags, mode: str = "local",
-                 decode_only: bool = False, prev_tokens: jax.Array | None = None) -> dict:
-        """Launch one step and return at once: its outputs on the devices, "tokens" [D, W] (padded
-        to the token buffer width), "logprob" [D, S] and any top logprobs [D, S, k].
+    def dispatch(self, inputs: StepInputs, mode: str = "local", prev_tokens: jax.Array | None = None) -> Sampled:
+        """Launch one step and return at once: its outputs on the devices, tokens [D, W] (padded
+        to the token buffer width), logprob [D, S] and any top logprobs [D, S, k].
 
-        batch: build_batch's arrays; a token whose `prev_index` is >= 0 is read from that row of
-        `prev_tokens`, the previous step's "tokens" (still on the device: host overlap).
-        decode_only: the batch was built as a decode-only step (token i in row i, S == T); a
-        mixed step for the kernels must carry build_batch's `decode_len` and `tiles`."""
-        S = batch["sample_index"].shape[-1]
+        A token whose `prev_index` is >= 0 is read from that row of `prev_tokens`, the previous
+        step's tokens (still on the device: host overlap)."""
+        shape, samp, flags = inputs.shape, inputs.sampling, inputs.flags
         if prev_tokens is None:
-            prev_tokens = self.no_prev_tokens(self.tokens_width(S))
-        batch = dict(batch, prev_tokens=prev_tokens)
-        attn = self.attention_kind(decode_only)
+            prev_tokens = self.no_prev_tokens(self.tokens_width(shape.S))
+        batch = dict(inputs.batch, prev_tokens=prev_tokens)
+        attn = self.attention_kind(shape.decode_only)
         self.steps_per_attention[attn] = self.steps_per_attention.get(attn, 0) + 1
-        variant = (f"{mode}/{attn}/T={batch['tokens'].shape[-1]}/S={batch['sample_index'].shape[-1]}"
-                   f"/MB={batch['block_tables'].shape[-1]}")
+        variant = f"{mode}/{attn}/T={shape.T}/S={shape.S}/MB={shape.MB}"
         first = variant not in self.first_call_seconds
         t0 = time.perf_counter()
         if mode == "was" and self.replica_was is not None:  # WaS by per-replica programs
@@ -182,7 +177,7 @@ class ModelRunner:
         else:
             fn = self._compiled.get((mode, flags, attn, _signature(batch, samp)))
             self.precompiled_steps += fn is not None
-            fn = fn or self.step_fn(mode, flags, decode_only)
+            fn = fn or self.step_fn(mode, flags, shape.decode_only)
             batch, samp = jax.device_put((batch, samp), self.batch_sharding)
             out, self.kv = fn(self.params, self.kv, batch, samp)
         if first:  # waits once per variant, to time its compilation
@@ -191,18 +186,12 @@ class ModelRunner:
         return out
 
     def abstract_inputs(self, T: int, S: int, MB: int, decode_only: bool):
-        """(batch, samp) ShapeDtypeStructs of a step as build_batch lays it out (default sampling)."""
-        D = self.layout.num_replicas
-        sd = lambda dt, *shape: jax.ShapeDtypeStruct((D, *shape), dt, sharding=self.batch_sharding)
-        i32, f32 = functools.partial(sd, np.int32), functools.partial(sd, np.float32)
-        batch = {"tokens": i32(T), "positions": i32(T), "slots": i32(T), "token_seq": i32(T),
-                 "block_tables": i32(S, MB), "sample_index": i32(S), "num_tokens": i32(), "prev_index": i32(T),
-                 "prev_tokens": i32(self.tokens_width(S))}
-        if self.tile_tokens and not decode_only:
-            batch.update(decode_len=i32(S), tiles=i32(num_tiles(T, S, self.tile_tokens), 4))
-        samp = {"temperature": f32(S), "top_p": f32(S), "top_k": i32(S), "min_p": f32(S),
-                "seed": sd(np.uint32, S), "step": i32(S), "banned": i32(S, 1)}
-        return batch, samp
+        """(batch, samp) ShapeDtypeStructs of a step (default sampling), from StepShape's declaration."""
+        shape = StepShape(self.layout.num_replicas, T, S, MB, decode_only, self.tile_tokens)
+        batch = shape.abstract(shape.batch_fields(), self.batch_sharding)
+        batch["prev_tokens"] = jax.ShapeDtypeStruct((shape.D, self.tokens_width(S)), np.int32,
+                                                    sharding=self.batch_sharding)
+        return batch, shape.abstract(shape.sampling_fields(), self.batch_sharding)
 
     def precompile(self, modes: list[str], shapes: list[tuple[bool, int, int]], max_pages: int,
                    workers: int | None = None, progress: bool = True) -> float:

@@ -56,8 +56,20 @@ def _filter(scaled, p):
     return jnp.take_along_axis(filtered_sorted, inverse, axis=-1)
 
 
-def sample(logits: jax.Array, p: dict, flags: SamplerFlags) -> dict:
-    """logits [S, V] float32 -> {"tokens" [S], "logprob" [S], optional "top_ids"/"top_logprobs"}."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Sampled:
+    """What a step returns: per row the sampled token, its logprob and, with logprobs requested,
+    the top-k ids and logprobs. Rows are [S] (per replica) or [D, S] (the whole step); tokens may
+    be padded wider (sidp_jax/engine/token_buffer.py)."""
+    tokens: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array | None = None
+    top_logprobs: jax.Array | None = None
+
+
+def sample(logits: jax.Array, p: dict, flags: SamplerFlags) -> Sampled:
+    """logits [S, V] float32 and the rows' sampling arrays -> Sampled [S]."""
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     if flags.penalties:
         logits = _apply_penalties(logits, p)
@@ -73,7 +85,7 @@ def sample(logits: jax.Array, p: dict, flags: SamplerFlags) -> dict:
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
     drawn = jnp.argmax(scaled + gumbel, axis=-1)
     tokens = jnp.where(temp > 0, drawn, greedy).astype(jnp.int32)
-    out = {"tokens": tokens, "logprob": jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]}
+    out = Sampled(tokens, jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0])
     if flags.num_logprobs:
-        out["top_logprobs"], out["top_ids"] = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
+        out.top_logprobs, out.top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
     return out

@@ -43,7 +43,7 @@ def check_weights_fit(llm, utilization: float) -> None:
 def place_params(llm, seed: int) -> dict:
     shardings = llm.layout.param_shardings(llm.cfg)
     if isinstance(llm.model, ModelConfig) or llm.model in PRESETS:  # random weights, like vLLM's dummy load
-        return init_params(llm.layout.param_specs(llm.cfg), jax.random.key(seed), llm.dtype, shardings)
+        return init_params(llm.layout.stored_specs(llm.cfg), jax.random.key(seed), llm.dtype, shardings)
     if is_placed_checkpoint(llm.model):
         return restore_placed(llm.model, llm.cfg, llm.layout, llm.dtype)
     return load_params(llm.model, llm.cfg, llm.dtype, llm.layout)

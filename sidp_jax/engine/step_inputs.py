@@ -7,17 +7,25 @@ read back.
 
 A decode-only step (every chunk of every replica is one token) is laid out with token i in row i
 and as many token slots as rows (T == S, one bucket), so the paged decode kernel can read the
-block tables row by row (sidp_jax.kernels.attention); build_batch says so with `decode_only`.
+block tables row by row (sidp_jax.kernels.attention); StepShape says so with `decode_only`.
 
 For the Pallas kernels of a MIXED step (`tile_tokens` given) the batch also says which rows the
 decode kernel takes (`decode_len`: the leading one-token rows, whose token sits at the row's own
 index because decode chunks come first) and cuts every other chunk into tiles of at most
 `tile_tokens` tokens (`tiles`, see kernels/paged_prefill_pallas.py). Their count is fixed by
 T and S (each chunk adds at most one partial tile), so they add no compiled shapes.
+
+StepShape declares every array of a step (name, dtype, shape, fill): build_step fills them,
+and start-up compiles from the same declaration (StepShape.abstract), so no shape is restated.
+A token still on the device (host overlap) has `prev_index` >= 0: its row in the previous step's
+output (sidp_jax/engine/token_buffer.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import numpy as np
 
 from sidp_jax.engine.sampler import SamplerFlags
@@ -90,128 +98,179 @@ def mixed_step_layout(chunks: list[tuple[int, int, int, int]], S: int, T: int, t
     return decode_len, tiles
 
 
-def build_batch(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[int],
-                max_tokens_bucket: int, max_rows_bucket: int, max_pages_bucket: int,
-                tile_tokens: int | None = None):
-    """Returns (batch arrays, sampling arrays, SamplerFlags, decode_only).
+Fields = dict[str, tuple[type, tuple[int, ...], float]]  # name -> (dtype, per-replica shape, fill)
 
-    tile_tokens: lay out the step for the Pallas kernels: a mixed step gets `decode_len` and
-    `tiles`, and block tables are always max_pages_bucket wide (the kernels stop at each row's
-    length, so width costs nothing but a few KB of transfer, and growing contexts compile no new
-    step variants; the reference's cost grows with the width, so it keeps the bucketed width)."""
-    D = len(plans)
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """The shapes of a step: D replicas, T token slots, S rows, MB block-table columns.
+    tile_tokens: the Pallas kernels' layout (a mixed step then carries decode_len and tiles)."""
+    D: int
+    T: int
+    S: int
+    MB: int
+    decode_only: bool
+    tile_tokens: int | None = None
+
+    @property
+    def kernel_layout(self) -> bool:
+        return bool(self.tile_tokens) and not self.decode_only
+
+    def batch_fields(self) -> Fields:
+        T, S, i32 = self.T, self.S, np.int32
+        fields = {"tokens": (i32, (T,), 0), "positions": (i32, (T,), 0), "slots": (i32, (T,), 0),
+                  "token_seq": (i32, (T,), 0), "prev_index": (i32, (T,), -1),
+                  "block_tables": (i32, (S, self.MB), 0), "sample_index": (i32, (S,), 0), "num_tokens": (i32, (), 0)}
+        if self.kernel_layout:
+            fields.update(decode_len=(i32, (S,), 0), tiles=(i32, (num_tiles(T, S, self.tile_tokens), 4), 0))
+        return fields
+
+    def sampling_fields(self, banned_width: int = 1, history_width: int = 0) -> Fields:
+        """history_width > 0: the penalties' arrays too (SamplerFlags.penalties)."""
+        S, f32 = self.S, np.float32
+        fields = {"temperature": (f32, (S,), 0.0), "top_p": (f32, (S,), 1.0), "top_k": (np.int32, (S,), 0),
+                  "min_p": (f32, (S,), 0.0), "seed": (np.uint32, (S,), 0), "step": (np.int32, (S,), 0),
+                  "banned": (np.int32, (S, banned_width), -1)}
+        if history_width:
+            fields.update(history=(np.int32, (S, history_width), -1),
+                          history_is_output=(np.bool_, (S, history_width), False),
+                          presence_penalty=(f32, (S,), 0.0), frequency_penalty=(f32, (S,), 0.0),
+                          repetition_penalty=(f32, (S,), 1.0))
+        return fields
+
+    def arrays(self, fields: Fields) -> dict[str, np.ndarray]:
+        return {k: np.full((self.D, *shape), fill, dtype) for k, (dtype, shape, fill) in fields.items()}
+
+    def abstract(self, fields: Fields, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+        return {k: jax.ShapeDtypeStruct((self.D, *shape), dtype, sharding=sharding)
+                for k, (dtype, shape, _) in fields.items()}
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """What the runner takes: the step's arrays [D, ...] by name, its sampler flags and shape."""
+    shape: StepShape
+    batch: dict[str, np.ndarray]
+    sampling: dict[str, np.ndarray]
+    flags: SamplerFlags
+
+    @property
+    def decode_only(self) -> bool:
+        return self.shape.decode_only
+
+
+def step_shape(plans: list[list[ScheduledChunk]], max_tokens_bucket: int, max_rows_bucket: int,
+               max_pages_bucket: int, tile_tokens: int | None) -> StepShape:
+    """Bucketed shapes of the step. With the kernels (tile_tokens), block tables are always
+    max_pages_bucket wide: the kernels stop at each row's length, so width costs a few KB of
+    transfer, and growing contexts compile no new variants; the reference's cost grows with the
+    width, so it keeps the bucketed width."""
     decode_only = all(c.num_tokens == 1 for p in plans for c in p)
-    if decode_only:  # token i is row i (decode chunks come first in a plan, so the loop below agrees)
+    if decode_only:  # token i is row i (decode chunks come first in a plan, so fill_replica agrees)
         T = S = decode_rows(max(len(p) for p in plans), max_tokens_bucket, max_rows_bucket)
     else:
         T = mixed_tokens(max(sum(c.num_tokens for c in p) for p in plans), max_tokens_bucket)
         S = mixed_rows(T, max_rows_bucket)
     MB = max_pages_bucket if tile_tokens else bucket(max((len(c.seq.pages) for p in plans for c in p), default=1),
                                                      4, max_pages_bucket)
-    seqs = [c.seq for p in plans for c in p]
-    flags = SamplerFlags(
-        filters=any(s.params.uses_filters and not s.params.greedy for s in seqs),
-        penalties=any(s.params.uses_penalties for s in seqs),
-        num_logprobs=max((s.params.logprobs or 0 for s in seqs), default=0))
+    return StepShape(len(plans), T, S, MB, decode_only, tile_tokens)
+
+
+def sampler_flags(chunks: list[ScheduledChunk]) -> SamplerFlags:
+    params = [c.seq.params for c in chunks]
+    flags = SamplerFlags(filters=any(p.uses_filters and not p.greedy for p in params),
+                         penalties=any(p.uses_penalties for p in params),
+                         num_logprobs=max((p.logprobs or 0 for p in params), default=0))
     if flags.num_logprobs:
         flags = SamplerFlags(flags.filters, flags.penalties, bucket(flags.num_logprobs, 1, 20))
+    return flags
 
-    tokens = np.zeros((D, T), np.int32)
-    positions = np.zeros((D, T), np.int32)
-    slots = np.zeros((D, T), np.int32)
-    token_seq = np.zeros((D, T), np.int32)
-    if decode_only:
-        token_seq[:] = np.arange(T)  # padding tokens: their own (all-zero, scratch-page) rows
-    prev_index = np.full((D, T), -1, np.int32)  # >= 0: the token is that row of the previous step's output
-    tables = np.zeros((D, S, MB), np.int32)
-    sample_index = np.zeros((D, S), np.int32)
-    samp = {
-        "temperature": np.zeros((D, S), np.float32), "top_p": np.ones((D, S), np.float32),
-        "top_k": np.zeros((D, S), np.int32), "min_p": np.zeros((D, S), np.float32),
-        "seed": np.zeros((D, S), np.uint32), "step": np.zeros((D, S), np.int32),
-        "banned": np.full((D, S, 1), -1, np.int32),
-    }
-    banned_rows: dict[tuple[int, int], list[int]] = {}
-    history_rows: dict[tuple[int, int], tuple[list[int], int]] = {}
-    # Per-row work is plain Python into lists, written to the arrays once per replica: a step has
-    # hundreds of decode rows, and per-element numpy writes dominated the host's time per step.
-    P = page_size
-    mixed_layout = bool(tile_tokens) and not decode_only
-    if mixed_layout:
-        decode_len = np.zeros((D, S), np.int32)
-        tiles = np.zeros((D, num_tiles(T, S, tile_tokens), 4), np.int32)
-    for r, plan in enumerate(plans):
-        t = 0
-        ids_r, pos_r, slot_r, seq_r, spans, prev_r = [], [], [], [], [], []
-        temperature, top_p, top_k, min_p, seed, gen_step = [], [], [], [], [], []
-        for row, c in enumerate(plan):
-            seq, n, start = c.seq, c.num_tokens, c.start
-            pages = seq.page_array()
-            if n == 1 and seq.num_pending:  # its token is the newest the step on the device sampled
+
+def banned_tokens(seq, eos_ids: list[int]) -> list[int]:
+    """Tokens a sequence may not sample yet (min_tokens): EOS (unless ignored) and its stop tokens."""
+    if seq.num_generated >= seq.params.min_tokens:
+        return []
+    return ([] if seq.params.ignore_eos else list(eos_ids)) + seq.params.stop_token_ids
+
+
+def fill_replica(r: int, plan: list[ScheduledChunk], shape: StepShape, batch: dict, samp: dict,
+                 page_size: int) -> None:
+    """Replica r's token, position, slot and row arrays and its rows' sampling settings. Per-row work
+    is plain Python into lists, written to the arrays once: a step has hundreds of decode rows,
+    and per-element numpy writes dominated the host's time per step."""
+    P, t = page_size, 0
+    ids, pos, slots, rows, spans, from_prev = [], [], [], [], [], []
+    per_row = {k: [] for k in ("temperature", "top_p", "top_k", "min_p", "seed", "step")}
+    for row, c in enumerate(plan):
+        seq, n, start = c.seq, c.num_tokens, c.start
+        pages = seq.page_array()
+        if n == 1:
+            if seq.num_pending:  # its token is the newest the step on the device sampled
                 assert start == seq.num_tokens - 1 and seq.num_pending == 1, "a pending token must be decoded next"
-                ids_r.append(0)
-                prev_r.append((t, seq.pending_row))
-                pos_r.append(start)
-                slot_r.append(int(pages[start // P]) * P + start % P)
-                seq_r.append(row)
-            elif n == 1:
-                ids_r.append(seq.token_at(start))
-                pos_r.append(start)
-                slot_r.append(int(pages[start // P]) * P + start % P)
-                seq_r.append(row)
+                ids.append(0)
+                from_prev.append((t, seq.pending_row))
             else:
-                assert start + n <= seq.num_tokens - seq.num_pending, "a prefill chunk reached a pending token"
-                ids_r.extend(seq.token_slice(start, n))
-                pos = np.arange(start, start + n)
-                pos_r.extend(pos.tolist())
-                slot_r.extend((pages[pos // P] * P + pos % P).tolist())
-                seq_r.extend([row] * n)
-            tables[r, row, :len(pages)] = pages
-            spans.append((row, t, n, start))
-            t += n
-            sample_index[r, row] = t - 1
-            p = seq.params
-            temperature.append(p.temperature)
-            top_p.append(p.top_p)
-            top_k.append(p.top_k)
-            min_p.append(p.min_p)
-            seed.append(seq.seed)
-            gen_step.append(seq.num_generated)
-            if seq.num_generated < p.min_tokens:
-                banned_rows[r, row] = ([] if p.ignore_eos else list(eos_ids)) + p.stop_token_ids
-            if flags.penalties:
-                assert not seq.num_pending, "penalties need every earlier token on the host"
-                history_rows[r, row] = (seq.all_ids, len(seq.prompt_ids))
-        tokens[r, :t], positions[r, :t], slots[r, :t], token_seq[r, :t] = ids_r, pos_r, slot_r, seq_r
-        for i, prev_row in prev_r:
-            prev_index[r, i] = prev_row
-        if mixed_layout:
-            decode_len[r], tiles[r] = mixed_step_layout(spans, S, T, tile_tokens)
-        for k, vals in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
-                        ("seed", seed), ("step", gen_step)):
-            samp[k][r, :len(vals)] = vals
-    if banned_rows:
-        width = bucket(max(len(v) for v in banned_rows.values()), 1, 1 << 16)
-        samp["banned"] = np.full((D, S, width), -1, np.int32)
-        for (r, row), ids in banned_rows.items():
-            samp["banned"][r, row, :len(ids)] = ids
+                ids.append(seq.token_at(start))
+            pos.append(start)
+            slots.append(int(pages[start // P]) * P + start % P)
+            rows.append(row)
+        else:
+            assert start + n <= seq.num_tokens - seq.num_pending, "a prefill chunk reached a pending token"
+            ids.extend(seq.token_slice(start, n))
+            at = np.arange(start, start + n)
+            pos.extend(at.tolist())
+            slots.extend((pages[at // P] * P + at % P).tolist())
+            rows.extend([row] * n)
+        batch["block_tables"][r, row, :len(pages)] = pages
+        spans.append((row, t, n, start))
+        t += n
+        batch["sample_index"][r, row] = t - 1
+        p = seq.params
+        for k, v in (("temperature", p.temperature), ("top_p", p.top_p), ("top_k", p.top_k), ("min_p", p.min_p),
+                     ("seed", seq.seed), ("step", seq.num_generated)):
+            per_row[k].append(v)
+    batch["tokens"][r, :t], batch["positions"][r, :t] = ids, pos
+    batch["slots"][r, :t], batch["token_seq"][r, :t] = slots, rows
+    batch["num_tokens"][r] = t
+    for i, prev_row in from_prev:
+        batch["prev_index"][r, i] = prev_row
+    if shape.kernel_layout:
+        batch["decode_len"][r], batch["tiles"][r] = mixed_step_layout(spans, shape.S, shape.T, shape.tile_tokens)
+    for k, vals in per_row.items():
+        samp[k][r, :len(vals)] = vals
+
+
+def fill_penalties(plans: list[list[ScheduledChunk]], samp: dict) -> None:
+    """Each row's token history (prompt and output, the output marked) and penalty values."""
+    for r, plan in enumerate(plans):
+        for row, c in enumerate(plan):
+            seq = c.seq
+            assert not seq.num_pending, "penalties need every earlier token on the host"
+            hist = seq.all_ids
+            samp["history"][r, row, :len(hist)] = hist
+            samp["history_is_output"][r, row, len(seq.prompt_ids):len(hist)] = True
+            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+                samp[name][r, row] = getattr(seq.params, name)
+
+
+def build_step(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[int], max_tokens_bucket: int,
+               max_rows_bucket: int, max_pages_bucket: int, tile_tokens: int | None = None) -> StepInputs:
+    """The step's arrays for the scheduler's plans (one list of chunks per replica)."""
+    shape = step_shape(plans, max_tokens_bucket, max_rows_bucket, max_pages_bucket, tile_tokens)
+    chunks = [c for p in plans for c in p]
+    flags = sampler_flags(chunks)
+    banned = {(r, row): ids for r, p in enumerate(plans) for row, c in enumerate(p)
+              if (ids := banned_tokens(c.seq, eos_ids))}
+    banned_width = bucket(max(map(len, banned.values())), 1, 1 << 16) if banned else 1
+    history_width = bucket(max(c.seq.num_tokens for c in chunks), 16, 1 << 20) if flags.penalties else 0
+    batch = shape.arrays(shape.batch_fields())
+    samp = shape.arrays(shape.sampling_fields(banned_width, history_width))
+    if shape.decode_only:
+        batch["token_seq"][:] = np.arange(shape.T)  # padding tokens: their own (all-zero, scratch-page) rows
+    for r, plan in enumerate(plans):
+        fill_replica(r, plan, shape, batch, samp, page_size)
+    for (r, row), ids in banned.items():
+        samp["banned"][r, row, :len(ids)] = ids
     if flags.penalties:
-        width = bucket(max(len(h) for h, _ in history_rows.values()), 16, 1 << 20)
-        samp["history"] = np.full((D, S, width), -1, np.int32)
-        samp["history_is_output"] = np.zeros((D, S, width), bool)
-        for name in ("presence_penalty", "frequency_penalty"):
-            samp[name] = np.zeros((D, S), np.float32)
-        samp["repetition_penalty"] = np.ones((D, S), np.float32)
-        for r, plan in enumerate(plans):
-            for row, c in enumerate(plan):
-                hist, n_prompt = history_rows[r, row]
-                samp["history"][r, row, :len(hist)] = hist
-                samp["history_is_output"][r, row, n_prompt:len(hist)] = True
-                for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-                    samp[name][r, row] = getattr(c.seq.params, name)
-    num_tokens = np.array([sum(c.num_tokens for c in p) for p in plans], np.int32)
-    batch = {"tokens": tokens, "positions": positions, "slots": slots, "token_seq": token_seq,
-             "block_tables": tables, "sample_index": sample_index, "num_tokens": num_tokens, "prev_index": prev_index}
-    if mixed_layout:
-        batch["decode_len"], batch["tiles"] = decode_len, tiles
-    return batch, samp, flags, decode_only
+        fill_penalties(plans, samp)
+    return StepInputs(shape, batch, samp, flags)

@@ -9,6 +9,8 @@ shape adds no compiled variants.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 
@@ -19,6 +21,6 @@ def with_prev_tokens(batch: dict) -> dict:
     return dict(batch, tokens=jnp.where(index >= 0, from_prev, batch["tokens"]))
 
 
-def pad_tokens(out: dict, width: int) -> dict:
-    """A step's sampled tokens [S] padded to the buffer's width W."""
-    return dict(out, tokens=jnp.pad(out["tokens"], (0, width - out["tokens"].shape[0])))
+def pad_tokens(out, width: int):
+    """A step's Sampled with its tokens [S] padded to the buffer's width W."""
+    return dataclasses.replace(out, tokens=jnp.pad(out.tokens, (0, width - out.tokens.shape[0])))

@@ -76,7 +76,7 @@ def reader_for(path: Path) -> Callable[[Path], Iterator[tuple[int, Any]]]:
 
 
 @dataclasses.dataclass
-class Request:
+class JobRequest:
     line: int
     id: str | int
     prompt: str | None
@@ -110,7 +110,7 @@ def is_valid_id(rid: Any) -> bool:
     return isinstance(rid, int) or (isinstance(rid, str) and rid != "")
 
 
-def parse_line(line: int, obj: Any, base_sampling: dict) -> Request | LineError:
+def parse_line(line: int, obj: Any, base_sampling: dict) -> JobRequest | LineError:
     if isinstance(obj, MalformedLine):
         return LineError(line, obj.why)
     if not isinstance(obj, dict):
@@ -125,7 +125,7 @@ def parse_line(line: int, obj: Any, base_sampling: dict) -> Request | LineError:
         params = make_sampling_params(base_sampling, _overrides(obj))
     except ValueError as e:
         return LineError(line, str(e), id=rid)
-    return Request(line, rid, prompt, messages, params)
+    return JobRequest(line, rid, prompt, messages, params)
 
 
 def _prompt_fields(obj: dict) -> tuple[str | None, list[dict] | None]:
@@ -183,8 +183,8 @@ class PlanCounts:
 
 
 def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: set[Key],
-               counts: PlanCounts | None = None) -> Iterator[Request | LineError]:
-    """Parse lines one at a time: each runnable Request or new LineError, in input order, marking
+               counts: PlanCounts | None = None) -> Iterator[JobRequest | LineError]:
+    """Parse lines one at a time: each runnable JobRequest or new LineError, in input order, marking
     duplicate ids across the whole file and leaving out what an earlier run already wrote. Memory:
     the ids seen so far, not the lines."""
     counts = counts if counts is not None else PlanCounts()
@@ -199,14 +199,14 @@ def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: se
         if item.key in done:
             counts.skipped += 1
             continue
-        if isinstance(item, Request):
+        if isinstance(item, JobRequest):
             counts.requests += 1
         else:
             counts.errors += 1
         yield item
 
 
-def tokenize(req: Request, tokenizer) -> list[int]:
+def tokenize(req: JobRequest, tokenizer) -> list[int]:
     if req.messages is not None:
         text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer.encode(text, add_special_tokens=False))

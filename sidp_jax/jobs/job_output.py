@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from sidp_jax.jobs.job_input import Key, Request, is_valid_id
+from sidp_jax.jobs.job_input import Key, JobRequest, is_valid_id
 
 
 
@@ -161,7 +161,7 @@ def completion_fields(c) -> dict:
     return fields
 
 
-def result_record(req: Request, out) -> dict:
+def result_record(req: JobRequest, out) -> dict:
     completions = sorted(out.outputs, key=lambda c: c.index)
     record = {
         "id": req.id,

@@ -55,19 +55,14 @@ ids seen so far are kept, to find duplicates across the whole file.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import itertools
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sidp_jax.jobs.job_input import LineError, PlanCounts, Request, plan_items, reader_for, tokenize
-from sidp_jax.jobs.job_output import JobOutput, OutputError, OutputWriteError, result_record
-from sidp_jax.sampling_params import SamplingParams
+from sidp_jax.jobs.job_input import LineError, PlanCounts, JobRequest, plan_items, reader_for, tokenize
+from sidp_jax.jobs.job_output import JobOutput, result_record
 
 DEFAULT_INPUT = Path(__file__).parent.parent / "assets" / "example_prompts.jsonl"
 DEFAULT_OUTPUT = Path("out") / "results.jsonl"
@@ -127,7 +122,7 @@ def default_llm_factory(**engine_kwargs):
     return LLM(**engine_kwargs)
 
 
-Generate = Callable[[list[Request], dict[int, Any] | None, JobOutput, JobSummary], None]
+Generate = Callable[[list[JobRequest], dict[int, Any] | None, JobOutput, JobSummary], None]
 
 
 def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False) -> JobSummary:
@@ -177,7 +172,7 @@ def run_job(cfg: JobConfig, llm_factory: LLMFactory = default_llm_factory) -> Jo
                        _generate(requests, cfg, llm_factory, writer, summary))
 
 
-def tokenize_requests(requests: list[Request], tokenizer) -> tuple[list[Request], list[LineError]]:
+def tokenize_requests(requests: list[JobRequest], tokenizer) -> tuple[list[JobRequest], list[LineError]]:
     """Fill in each request's prompt_ids; a prompt that cannot be rendered/encoded is an error."""
     runnable, errors = [], []
     for item in tokenized(requests, tokenizer):
@@ -185,7 +180,7 @@ def tokenize_requests(requests: list[Request], tokenizer) -> tuple[list[Request]
     return runnable, errors
 
 
-def tokenized(requests: Iterable[Request], tokenizer) -> Iterator[Request | LineError]:
+def tokenized(requests: Iterable[JobRequest], tokenizer) -> Iterator[JobRequest | LineError]:
     """Each request with its prompt_ids filled in, or the LineError of a prompt that cannot be
     rendered or encoded (chat templates raise whatever they like), one at a time."""
     for req in requests:
@@ -197,10 +192,10 @@ def tokenized(requests: Iterable[Request], tokenizer) -> Iterator[Request | Line
         yield req
 
 
-def stream_records(llm, runnable: Iterable[Request], *, use_tqdm: bool = False) -> Iterator[tuple[Request, dict | LineError]]:
+def stream_records(llm, runnable: Iterable[JobRequest], *, use_tqdm: bool = False) -> Iterator[tuple[JobRequest, dict | LineError]]:
     """Run tokenized requests (a list, or an iterator the engine reads as it makes room); yield
     (request, result record or LineError) as each finishes."""
-    pending: dict[int, Request] = {}
+    pending: dict[int, JobRequest] = {}
 
     def feed():
         for i, req in enumerate(runnable):
@@ -242,7 +237,7 @@ def build_llm(llm_factory: LLMFactory, engine_kwargs: dict):
     return llm
 
 
-def _generate(requests: Iterable[Request], cfg: JobConfig, llm_factory: LLMFactory, writer: JobOutput,
+def _generate(requests: Iterable[JobRequest], cfg: JobConfig, llm_factory: LLMFactory, writer: JobOutput,
               summary: JobSummary) -> None:
     llm = build_llm(llm_factory, cfg.engine_kwargs)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sidp_jax.models.config import ModelConfig, load_config
-from sidp_jax.models.modules import model_specs, module_from_params
+from sidp_jax.models.modules import Decoder, model_specs, module_from_params
 from sidp_jax.models.params import expected_hf_shapes, is_spec
 from sidp_jax.loading.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
@@ -46,7 +46,7 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype, layout) -> dict:
     """Load a checkpoint into arrays placed as `layout` says (a sidp_jax.parallel.layouts.Layout)."""
     ckpt = SafetensorsCheckpoint(model_dir)
     validate(ckpt, cfg)
-    specs = layout.param_specs(cfg)
+    specs = layout.stored_specs(cfg)
     flat, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
     shardings = jax.tree.leaves(layout.param_shardings(cfg))
     return jax.tree.unflatten(treedef, [_load_leaf(ckpt, spec, sh, dtype) for spec, sh in zip(flat, shardings)])
@@ -77,7 +77,7 @@ def _load_leaf(ckpt, spec, sharding, dtype):
     return jax.make_array_from_single_device_arrays(spec.shape, sharding, shards)
 
 
-def from_pretrained(model_dir: str, dtype=jnp.bfloat16, device=None) -> "Decoder":
+def from_pretrained(model_dir: str, dtype=jnp.bfloat16, device=None) -> Decoder:
     """A Hugging Face checkpoint directory as a Decoder module on one device (default: the first)."""
     from sidp_jax.parallel.layouts import make_layout
 

@@ -69,7 +69,7 @@ def restore_placed(path: str, cfg: ModelConfig, layout, dtype) -> dict:
             f"{path} stores the FFN for parallel={saved['parallel']} placement={saved['placement']} "
             f"dp={saved['dp']}; this engine uses parallel={layout.parallel} placement={layout.placement} "
             f"dp={layout.num_replicas}: re-place it from the Hugging Face checkpoint")
-    specs = layout.param_specs(cfg)
+    specs = layout.stored_specs(cfg)
     shardings = layout.param_shardings(cfg)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), specs, shardings,
                           is_leaf=lambda x: hasattr(x, "axes"))

@@ -1,4 +1,5 @@
-"""What each layout keeps on one GPU, and the KV capacity that leaves (DESIGN.md's bounds).
+"""What each layout keeps on one GPU, and the KV capacity that leaves (the design card's bounds;
+its targets and the measured capacities are in benchmarks/RESULTS.md).
 
 Per GPU: `dp` holds every weight; `sidp` holds embeddings, attention, norms, 1/D of the FFN
 and a two-layer FFN buffer (the fetched layer in flight plus the one being used); `tp` holds

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sidp_jax.engine_config import Parallel, Placement
 from sidp_jax.models.config import ModelConfig
 from sidp_jax.models.modules import FFN_LEAVES, model_specs
-from sidp_jax.models.params import ParamSpec, is_spec
+from sidp_jax.models.params import is_spec
 
 
 
@@ -33,6 +33,22 @@ def parse_mesh(mesh: str) -> dict[str, int]:
             raise ValueError(f"mesh must look like 'dp=8' or 'dp=4,tp=2', got {mesh!r}")
         sizes[name] = int(value)
     return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axes (the models' `logical_axes`) -> mesh axes; an axis without a rule is replicated."""
+    rules: dict[str, str | tuple[str, ...]]
+
+    def spec(self, axes: tuple[str | None, ...], name: str = "") -> P:
+        """The PartitionSpec of a tensor with these logical axes. Two of its axes on one mesh axis
+        would shard it twice over the same devices: an error, not a silent wrong layout."""
+        mesh_axes = [self.rules.get(a) if a else None for a in axes]
+        used = [m for entry in mesh_axes if entry for m in ((entry,) if isinstance(entry, str) else entry)]
+        if len(used) != len(set(used)):
+            raise ValueError(f"sharding rules map two logical axes of {name or 'a tensor'} {axes} onto one "
+                             f"mesh axis: {mesh_axes}")
+        return P(*mesh_axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +86,15 @@ class Layout:
         return [tuple(g * D + r if g * D + r < cfg.num_layers else -1 for r in range(D))
                 for g in range(-(-cfg.num_layers // D))]
 
-    def _axis_rules(self) -> dict[str, object]:
-        rules: dict[str, object] = {"q_heads": "tp", "kv_heads": "tp", "ffn": "tp"}
+    def sharding_rules(self) -> ShardingRules:
+        rules: dict[str, str | tuple[str, ...]] = {"q_heads": "tp", "kv_heads": "tp", "ffn": "tp"}
         if self.pooled and self.placement == "striped":
             rules["ffn"] = ("dp", "tp")
         if self.owner_groups:
             rules["ffn_owner"] = "dp"
-        return rules
+        return ShardingRules(rules)
 
-    def param_specs(self, cfg: ModelConfig) -> dict:
+    def stored_specs(self, cfg: ModelConfig) -> dict:
         """The model's ParamSpecs as this layout stores them: per-layer leaves, except that the
         owner placement moves each layer's FFN into `ffn_groups` (row r of group g is layer
         g*D + r), so that under shard_map every rank's local view of a group is its own layer."""
@@ -100,16 +116,12 @@ class Layout:
             return params["ffn_groups"][layer // self.num_replicas]
         return params["layers"][layer]
 
-    def param_pspecs(self, cfg: ModelConfig) -> dict:
-        rules = self._axis_rules()
-
-        def spec(s: ParamSpec) -> P:
-            return P(*(rules.get(a) if a else None for a in s.axes))
-
-        return jax.tree.map(spec, self.param_specs(cfg), is_leaf=is_spec)
+    def partition_specs(self, cfg: ModelConfig) -> dict:
+        rules = self.sharding_rules()
+        return jax.tree.map(lambda s: rules.spec(s.axes, s.name), self.stored_specs(cfg), is_leaf=is_spec)
 
     def param_shardings(self, cfg: ModelConfig) -> dict:
-        return jax.tree.map(lambda p: NamedSharding(self.mesh, p), self.param_pspecs(cfg))
+        return jax.tree.map(lambda p: NamedSharding(self.mesh, p), self.partition_specs(cfg))
 
     def check(self, cfg: ModelConfig) -> None:
         for what, n in (("attention heads", cfg.num_heads), ("kv heads", cfg.num_kv_heads)):

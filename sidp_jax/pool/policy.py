@@ -19,7 +19,7 @@ log = logging.getLogger("sidp_jax")
 
 
 @dataclasses.dataclass
-class Calibration:
+class CostModel:
     matmul_flops: float = 500e12  # R, FLOP/s
     hbm_bytes: float = 4.0e12  # B, B/s
     link_bytes: float = 200e9  # N, B/s (per GPU, all-gather)
@@ -30,11 +30,11 @@ class Calibration:
 
 class ModePolicy:
     def __init__(self, *, fixed: str | None, num_replicas: int, hidden: int, intermediate: int,
-                 placement: str, calibration: Calibration | None = None, crossover_tokens: int | None = None):
+                 placement: str, cost_model: CostModel | None = None, crossover_tokens: int | None = None):
         self.fixed = fixed
         self.D, self.H, self.F = num_replicas, hidden, 3 * hidden * intermediate
         self.placement = placement
-        self.cal = calibration or Calibration()
+        self.cal = cost_model or CostModel()
         self.crossover = crossover_tokens if crossover_tokens is not None else self._crossover()
         if fixed is None:
             log.info("ffn_mode=auto: WaS from %d tokens per replica step (%s)", self.crossover, self.cal.source)

@@ -187,8 +187,7 @@ class ReplicaWaS:
               for k in kv}
         template = next(iter(outs.values()))
         for r in set(range(D)) - set(active):  # an idle replica's rows are never read: zeros
-            outs[r] = {k: jax.device_put(np.zeros(v.shape, v.dtype), self.devices[r]) for k, v in template.items()}
-        stacked = {k: jax.make_array_from_single_device_arrays((D, *v.shape[1:]), self.batch_sharding,
-                                                               [outs[r][k] for r in range(D)])
-                   for k, v in template.items()}
+            outs[r] = jax.tree.map(lambda a, d=self.devices[r]: jax.device_put(np.zeros(a.shape, a.dtype), d), template)
+        stacked = jax.tree.map(lambda *per_replica: jax.make_array_from_single_device_arrays(
+            (D, *per_replica[0].shape[1:]), self.batch_sharding, list(per_replica)), *[outs[r] for r in range(D)])
         return stacked, kv
