@@ -69,6 +69,7 @@ class EngineConfig:
     was_prefetch_depth: int = _field(1, "layers ahead the per-replica WaS runner copies FFN slices", minimum=1)
     precompile: bool | None = _field(None, "compile every step variant at start-up (default: on GPUs)")
     async_scheduling: bool = _field(True, "host overlap: schedule step N+1 while step N runs")
+    enable_prefix_caching: bool = _field(True, "share the KV pages of prompts' common prefixes")
 
     def __post_init__(self):
         self.check()

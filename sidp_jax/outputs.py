@@ -33,6 +33,7 @@ class RequestOutput:
     finished: bool = True
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the request could not run (e.g. prompt too long)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (vLLM's field)
 
     @property
     def num_output_tokens(self) -> int:

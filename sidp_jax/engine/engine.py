@@ -33,7 +33,8 @@ class Request:
                                  s.output_logprobs if self.params.logprobs is not None else None, s.stop_reason)
                 for s in self.seqs]
         self.metrics.num_preemptions = sum(s.num_preemptions for s in self.seqs)
-        return RequestOutput(str(self.index), self.prompt, self.prompt_ids, outs, True, self.metrics)
+        return RequestOutput(str(self.index), self.prompt, self.prompt_ids, outs, True, self.metrics,
+                             num_cached_tokens=self.seqs[0].num_cached_tokens if self.seqs else 0)
 
 
 @dataclasses.dataclass
@@ -95,6 +96,13 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One engine step over every replica; returns the sequences that finished."""
+        try:
+            return self._step()
+        except BaseException:
+            self.scheduler.drop_prefix_cache()  # what the failed step registered may be unwritten
+            raise
+
+    def _step(self) -> list[Sequence]:
         t0 = time.perf_counter()
         finished: list[Sequence] = []
         plans = self.scheduler.schedule()
@@ -197,7 +205,8 @@ class Engine:
                 "wall_ms_per_step": 1e3 * self.wall_seconds / steps, "host_ms_per_step": 1e3 * host / steps,
                 "device_ms_per_step": 1e3 * self.device_seconds / steps,
                 "device_idle_share": max(0.0, 1 - self.device_seconds / self.wall_seconds) if self.wall_seconds else 0.0,
-                "steps_found_ready": self.steps_found_ready, "device_fed_tokens": self.device_fed_tokens}
+                "steps_found_ready": self.steps_found_ready, "device_fed_tokens": self.device_fed_tokens,
+                **self.scheduler.prefix_cache_stats()}
 
 
 def _needs_host_tokens(plans: list[list[ScheduledChunk]]) -> bool:

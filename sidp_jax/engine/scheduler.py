@@ -12,6 +12,11 @@ be the newest sequence and the next victim, its recompute thrown away again): no
 in a step that preempted, and a replica admits a sequence only if its WHOLE remaining prefill
 fits beside a reserve of one page per running sequence (their next tokens' growth).
 
+Prefix caching (sidp_jax/engine/block_manager.py): an admitted sequence starts after the pages
+its replica already holds for its prompt's prefix, and the replica is chosen for that prefix
+unless it is much fuller than the emptiest (Scheduler._route); the n samples of a request,
+admitted one after another, share the first one's prompt pages.
+
 With host overlap (sidp_jax/engine/engine.py) the scheduler plans step N+1 while step N runs: a token
 that N samples counts as known (Sequence.num_pending), so its sequence is planned one decode
 token as usual; a sequence whose pending token is its last (max_tokens) is not planned again.
@@ -37,12 +42,19 @@ class ScheduledChunk:
         self.samples = self.start + self.num_tokens == self.seq.num_tokens
 
 
+AFFINITY_FREE_SHARE = 0.5  # prefix affinity wins while its replica has half the emptiest one's free pages
+
+
 class Scheduler:
     thrash_guard = True  # the admission rules above; False: admit whatever fits now (for comparison)
 
     def __init__(self, num_replicas: int, num_pages: int, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int):
-        self.blocks = [BlockManager(num_pages, page_size) for _ in range(num_replicas)]
+                 max_num_batched_tokens: int, enable_prefix_caching: bool = False):
+        self.blocks = [BlockManager(num_pages, page_size, enable_prefix_caching) for _ in range(num_replicas)]
+        self.page_size = page_size
+        self.prefill_tokens_requested = 0  # tokens to prefill at admission (prompts, recomputes)
+        self.prefill_tokens_cached = 0  # of which the prefix cache held
+        self._prefilling: dict[int, Sequence] = {}  # request -> its sample still prefilling the prompt (n > 1)
         self.running: list[list[Sequence]] = [[] for _ in range(num_replicas)]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.max_num_seqs = max_num_seqs
@@ -65,14 +77,30 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
 
+    def prefix_cache_stats(self) -> dict:
+        """Prefill tokens requested at admission (prompts and recomputes), how many the prefix cache
+        held (computed = requested - cached), its hit rate and evictions."""
+        requested, cached = self.prefill_tokens_requested, self.prefill_tokens_cached
+        return {"prefix_caching": self.blocks[0].enable_prefix_caching, "prefill_tokens_requested": requested,
+                "prefill_tokens_computed": requested - cached,
+                "prefix_cache_hit_rate": cached / requested if requested else 0.0,
+                "prefix_cache_evictions": sum(b.num_evictions for b in self.blocks)}
+
     def abort_all(self) -> None:
-        """Drop every waiting and running sequence and free its pages."""
+        """Drop every waiting and running sequence and free its pages (their cached pages stay:
+        every planned step was dispatched; see drop_prefix_cache)."""
         self.waiting.clear()
+        self._prefilling.clear()
         for r, running in enumerate(self.running):
             for seq in running:
                 self.blocks[r].free(seq)
                 seq.status = Status.FINISHED
             running.clear()
+
+    def drop_prefix_cache(self) -> None:
+        """Forget every cached page: a step failed, so pages it registered may never be written."""
+        for blocks in self.blocks:
+            blocks.drop_cache()
 
     def _preempt(self, replica: int) -> Sequence:
         victim = self.running[replica].pop()
@@ -105,22 +133,70 @@ class Scheduler:
                              if budgets[r] > 0 and len(self.running[r]) < self.max_num_seqs]
             if not open_replicas:
                 break
-            r = max(open_replicas, key=lambda i: (self.blocks[i].num_free, budgets[i]))
             seq = self.waiting[0]
             if seq.num_pending:  # preempted with a token still on the device: prefill it once it lands
                 break
+            if self._sibling_prefilling(seq):  # its prompt's pages are on their way: share them whole
+                break
+            route = self._route(seq, open_replicas, budgets)
+            if route is None:  # the replica holding its prefix has spent this step's tokens
+                break
+            r, cached = route
+            blocks = self.blocks[r]
+            blocks.share(seq, cached)
             n = min(seq.num_uncomputed, budgets[r])
             if not self._fits(r, seq, n):
+                blocks.free(seq)  # the cached pages go back to the cache
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
-            self.blocks[r].allocate(seq, n)
+            self.prefill_tokens_requested += seq.num_tokens
+            self.prefill_tokens_cached += seq.num_computed
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = seq.num_computed
+            self._plan(r, seq, n, plans[r], budgets)
             seq.replica, seq.status = r, Status.RUNNING
             self.running[r].append(seq)
-            plans[r].append(ScheduledChunk(seq, seq.num_computed, n))
-            budgets[r] -= n
+            if seq.params.n > 1 and blocks.enable_prefix_caching and seq.num_computed + n < len(seq.prompt_ids):
+                self._prefilling[seq.request_index] = seq
         for plan in plans:  # decode tokens first, then prefill chunks
             plan.sort(key=lambda c: c.num_tokens > 1)
         return plans
+
+    def _plan(self, r: int, seq: Sequence, n: int, plan: list[ScheduledChunk], budgets: list[int]) -> None:
+        """Give seq the pages for its next n tokens and plan them; the pages they fill are cached."""
+        self.blocks[r].allocate(seq, n)
+        plan.append(ScheduledChunk(seq, seq.num_computed, n))
+        self.blocks[r].register(seq, seq.num_computed + n)
+        budgets[r] -= n
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        """Another sample of seq's request is still prefilling the same prompt (n > 1)."""
+        lead = self._prefilling.get(seq.request_index)
+        if lead is None:
+            return False
+        if lead.status is not Status.RUNNING or lead.num_computed >= len(lead.prompt_ids):
+            del self._prefilling[seq.request_index]
+            return False
+        return lead is not seq and seq.num_computed == 0
+
+    def _route(self, seq: Sequence, open_replicas: list[int], budgets: list[int]) -> tuple[int, list[int]] | None:
+        """(replica, its cached prefix pages for seq). The emptiest replica (most free pages), unless
+        another holds a longer cached prefix of seq and has at least AFFINITY_FREE_SHARE of the
+        emptiest one's free pages: affinity saves the prefix's compute, balance keeps one replica
+        from filling (and preempting) while others idle. None: that replica has spent this step's
+        token budget, so seq waits a step for it (not for one that is full of sequences)."""
+        free = lambda i: self.blocks[i].num_free
+        emptiest = max(open_replicas, key=lambda i: (free(i), budgets[i]))
+        if not self.blocks[emptiest].enable_prefix_caching:
+            return emptiest, []
+        # replicas with room for one more sequence, open this step or once their token budget renews
+        roomy = [i for i in range(len(self.blocks)) if len(self.running[i]) < self.max_num_seqs]
+        cached = {i: self.blocks[i].cached_prefix(seq) for i in roomy}
+        best = max(roomy, key=lambda i: (len(cached[i]), i in open_replicas, free(i)))
+        if len(cached[best]) > len(cached[emptiest]) and free(best) >= AFFINITY_FREE_SHARE * free(emptiest):
+            return (best, cached[best]) if best in open_replicas else None  # None: wait a step for it
+        return emptiest, cached[emptiest]
 
     def _schedule_running(self, r: int, plan: list[ScheduledChunk], budgets: list[int]) -> None:
         blocks, running = self.blocks[r], self.running[r]
@@ -136,7 +212,5 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:  # preempted itself: nothing later in the list remains
                 break
-            blocks.allocate(seq, n)
-            plan.append(ScheduledChunk(seq, seq.num_computed, n))
-            budgets[r] -= n
+            self._plan(r, seq, n, plan, budgets)
             i += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 
 import numpy as np
 
@@ -36,6 +37,9 @@ class Sequence:
         # count in num_tokens, and the next step reads the newest from the device by `pending_row`.
         self.num_pending = 0
         self.pending_row = -1  # the newest pending token's row in its step's output
+        self._page_keys: list[bytes] = []  # prefix-cache keys of its full pages of known tokens
+        self.num_registered_pages = 0  # pages registered in (or taken from) the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens its first admission found cached
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -44,6 +48,22 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_host_tokens(self) -> int:
+        """Tokens known on the host: the prompt and the outputs read back so far."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def page_keys(self, num_pages: int, P: int) -> list[bytes]:
+        """Prefix-cache keys of its first num_pages full pages of P tokens (known on the host):
+        each a blake2b digest of the parent page's key and the page's token ids, so a key names
+        the whole prefix. Computed once per page (one engine, one page size)."""
+        while len(self._page_keys) < num_pages:
+            i = len(self._page_keys)
+            parent = self._page_keys[-1] if i else b""
+            tokens = np.asarray(self.token_slice(i * P, P), np.int32).tobytes()
+            self._page_keys.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())
+        return self._page_keys[:num_pages]
 
     @property
     def num_generated(self) -> int:

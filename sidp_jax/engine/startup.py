@@ -115,7 +115,8 @@ def build_runner(llm, config: EngineConfig):
                          attention=attention, was_runner=was_runner, was_prefetch_depth=was_prefetch_depth,
                          token_buffer_width=token_buffer_width(max_num_batched_tokens, max_num_seqs))
 
-    scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens)
+    scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens,
+                          enable_prefix_caching=config.enable_prefix_caching)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
                         hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, placement=layout.placement,
                         crossover_tokens=crossover_tokens)

@@ -35,6 +35,7 @@ def format_summary(s: JobSummary) -> str:
         f"Preemptions: {stats.get('num_preemptions', na)}",
         "Steps per mode: " + (", ".join(f"{k}={v}" for k, v in steps.items()) if steps else na),
         _step_time_line(stats),
+        _prefix_cache_line(stats),
         f"Requests: {s.requests_completed} completed, {s.requests_errored} errors, "
         f"{s.requests_skipped} skipped (already in the output)",
         f"Errors: {s.requests_errored}" + (f" ({s.errors_retryable} earlier error records could be run again with "
@@ -42,6 +43,13 @@ def format_summary(s: JobSummary) -> str:
         f"Results written to {s.output}",
     ]
     return "\n".join(lines)
+
+
+def _prefix_cache_line(stats: dict) -> str:
+    if not stats.get("prefix_caching"):
+        return "Prefix cache: off"
+    return (f"Prefix cache: {stats['prefix_cache_hit_rate']:.1%} of prefill tokens cached "
+            f"({stats['prefill_tokens_computed']:,} computed of {stats['prefill_tokens_requested']:,} requested)")
 
 
 def _step_time_line(stats: dict) -> str:
