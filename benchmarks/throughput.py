@@ -21,21 +21,34 @@ from child_process import report, run_child  # benchmarks/ is on sys.path when r
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
-def run_one(args, parallel: str, async_scheduling: bool) -> dict:
+def make_prompts(args, vocab: int, rng) -> list[list[int]]:
+    """--workload random: distinct random prompts of --input-len tokens; fewshot: one shared
+    --prefix-len prefix, then --input-len distinct tokens each (rollouts: random, with --n)."""
+    draw = lambda n: rng.integers(100, vocab - 100, size=n).tolist()
+    if args.workload == "fewshot":
+        prefix = draw(args.prefix_len)
+        return [prefix + draw(args.input_len) for _ in range(args.num_prompts)]
+    return [draw(args.input_len) for _ in range(args.num_prompts)]
+
+
+def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool) -> dict:
     import numpy as np
 
     from sidp_jax import LLM, SamplingParams
 
     t_start = time.perf_counter()
     llm = LLM(args.model, mesh=args.mesh, parallel=parallel, placement=args.placement, ffn_mode=args.ffn_mode,
-              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.input_len + args.output_len,
+              gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=args.max_model_len or (args.input_len + args.output_len
+                                                   + (args.prefix_len if args.workload == "fewshot" else 0)),
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, verbose=True,
-              async_scheduling=async_scheduling)
+              async_scheduling=async_scheduling, enable_prefix_caching=prefix_caching)
     startup_s = time.perf_counter() - t_start
     rng = np.random.default_rng(0)
     vocab = llm.cfg.vocab_size
-    prompts = [rng.integers(100, vocab - 100, size=args.input_len).tolist() for _ in range(args.num_prompts)]
-    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    prompts = make_prompts(args, vocab, rng)
+    sp = SamplingParams(temperature=0 if args.n == 1 else 1.0, seed=0 if args.n > 1 else None, n=args.n,
+                        max_tokens=args.output_len, ignore_eos=True)
     engine = llm.engine
     for req in llm._requests(prompts, sp)[0]:
         engine.add(req)
@@ -74,6 +87,9 @@ def run_one(args, parallel: str, async_scheduling: bool) -> dict:
             "kv_tokens_per_replica": stats["kv_tokens_per_replica"], "num_replicas": stats["num_replicas"],
             "steps_per_mode": stats["steps_per_mode"], "num_preemptions": stats["num_preemptions"],
             "async_scheduling": async_scheduling, **window, "steps_in_window": steps,
+            "workload": args.workload, "prefix_caching": prefix_caching,
+            **{k: stats[k] for k in ("prefill_tokens_requested", "prefill_tokens_computed", "prefix_cache_hit_rate",
+                                     "prefix_cache_evictions")},
             "steps_found_ready": stats["steps_found_ready"], "device_fed_tokens": stats["device_fed_tokens"],
             "precompile_seconds": stats.get("precompile_seconds"),
             "num_steps": stats["num_steps"], "steps_per_attention": stats["steps_per_attention"],
@@ -100,20 +116,28 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--scheduling", default="async",
                     help="comma list of async (host overlap, the default) and sync: each layout runs in each")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="default: the workload's longest sequence (one value across runs shares compiled steps)")
+    ap.add_argument("--workload", choices=["random", "fewshot"], default="random")
+    ap.add_argument("--prefix-len", type=int, default=2048, help="fewshot: the shared prefix's tokens")
+    ap.add_argument("--n", type=int, default=1, help="samples per prompt (rollouts: seeded, temperature 1)")
+    ap.add_argument("--prefix-caching", default="on", help="comma list of on and off: each layout runs in each")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        parallel, scheduling = args.one.split(":")
-        report(run_one(args, parallel, scheduling == "async"))
+        parallel, scheduling, caching = args.one.split(":")
+        report(run_one(args, parallel, scheduling == "async", caching == "on"))
         return
     rows = []
-    runs = [(p, sch) for p in args.compare.split(",") for sch in args.scheduling.split(",")]
-    if any(sch not in ("async", "sync") for _, sch in runs):
-        raise SystemExit(f"--scheduling takes async and/or sync, got {args.scheduling!r}")
-    for parallel, scheduling in runs:
-        res, stdout = run_child([__file__, *sys.argv[1:], "--one", f"{parallel}:{scheduling}"])
+    runs = [(p, sch, c) for p in args.compare.split(",") for sch in args.scheduling.split(",")
+            for c in args.prefix_caching.split(",")]
+    if any(sch not in ("async", "sync") or c not in ("on", "off") for _, sch, c in runs):
+        raise SystemExit("--scheduling takes async and/or sync, --prefix-caching on and/or off")
+    for parallel, scheduling, caching in runs:
+        res, stdout = run_child([__file__, *sys.argv[1:], "--one", f"{parallel}:{scheduling}:{caching}"])
         res.setdefault("parallel", parallel)
         res.setdefault("async_scheduling", scheduling == "async")
+        res.setdefault("prefix_caching", caching == "on")
         print("\n".join(l for l in stdout.splitlines() if l.startswith("[sidp_jax]")))
         rows.append(res)
         print(json.dumps(res), flush=True)
@@ -124,11 +148,13 @@ def main():
             print(f"{r['parallel']}: error {r['error'][-300:]}")
             continue
         rps = f"{r['requests_per_s']:.2f}" if r["requests_per_s"] else "n/a (cut)"
-        print(f"{r['parallel']:>5} {'async' if r['async_scheduling'] else 'sync':>5}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
+        print(f"{r['parallel']:>5} {'async' if r['async_scheduling'] else 'sync':>5} "
+              f"cache {'on' if r.get('prefix_caching') else 'off':>3}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
               f"{r['output_tokens_per_s']:.2f} output tokens/s | KV {r['kv_tokens_per_replica']:,}/replica, "
               f"modes {r['steps_per_mode']}, preempt {r['num_preemptions']}, "
               f"wall {r['wall_ms_per_step']:.1f} / host {r['host_ms_per_step']:.1f} / device "
-              f"{r['device_ms_per_step']:.1f} ms/step, device idle {r['device_idle_share']:.1%}")
+              f"{r['device_ms_per_step']:.1f} ms/step, device idle {r['device_idle_share']:.1%}, "
+              f"prefill computed {r.get('prefill_tokens_computed', 0):,} of {r.get('prefill_tokens_requested', 0):,}")
 
 
 if __name__ == "__main__":
