@@ -36,6 +36,19 @@ class Attention(enum.StrEnum):
     PALLAS_INTERPRET = "pallas-interpret"  # the kernels in interpret mode on any backend: tests only
 
 
+class AttentionKind(enum.StrEnum):
+    """What attention one step runs (stats()["steps_per_attention"])."""
+    DECODE = "decode"  # a decode-only step: the paged decode kernel
+    MIXED = "mixed"  # decode rows and prefill chunks: the decode and chunk kernels
+    REFERENCE = "reference"  # the pure-JAX paged attention
+
+
+class KernelPath(enum.StrEnum):
+    """How the Pallas attention kernels run, where they run at all."""
+    GPU = "gpu"
+    INTERPRET = "interpret"  # interpret mode on any backend (tests)
+
+
 class WasRunner(enum.StrEnum):
     AUTO = "auto"  # per-replica programs where they apply
     REPLICAS = "replicas"  # per-replica programs, next layer's FFN slices prefetched by device_put

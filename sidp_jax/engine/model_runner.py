@@ -36,7 +36,7 @@ from sidp_jax.parallel.layouts import Layout
 from sidp_jax.models.decoder import dense_ffn, forward
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
-from sidp_jax.engine_config import Attention
+from sidp_jax.engine_config import Attention, AttentionKind, KernelPath
 from sidp_jax.engine.sampler import Sampled, SamplerFlags, sample
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 
@@ -76,25 +76,25 @@ class ModelRunner:
             if uses_replica_was(layout, was_runner) else None
 
     def _kernels(self, attention: str):
-        """None (reference attention everywhere), "gpu" or "interpret" (the Pallas kernels)."""
-        if attention == "reference":
+        """None (reference attention everywhere) or how the Pallas kernels run."""
+        if attention == Attention.REFERENCE:
             return None
         reason = kernel_unsupported_reason(self.cfg, self.layout, self.page_size)
         if reason is not None:
-            if attention == "auto" and self.layout.platform == "gpu":
+            if attention == Attention.AUTO and self.layout.platform == "gpu":
                 _warn_once(f"attention kernels off, every step runs the reference attention (which gathers "
                            f"each token's whole context): {reason}")
             return None
-        if attention == "pallas-interpret":
-            return "interpret"
-        return "gpu" if self.layout.platform == "gpu" else None
+        if attention == Attention.PALLAS_INTERPRET:
+            return KernelPath.INTERPRET
+        return KernelPath.GPU if self.layout.platform == "gpu" else None
 
     def _attn_fn(self, attn: str, batch: dict):
         """attn_fn of a step whose attention is "decode", "mixed" or "reference"."""
-        interpret = self.kernels == "interpret"
-        if attn == "decode":
+        interpret = self.kernels == KernelPath.INTERPRET
+        if attn == AttentionKind.DECODE:
             return functools.partial(decode_attention, interpret=interpret)
-        if attn == "mixed":
+        if attn == AttentionKind.MIXED:
             return functools.partial(mixed_attention, decode_len=batch["decode_len"], tiles=batch["tiles"],
                                      tile_tokens=self.tile_tokens, interpret=interpret)
         return paged_attention_reference
@@ -129,10 +129,10 @@ class ModelRunner:
                                 out_specs=(P("dp"), kv_specs), check_vma=False)
         return jax.jit(stepped, donate_argnums=(1,), compiler_options=step_compiler_options(lay.platform))
 
-    def attention_kind(self, decode_only: bool) -> str:
+    def attention_kind(self, decode_only: bool) -> AttentionKind:
         if not self.kernels:
-            return "reference"
-        return "decode" if decode_only else "mixed"
+            return AttentionKind.REFERENCE
+        return AttentionKind.DECODE if decode_only else AttentionKind.MIXED
 
     def step_fn(self, mode: str, flags: SamplerFlags, decode_only: bool = False):
         key = (mode, flags, self.attention_kind(decode_only))
