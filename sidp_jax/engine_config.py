@@ -64,10 +64,13 @@ def _field(default, help_: str, *, cli: bool = True, choices: type[enum.StrEnum]
 @dataclasses.dataclass
 class EngineConfig:
     mesh: str = _field("dp=1", "device mesh, e.g. dp=8 or dp=4,tp=2")
+    data_parallel_size: int | None = _field(None, "replicas (vLLM's name; with tensor_parallel_size, "
+                                            "another way to give the mesh)", minimum=1)
+    tensor_parallel_size: int | None = _field(None, "GPUs per replica (vLLM's name)", minimum=1)
     parallel: str = _field("sidp", "parallelism scheme", choices=Parallel)
     placement: str = _field("striped", "SiDP weight placement", choices=Placement)
     ffn_mode: str = _field("auto", "SiDP FFN mode", choices=FfnMode)
-    dtype: str = _field("bfloat16", "compute dtype")
+    dtype: str = _field("auto", "compute dtype: auto (the checkpoint's), bfloat16, float16 or float32")
     gpu_memory_utilization: float = _field(0.9, "fraction of accelerator memory to use")
     max_model_len: int | None = _field(None, "longest prompt + output (default: the model's, at most 32768)")
     max_num_seqs: int = _field(256, "most concurrent sequences per replica", minimum=1)
@@ -86,6 +89,11 @@ class EngineConfig:
 
     def __post_init__(self):
         self.check()
+        if self.data_parallel_size is not None or self.tensor_parallel_size is not None:
+            mesh = f"dp={self.data_parallel_size or 1},tp={self.tensor_parallel_size or 1}"
+            if self.mesh not in ("dp=1", mesh):
+                raise ValueError(f"mesh {self.mesh!r} disagrees with data_parallel_size/tensor_parallel_size ({mesh})")
+            self.mesh = mesh
 
     def check(self) -> None:
         """Raise ValueError naming the field for any value out of its choices or range."""

@@ -51,8 +51,8 @@ class LLM:
         self.config = config
         t_start = time.perf_counter()
         self.model = model or BUNDLED_MODEL
-        self.dtype = dtype_from_name(config.dtype)
         self.cfg, self.tokenizer = self._load_config_and_tokenizer(self.model)
+        self.dtype = dtype_from_name(resolve_dtype(config.dtype, self.cfg))
         self.layout = make_layout(config.mesh, config.parallel, config.placement, devices)
         self.layout.check(self.cfg)
         self.compile_cache = enable_compile_cache(self.layout.platform)
@@ -221,6 +221,14 @@ class LLM:
         s["startup_seconds"] = self.startup_seconds
         s["first_call_seconds"] = dict(self.engine.runner.first_call_seconds)
         return s
+
+
+def resolve_dtype(name: str, cfg: ModelConfig) -> str:
+    """dtype "auto": the checkpoint's (config.json's dtype / torch_dtype), bfloat16 where it is
+    none of the supported ones (or for a preset shape)."""
+    if name != "auto":
+        return name
+    return cfg.checkpoint_dtype if cfg.checkpoint_dtype in ("bfloat16", "float16", "float32") else "bfloat16"
 
 
 def _vocab_error(params: SamplingParams, vocab_size: int) -> str | None:
