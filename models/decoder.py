@@ -131,7 +131,8 @@ def head_logits(cfg: ModelConfig, params: dict, x: jax.Array, batch: dict | None
 
 
 def forward(cfg: ModelConfig, params: dict, kv: dict, batch: dict, *, ffn_for=None,
-            attn_fn=paged_attention_reference, tp_axis: str | None = None, skip_idle: bool = False):
+            attn_fn=paged_attention_reference, tp_axis: str | None = None, skip_idle: bool = False,
+            return_hidden: bool = False):
     """Run one step for one replica.
 
     batch: tokens [T], positions [T], slots [T] (flat cache slot written by each token),
@@ -140,7 +141,7 @@ def forward(cfg: ModelConfig, params: dict, kv: dict, batch: dict, *, ffn_for=No
     [L * pages, P, Nkv_local, D]. ffn_for(l) -> (ffn, weights): how layer l's FFN runs and the
     weights it is handed (default: dense, the layer's own). skip_idle: an idle replica skips its
     own compute (only worth a `lax.cond` where several replicas share the program).
-    Returns (logits [S, V] float32, kv)."""
+    Returns (logits [S, V] float32, kv), and the final hidden states [T, H] with return_hidden."""
     x, cos, sin = embed(cfg, params, batch)
     active = batch["num_tokens"] > 0 if skip_idle else None
     for l, w in enumerate(params["layers"]):
@@ -148,7 +149,8 @@ def forward(cfg: ModelConfig, params: dict, kv: dict, batch: dict, *, ffn_for=No
         x, kv = layer(cfg, w, x, kv, cos, sin, attend=paged_attend(cfg, l, batch, attn_fn),
                       ffn=lambda x_, act, ffn=ffn, l=l, ffn_w=ffn_w: ffn(x_, l, ffn_w, act),
                       tp_axis=tp_axis, active=active)
-    return head_logits(cfg, params, x, batch), kv
+    logits = head_logits(cfg, params, x, batch)
+    return (logits, kv, x) if return_hidden else (logits, kv)
 
 
 def causal_attend(token_seq: jax.Array, positions: jax.Array, scale: float):

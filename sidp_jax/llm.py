@@ -93,11 +93,21 @@ class LLM:
         return load_config(model), tok
 
     # ----- requests -----
-    def default_sampling_params(self) -> SamplingParams:
+    def generation_defaults(self) -> dict:
+        """SamplingParams fields from the checkpoint's generation_config.json, as vLLM applies
+        them: temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens as
+        max_tokens."""
         defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
         known = {k: v for k, v in defaults.items()
                  if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
-        return SamplingParams(**known)
+        if isinstance(defaults.get("max_new_tokens"), int):
+            known["max_tokens"] = defaults["max_new_tokens"]
+        return known
+
+    def default_sampling_params(self) -> SamplingParams:
+        """What a request without SamplingParams runs with: vLLM's defaults, then the checkpoint's
+        generation_config.json (generation_defaults)."""
+        return SamplingParams(**self.generation_defaults())
 
     def _prompt_ids(self, prompt: PromptLike) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

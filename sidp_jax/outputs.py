@@ -6,13 +6,25 @@ import dataclasses
 
 
 @dataclasses.dataclass
+class Logprob:
+    """vLLM's: a token's log-probability, its rank in the vocabulary (1: the most likely) and its text."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+    def __float__(self) -> float:  # code that wants the number (JSON records) can float() it
+        return float(self.logprob)
+
+
+@dataclasses.dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | None while running
-    logprobs: list[dict[int, float]] | None = None  # per generated token: {token_id: logprob}
+    logprobs: list[dict[int, Logprob]] | None = None  # per generated token: {token_id: Logprob}
     stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None  # the sum of the generated tokens' logprobs
 
 
 @dataclasses.dataclass
@@ -34,6 +46,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the request could not run (e.g. prompt too long)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (vLLM's field)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token (the first: None)
 
     @property
     def num_output_tokens(self) -> int:

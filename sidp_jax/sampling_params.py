@@ -25,6 +25,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and the top-N (0: its own only)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -81,6 +82,7 @@ class SamplingParams:
             self._fail("ignore_eos", "must be true or false")
         self._int("seed", 0, self.MAX_SEED, optional=True)
         self._int("logprobs", 0, self.MAX_LOGPROBS, optional=True)
+        self._int("prompt_logprobs", 0, self.MAX_LOGPROBS, optional=True)
         self._real("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
         self._real("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
         self._real("repetition_penalty", lambda v: v > 0, "> 0")

@@ -52,7 +52,7 @@ def next_token_errors(parallel, placement, mode, mesh="dp=2", devices=None):
     errors, firsts = [], []
     for out, ref in zip(outs, REF):
         lps = out.outputs[0].logprobs[0]
-        errors.append(max(abs(v - ref[t]) for t, v in lps.items()))
+        errors.append(max(abs(v.logprob - ref[t]) for t, v in lps.items()))
         firsts.append(out.outputs[0].token_ids[0])
     return np.array(errors), firsts
 

@@ -117,7 +117,7 @@ def test_logprobs_and_penalties(qwen3):
                          use_tqdm=False)[0].outputs[0]
     assert out.token_ids == want[0][:4]
     for tok, lp in zip(out.token_ids, out.logprobs):
-        assert tok in lp and len(lp) == 3 and max(lp.values()) == lp[tok] <= 0
+        assert tok in lp and len(lp) == 3 and max(v.logprob for v in lp.values()) == lp[tok].logprob <= 0
     rep = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
                                                     repetition_penalty=10.0), use_tqdm=False)[0].outputs[0]
     assert len(set(rep.token_ids)) == len(rep.token_ids)  # a huge penalty forbids repeats

@@ -42,7 +42,7 @@ def assert_same(ahead, sync):
             assert (c_a[4] is None) == (c_s[4] is None)
             for lp_a, lp_s in zip(c_a[4] or [], c_s[4] or []):
                 assert lp_a.keys() == lp_s.keys()
-                assert all(abs(lp_a[k] - lp_s[k]) <= 1e-5 for k in lp_a), (lp_a, lp_s)
+                assert all(abs(lp_a[k].logprob - lp_s[k].logprob) <= 1e-5 for k in lp_a), (lp_a, lp_s)
 
 
 def both(layout, prompts, params, **kw):

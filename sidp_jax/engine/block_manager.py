@@ -86,8 +86,8 @@ class BlockManager:
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached pages that hold seq's known tokens from the start, leaving at least its last
         known token to compute (no side effects)."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt token computed
         pages = []
         for key in seq.page_keys((seq.num_host_tokens - 1) // self.page_size, self.page_size):
             page = self._page_of.get(key)

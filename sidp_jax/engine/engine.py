@@ -8,9 +8,9 @@ import time
 import jax
 import numpy as np
 
-from sidp_jax.engine.step_inputs import build_step
+from sidp_jax.engine.step_inputs import build_step, wants_prompt_logprobs
 from sidp_jax.engine.model_runner import ModelRunner
-from sidp_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from sidp_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from sidp_jax.sampling_params import SamplingParams
 from sidp_jax.engine.sampler import Sampled
 from sidp_jax.engine.scheduler import ScheduledChunk, Scheduler
@@ -30,11 +30,16 @@ class Request:
 
     def output(self) -> RequestOutput:
         outs = [CompletionOutput(s.sample_index, s.text, list(s.output_ids), s.finish_reason,
-                                 s.output_logprobs if self.params.logprobs is not None else None, s.stop_reason)
+                                 s.output_logprobs if self.params.logprobs is not None else None, s.stop_reason,
+                                 s.cumulative_logprob)
                 for s in self.seqs]
         self.metrics.num_preemptions = sum(s.num_preemptions for s in self.seqs)
+        firsts = [s.first_token_time for s in self.seqs if s.first_token_time is not None]
+        self.metrics.first_token_time = min(firsts) if firsts else None
+        first = self.seqs[0] if self.seqs else None
         return RequestOutput(str(self.index), self.prompt, self.prompt_ids, outs, True, self.metrics,
-                             num_cached_tokens=self.seqs[0].num_cached_tokens if self.seqs else 0)
+                             num_cached_tokens=first.num_cached_tokens if first else 0,
+                             prompt_logprobs=first.prompt_logprobs if first else None)
 
 
 @dataclasses.dataclass
@@ -163,8 +168,11 @@ class Engine:
         out = self._read(flight)
         finished = []
         for r, plan in enumerate(flight.plans):
+            t = 0
             for row, c in enumerate(plan):
-                seq = c.seq
+                seq, t = c.seq, t + c.num_tokens
+                if out.prompt is not None and wants_prompt_logprobs(c):
+                    self._prompt_logprobs(seq, c, out.prompt, r, t - c.num_tokens)
                 if not c.samples:
                     continue
                 seq.num_pending -= 1
@@ -177,13 +185,13 @@ class Engine:
         """Add the sampled token; True when the sequence is done."""
         token = int(out.tokens[r, row])
         seq.output_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.time()
         p = seq.params
+        seq.cumulative_logprob += float(out.logprob[r, row])
         if p.logprobs is not None:
-            lp = {token: float(out.logprob[r, row])}
-            if p.logprobs:
-                ids, lps = out.top_ids[r, row][:p.logprobs], out.top_logprobs[r, row][:p.logprobs]
-                lp.update({int(i): float(v) for i, v in zip(ids, lps)})
-            seq.output_logprobs.append(lp)
+            seq.output_logprobs.append(self._logprobs(token, out.logprob[r, row], out.rank[r, row],
+                                                      out.top_ids, out.top_logprobs, (r, row), p.logprobs))
         decode = self.tokenizer.decode if self.tokenizer else None
         stop = check_stop(seq.output_ids, p, seq.max_tokens, self.eos_ids, decode)
         if stop is None:
@@ -191,6 +199,25 @@ class Engine:
         seq.finish_reason, seq.stop_reason = stop.finish_reason, stop.stop_reason
         seq.text = stop.text if stop.text is not None else decode(seq.output_ids) if decode else ""
         return True
+
+    def _logprobs(self, token: int, logprob, rank, top_ids, top_logprobs, at: tuple, k: int) -> dict:
+        """{token_id: Logprob} of one position: the chosen token's, then the top k (ranks 1..k)."""
+        text = (lambda i: self.tokenizer.decode([i])) if self.tokenizer else (lambda i: None)
+        out = {token: Logprob(float(logprob), int(rank), text(token))}
+        if k:
+            for j, (i, v) in enumerate(zip(top_ids[at][:k], top_logprobs[at][:k])):
+                out.setdefault(int(i), Logprob(float(v), j + 1, text(int(i))))
+        return out
+
+    def _prompt_logprobs(self, seq: Sequence, c: ScheduledChunk, got, r: int, t0: int) -> None:
+        """Fill seq.prompt_logprobs[p + 1] from each token p of chunk c (not again after a recompute)."""
+        k = seq.params.prompt_logprobs
+        for j in range(min(c.num_tokens, len(seq.prompt_ids) - 1 - c.start)):
+            pos = c.start + j + 1
+            if seq.prompt_logprobs[pos] is None:
+                seq.prompt_logprobs[pos] = self._logprobs(seq.prompt_ids[pos], got.logprob[r, t0 + j],
+                                                          got.rank[r, t0 + j], got.top_ids, got.top_logprobs,
+                                                          (r, t0 + j), k)
 
     def stats(self) -> dict:
         """host: time in step() not spent waiting on the devices; device_idle_share: the share of

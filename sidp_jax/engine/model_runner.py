@@ -33,11 +33,11 @@ from sidp_jax.kernels.attention import (DEFAULT_TILE_TOKENS, decode_attention,
                                         kernel_unsupported_reason, mixed_attention)
 from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.parallel.layouts import Layout
-from sidp_jax.models.decoder import dense_ffn, forward
+from sidp_jax.models.decoder import dense_ffn, forward, head_logits
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
 from sidp_jax.engine_config import Attention, AttentionKind, KernelPath
-from sidp_jax.engine.sampler import Sampled, SamplerFlags, sample
+from sidp_jax.engine.sampler import Sampled, SamplerFlags, prompt_logprobs, sample
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 
 KV_SPEC = P("dp", None, None, "tp", None)  # [replica, L*pages, page, kv_heads, head_dim]
@@ -117,10 +117,12 @@ class ModelRunner:
             kv, batch, samp = squeeze(kv), squeeze(batch), squeeze(samp)
             batch = with_prev_tokens(batch)
             strategy = self._ffn(mode)
-            logits, kv = forward(cfg, params, kv, batch, ffn_for=lambda l: (strategy, lay.ffn_weights(params, l)),
-                                 attn_fn=self._attn_fn(attn, batch), tp_axis=tp_axis,
-                                 skip_idle=lay.num_replicas > 1)
+            logits, kv, x = forward(cfg, params, kv, batch, ffn_for=lambda l: (strategy, lay.ffn_weights(params, l)),
+                                    attn_fn=self._attn_fn(attn, batch), tp_axis=tp_axis,
+                                    skip_idle=lay.num_replicas > 1, return_hidden=True)
             out = pad_tokens(sample(logits, samp, flags), batch["prev_tokens"].shape[0])
+            if flags.prompt_logprobs >= 0:  # every token's logits: only in steps that asked for them
+                out.prompt = prompt_logprobs(head_logits(cfg, params, x), batch["next_token"], flags.prompt_logprobs)
             expand = functools.partial(jax.tree.map, lambda a: a[None])
             return expand(out), expand(kv)
 
@@ -172,7 +174,7 @@ class ModelRunner:
         variant = f"{mode}/{attn}/T={shape.T}/S={shape.S}/MB={shape.MB}"
         first = variant not in self.first_call_seconds
         t0 = time.perf_counter()
-        if mode == "was" and self.replica_was is not None:  # WaS by per-replica programs
+        if mode == "was" and self.replica_was is not None and flags.prompt_logprobs < 0:  # per-replica WaS
             out, self.kv = self.replica_was.run(self.kv, batch, samp, flags, attn)
         else:
             fn = self._compiled.get((mode, flags, attn, _signature(batch, samp)))

@@ -21,6 +21,7 @@ class SamplerFlags:
     filters: bool = False  # any top_k / top_p / min_p in the batch
     penalties: bool = False  # any presence / frequency / repetition penalty
     num_logprobs: int = 0  # top-N logprobs to return (0: only the sampled token's)
+    prompt_logprobs: int = -1  # >= 0: every token's logprob of the next prompt token, and the top-N
 
 
 def _apply_penalties(logits, p):
@@ -64,8 +65,36 @@ class Sampled:
     be padded wider (sidp_jax/engine/token_buffer.py)."""
     tokens: jax.Array
     logprob: jax.Array
+    rank: jax.Array  # of the sampled token among the vocabulary (1: the most likely)
     top_ids: jax.Array | None = None
     top_logprobs: jax.Array | None = None
+    prompt: "PromptLogprobs | None" = None  # per token [T] (SamplerFlags.prompt_logprobs >= 0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PromptLogprobs:
+    """Per token of the step: the logprob and rank of the prompt token that follows it (batch
+    "next_token"; rows with none are garbage, never read) and the top-N."""
+    logprob: jax.Array
+    rank: jax.Array
+    top_ids: jax.Array | None = None
+    top_logprobs: jax.Array | None = None
+
+
+def _rank(logprobs: jax.Array, chosen: jax.Array) -> jax.Array:
+    """1 + how many tokens are more likely than `chosen` ([..., V] and [...] -> [...])."""
+    return 1 + jnp.sum(logprobs > chosen[..., None], axis=-1, dtype=jnp.int32)
+
+
+def prompt_logprobs(all_logits: jax.Array, next_token: jax.Array, k: int) -> PromptLogprobs:
+    """all_logits [T, V] float32 of every token; next_token [T] (-1: none)."""
+    lp = jax.nn.log_softmax(all_logits, axis=-1)
+    chosen = jnp.take_along_axis(lp, jnp.maximum(next_token, 0)[:, None], axis=-1)[:, 0]
+    out = PromptLogprobs(chosen, _rank(lp, chosen))
+    if k:
+        out.top_logprobs, out.top_ids = jax.lax.top_k(lp, k)
+    return out
 
 
 def sample(logits: jax.Array, p: dict, flags: SamplerFlags) -> Sampled:
@@ -85,7 +114,8 @@ def sample(logits: jax.Array, p: dict, flags: SamplerFlags) -> Sampled:
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
     drawn = jnp.argmax(scaled + gumbel, axis=-1)
     tokens = jnp.where(temp > 0, drawn, greedy).astype(jnp.int32)
-    out = Sampled(tokens, jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0])
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    out = Sampled(tokens, chosen, _rank(raw_logprobs, chosen))
     if flags.num_logprobs:
         out.top_logprobs, out.top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
     return out

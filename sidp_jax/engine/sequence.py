@@ -24,7 +24,11 @@ class Sequence:
         self.sample_index = sample_index  # which of the request's n samples it is
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
-        self.output_logprobs: list[dict[int, float]] = []
+        self.output_logprobs: list[dict] = []  # per output token: {token_id: Logprob}
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list[dict | None] | None = (
+            [None] * len(prompt_ids) if params.prompt_logprobs is not None else None)  # [0] stays None
+        self.first_token_time: float | None = None
         self.params = params
         self.seed = seed
         self.max_tokens = max_tokens

@@ -116,13 +116,16 @@ class StepShape:
     def kernel_layout(self) -> bool:
         return bool(self.tile_tokens) and not self.decode_only
 
-    def batch_fields(self) -> Fields:
+    def batch_fields(self, prompt_logprobs: bool = False) -> Fields:
+        """prompt_logprobs: each token's next prompt token too ("next_token", -1: none)."""
         T, S, i32 = self.T, self.S, np.int32
         fields = {"tokens": (i32, (T,), 0), "positions": (i32, (T,), 0), "slots": (i32, (T,), 0),
                   "token_seq": (i32, (T,), 0), "prev_index": (i32, (T,), -1),
                   "block_tables": (i32, (S, self.MB), 0), "sample_index": (i32, (S,), 0), "num_tokens": (i32, (), 0)}
         if self.kernel_layout:
             fields.update(decode_len=(i32, (S,), 0), tiles=(i32, (num_tiles(T, S, self.tile_tokens), 4), 0))
+        if prompt_logprobs:
+            fields["next_token"] = (i32, (T,), -1)
         return fields
 
     def sampling_fields(self, banned_width: int = 1, history_width: int = 0) -> Fields:
@@ -176,14 +179,18 @@ def step_shape(plans: list[list[ScheduledChunk]], max_tokens_bucket: int, max_ro
     return StepShape(len(plans), T, S, MB, decode_only, tile_tokens)
 
 
+def wants_prompt_logprobs(c: ScheduledChunk) -> bool:
+    return c.seq.params.prompt_logprobs is not None and c.start + 1 < len(c.seq.prompt_ids)
+
+
 def sampler_flags(chunks: list[ScheduledChunk]) -> SamplerFlags:
     params = [c.seq.params for c in chunks]
-    flags = SamplerFlags(filters=any(p.uses_filters and not p.greedy for p in params),
-                         penalties=any(p.uses_penalties for p in params),
-                         num_logprobs=max((p.logprobs or 0 for p in params), default=0))
-    if flags.num_logprobs:
-        flags = SamplerFlags(flags.filters, flags.penalties, bucket(flags.num_logprobs, 1, 20))
-    return flags
+    num_logprobs = max((p.logprobs or 0 for p in params), default=0)
+    prompt_k = max((c.seq.params.prompt_logprobs for c in chunks if wants_prompt_logprobs(c)), default=-1)
+    return SamplerFlags(filters=any(p.uses_filters and not p.greedy for p in params),
+                        penalties=any(p.uses_penalties for p in params),
+                        num_logprobs=bucket(num_logprobs, 1, 20) if num_logprobs else 0,
+                        prompt_logprobs=bucket(prompt_k, 1, 20) if prompt_k > 0 else prompt_k)
 
 
 def banned_tokens(seq, eos_ids: list[int]) -> list[int]:
@@ -240,6 +247,17 @@ def fill_replica(r: int, plan: list[ScheduledChunk], shape: StepShape, batch: di
         samp[k][r, :len(vals)] = vals
 
 
+def fill_next_tokens(r: int, plan: list[ScheduledChunk], next_token: np.ndarray) -> None:
+    """For prompt logprobs: the prompt token after each token of a chunk that asked (-1: none)."""
+    t = 0
+    for c in plan:
+        if wants_prompt_logprobs(c):
+            prompt = c.seq.prompt_ids
+            end = min(c.start + c.num_tokens, len(prompt) - 1)
+            next_token[r, t:t + end - c.start] = prompt[c.start + 1:end + 1]
+        t += c.num_tokens
+
+
 def fill_penalties(plans: list[list[ScheduledChunk]], samp: dict) -> None:
     """Each row's token history (prompt and output, the output marked) and penalty values."""
     for r, plan in enumerate(plans):
@@ -263,12 +281,14 @@ def build_step(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[
               if (ids := banned_tokens(c.seq, eos_ids))}
     banned_width = bucket(max(map(len, banned.values())), 1, 1 << 16) if banned else 1
     history_width = bucket(max(c.seq.num_tokens for c in chunks), 16, 1 << 20) if flags.penalties else 0
-    batch = shape.arrays(shape.batch_fields())
+    batch = shape.arrays(shape.batch_fields(flags.prompt_logprobs >= 0))
     samp = shape.arrays(shape.sampling_fields(banned_width, history_width))
     if shape.decode_only:
         batch["token_seq"][:] = np.arange(shape.T)  # padding tokens: their own (all-zero, scratch-page) rows
     for r, plan in enumerate(plans):
         fill_replica(r, plan, shape, batch, samp, page_size)
+        if flags.prompt_logprobs >= 0:
+            fill_next_tokens(r, plan, batch["next_token"])
     for (r, row), ids in banned.items():
         samp["banned"][r, row, :len(ids)] = ids
     if flags.penalties:
