@@ -81,7 +81,13 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool) -
     window = {f"{k}_ms_per_step": 1e3 * (stats[f"{k}_seconds"] - base[f"{k}_seconds"]) / steps
               for k in ("wall", "host", "device")}
     window["device_idle_share"] = max(0.0, 1 - window["device_ms_per_step"] / window["wall_ms_per_step"])
-    return {"parallel": parallel, "complete": done, "window_s": dt, "finished_requests": finished,
+    prompt_tokens, output_tokens = in_end - in0, out_end - out0
+    vllm_keys = {  # `vllm bench throughput --output-json`'s keys, over the same window as the rates
+        "elapsed_time": dt, "num_requests": finished, "total_num_tokens": prompt_tokens + output_tokens,
+        "requests_per_second": finished / dt if done else None,
+        "tokens_per_second": (prompt_tokens + output_tokens) / dt,
+        "total_num_prompt_tokens": prompt_tokens, "total_num_output_tokens": output_tokens}
+    return {**vllm_keys, "parallel": parallel, "complete": done, "window_s": dt, "finished_requests": finished,
             "requests_per_s": finished / t_end if done else None,
             "output_tokens_per_s": (out_end - out0) / dt, "total_tokens_per_s": (out_end - out0 + in_end - in0) / dt,
             "kv_tokens_per_replica": stats["kv_tokens_per_replica"], "num_replicas": stats["num_replicas"],
@@ -148,6 +154,8 @@ def main():
             print(f"{r['parallel']}: error {r['error'][-300:]}")
             continue
         rps = f"{r['requests_per_s']:.2f}" if r["requests_per_s"] else "n/a (cut)"
+        print(f"Total num prompt tokens:  {r.get('total_num_prompt_tokens', 0):,}")
+        print(f"Total num output tokens:  {r.get('total_num_output_tokens', 0):,}")
         print(f"{r['parallel']:>5} {'async' if r['async_scheduling'] else 'sync':>5} "
               f"cache {'on' if r.get('prefix_caching') else 'off':>3}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
               f"{r['output_tokens_per_s']:.2f} output tokens/s | KV {r['kv_tokens_per_replica']:,}/replica, "
