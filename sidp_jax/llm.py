@@ -25,10 +25,10 @@ class LLM:
                  **engine_kwargs):
         """model: a checkpoint directory, a preset name or a ModelConfig (random weights); default:
         the bundled tiny model. engine_kwargs: the fields of sidp_jax.engine_config.EngineConfig
-        (mesh, parallel, placement, ffn_mode, dtype, gpu_memory_utilization, max_model_len,
-        max_num_seqs, max_num_batched_tokens, kv_block_size, seed, kv_cache_tokens,
-        ffn_crossover_tokens, attention, was_runner, was_prefetch_depth, precompile,
-        async_scheduling), each checked there. devices: the devices the mesh is built from
+        (mesh or data_parallel_size / tensor_parallel_size, parallel, placement, ffn_mode, dtype,
+        gpu_memory_utilization, max_model_len, max_num_seqs, max_num_batched_tokens, kv_block_size,
+        seed, kv_cache_tokens, ffn_crossover_tokens, attention, was_runner, was_prefetch_depth,
+        precompile, async_scheduling, enable_prefix_caching), each checked there. devices: the devices the mesh is built from
         (default: all of the default backend's).
 
         was_runner: how sidp runs Weight-as-a-Service steps: "replicas" (per-replica programs, the
