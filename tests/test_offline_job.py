@@ -572,3 +572,28 @@ def test_kill_9_at_random_points_never_loses_or_duplicates_a_record(tmp_path):
     assert sorted(ids) == sorted(f"r{i}" for i in range(n_valid))
     assert sorted(r["line"] for r in records if "id" not in r) == [21, 22]
     assert all(len(r["completions"]) == 2 and "logprobs" in r for r in records if "id" in r)
+
+
+def test_generation_config_defaults_fill_only_what_neither_the_command_line_nor_the_line_set():
+    from sidp_jax.jobs.job_input import parse_line
+    from sidp_jax.jobs.offline_job import tokenized
+    from sidp_jax.jobs.openai_batch import parse_batch_line
+
+    class Tok:
+        def encode(self, text, add_special_tokens=True):
+            return [1, 2]
+
+        def apply_chat_template(self, messages, **kw):
+            return "x"
+
+    cli = {"top_p": 0.5}
+    a = parse_line(1, {"id": "a", "prompt": "x"}, cli)
+    b = parse_line(2, {"id": "b", "prompt": "x", "temperature": 1.0}, cli)
+    c = parse_batch_line(3, {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"messages": [{"role": "user", "content": "hi"}]}}, {})
+    defaults = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 99}
+    a, b, c = tokenized([a, b, c], Tok(), defaults)
+    assert (a.params.temperature, a.params.top_p, a.params.top_k, a.params.max_tokens) == (0.6, 0.5, 20, 99)
+    assert (b.params.temperature, b.params.top_k) == (1.0, 20)  # the line's explicit 1.0 wins
+    assert c.params.max_tokens is None  # a batch chat line without max_tokens: the rest of the context
+    assert (c.params.temperature, c.params.top_p) == (0.6, 0.95)

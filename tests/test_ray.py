@@ -144,6 +144,35 @@ def test_run_offline_ray_job(cluster, reference, tmp_path, capsys):
     assert [json.loads(x) for x in out.read_text().splitlines()] == records
 
 
+def test_run_offline_ray_job_openai_batch(cluster, tmp_path, capsys):
+    """An OpenAI batch file through --ray: batch output lines, error records, resume."""
+    lines = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": p, "max_tokens": 3}} for i, p in enumerate(PROMPTS[:3])]
+    lines += [{"custom_id": "c0", "method": "POST", "url": "/v1/chat/completions",
+               "body": {"messages": CHATS[0], "max_completion_tokens": 2, "n": 2}},
+              {"custom_id": "bad", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "tools": [{}]}},
+              {"id": "simple", "prompt": "the other format"}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "results.jsonl"
+    argv = ["--input", str(inp), "--output", str(out), "--no-progress", "--ray", "--ray-concurrency", "1",
+            "--ray-batch-size", "2", "--mesh", "dp=4", "--ffn-mode", "cas", "--temperature", "0"]
+    assert main(argv) == 0
+    assert "Errors: 2" in capsys.readouterr().out
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    results = {r["custom_id"]: r for r in records if r["error"] is None}
+    assert sorted(results) == ["c0", "p0", "p1", "p2"]
+    for cid, r in results.items():
+        body = r["response"]["body"]
+        assert r["response"]["status_code"] == 200 and len(body["choices"]) == (2 if cid == "c0" else 1)
+        assert body["object"] == ("chat.completion" if cid == "c0" else "text_completion")
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    errors = {r["error"]["line"]: r for r in records if r["error"] is not None}
+    assert set(errors) == {5, 6} and errors[5]["custom_id"] == "bad" and errors[6]["custom_id"] is None
+    assert main(argv) == 0  # resume: nothing left
+    assert "Nothing to run: all 6 requests are already in" in capsys.readouterr().out
+
+
 def fake_records() -> list[dict]:
     """The actor's batch function (run_rows) on a fake engine, over rows with and without errors."""
     from test_offline_job import FakeLLM
@@ -169,5 +198,27 @@ def test_records_table_without_ray():
     pytest.importorskip("pyarrow")  # comes with Ray Data; run_rows does not need it
     table = records_table(fake_records()).to_pylist()
     assert table[0]["text"] == "ba0" and table[0]["error"] is None and table[1]["text"] is None
+    # ray.data.llm's names, alongside
+    assert (table[0]["generated_text"], table[0]["num_generated_tokens"], table[0]["num_input_tokens"]) == ("ba0", 3, 3)
+    assert table[1]["generated_text"] is None and table[1]["num_generated_tokens"] is None
+    assert table[5]["num_generated_tokens"] == 6
     assert [c["text"] for c in table[5]["completions"]] == ["fe0", "fe1"]
     assert table[5]["logprobs"] == [[(str(ord(c)), -0.5)] for c in "fe0"]
+
+
+def test_run_rows_openai_batch_lines_without_ray():
+    """Rows in the OpenAI batch format (what `run_offline.py --ray` ships for such a file) give that
+    format's output lines; errors stay {"id", "error"} for the driver to turn into records."""
+    from test_offline_job import FakeLLM
+
+    rows = [{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "ab", "max_tokens": 8}},
+            {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": None}},
+            {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "tools": [{}]}}]
+    recs = run_rows(FakeLLM(), rows, {"max_tokens": 4})
+    assert recs[0]["custom_id"] == "a" and recs[0]["error"] is None
+    assert recs[0]["response"]["body"]["choices"][0]["text"] == "ba0"
+    assert [c["index"] for c in recs[1]["response"]["body"]["choices"]] == [0, 1]
+    assert recs[2]["id"] == "c" and "unsupported" in recs[2]["error"]
+    with pytest.raises(ValueError, match="postprocess"):
+        records_table(recs)

@@ -27,15 +27,20 @@ def format_summary(s: JobSummary) -> str:
     stats = s.engine_stats or {}
     na = "n/a"
     steps = stats.get("steps_per_mode")
-    lines = [
-        f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
-        f"{r['output_tokens_per_s']:.2f} output tokens/s",
-        f"KV cache: {stats.get('kv_tokens_per_replica', na)} tokens per replica, "
-        f"max concurrency {stats.get('max_concurrency', na)}, replicas {stats.get('num_replicas', na)}",
-        f"Preemptions: {stats.get('num_preemptions', na)}",
-        "Steps per mode: " + (", ".join(f"{k}={v}" for k, v in steps.items()) if steps else na),
-        _step_time_line(stats),
-        _prefix_cache_line(stats),
+    if s.nothing_ran:  # no engine: no throughput or engine lines to show
+        lines = [_nothing_to_run_line(s)]
+    else:
+        lines = [
+            f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
+            f"{r['output_tokens_per_s']:.2f} output tokens/s",
+            f"KV cache: {stats.get('kv_tokens_per_replica', na)} tokens per replica, "
+            f"max concurrency {stats.get('max_concurrency', na)}, replicas {stats.get('num_replicas', na)}",
+            f"Preemptions: {stats.get('num_preemptions', na)}",
+            "Steps per mode: " + (", ".join(f"{k}={v}" for k, v in steps.items()) if steps else na),
+            _step_time_line(stats),
+            _prefix_cache_line(stats),
+        ]
+    lines += [
         f"Requests: {s.requests_completed} completed, {s.requests_errored} errors, "
         f"{s.requests_skipped} skipped (already in the output)",
         f"Errors: {s.requests_errored}" + (f" ({s.errors_retryable} earlier error records could be run again with "
@@ -43,6 +48,15 @@ def format_summary(s: JobSummary) -> str:
         f"Results written to {s.output}",
     ]
     return "\n".join(lines)
+
+
+def _nothing_to_run_line(s: JobSummary) -> str:
+    if s.requests_errored:
+        done = f", {s.requests_skipped} already in {s.output}" if s.requests_skipped else ""
+        return f"Nothing to run: {s.requests_errored} input lines with errors{done}"
+    if s.requests_skipped:
+        return f"Nothing to run: all {s.requests_skipped} requests are already in {s.output}"
+    return "Nothing to run: the input has no requests"
 
 
 def _prefix_cache_line(stats: dict) -> str:
@@ -87,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments, runs the bundled tiny model on the bundled example prompts.",
     )
     p.add_argument("--model", default=None, help="checkpoint directory or preset name (default: bundled tiny model)")
-    p.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="prompts file (.jsonl or .parquet)")
+    p.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="prompts file (.jsonl or .parquet), in the simple or the OpenAI batch format")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results file, appended (default out/results.jsonl)")
     engine = p.add_argument_group("engine (sidp_jax/engine_config.py; unset flags keep the defaults shown)")
     hints = typing.get_type_hints(EngineConfig)

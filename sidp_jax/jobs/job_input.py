@@ -1,18 +1,24 @@
 """Input of the offline job: reading JSONL/Parquet lines and turning each into a request or an
-error record (the formats are described in sidp_jax/jobs/offline_job.py)."""
+error record (the formats are described in sidp_jax/jobs/offline_job.py). A file is in one of two
+formats, told apart by its lines' keys (`line_format`): the simple one (parsed here) or the OpenAI
+Batch API's (sidp_jax/jobs/openai_batch.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sidp_jax.sampling_params import SamplingParams
 
-PROMPT_KEYS = ("id", "prompt", "messages")
+PROMPT_KEYS = ("id", "prompt", "messages", "chat_template_kwargs")
 Key = Any  # a record's resume key: its id, or ("line", N) for an error without a usable id
 
+FORMAT_SIMPLE = "simple"  # {"id", "prompt" | "messages", sampling fields...}
+FORMAT_BATCH = "openai-batch"  # {"custom_id", "method", "url", "body"}
+FORMAT_NAMES = {FORMAT_SIMPLE: "simple (id/prompt/messages)", FORMAT_BATCH: "OpenAI batch (custom_id/body)"}
 
 
 class MalformedLine:
@@ -48,10 +54,12 @@ def read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def drop_nulls(row: dict) -> dict:
-    """A row from a columnar source without its null fields (and a null-free "sampling_params")."""
+    """A row from a columnar source without its null fields (and a null-free "sampling_params", or
+    OpenAI batch "body")."""
     out = {k: v for k, v in row.items() if v is not None}
-    if isinstance(out.get("sampling_params"), dict):
-        out["sampling_params"] = {k: v for k, v in out["sampling_params"].items() if v is not None}
+    for nested in ("sampling_params", "body"):
+        if isinstance(out.get(nested), dict):
+            out[nested] = {k: v for k, v in out[nested].items() if v is not None}
     return out
 
 
@@ -78,11 +86,22 @@ def reader_for(path: Path) -> Callable[[Path], Iterator[tuple[int, Any]]]:
 @dataclasses.dataclass
 class JobRequest:
     line: int
-    id: str | int
+    id: str | int  # the simple format's "id", the batch format's "custom_id"
     prompt: str | None
-    messages: list[dict] | None
+    messages: list[dict] | None  # contents are strings (text parts joined)
     params: SamplingParams
     prompt_ids: list[int] | None = None  # filled in by tokenize()
+    fmt: str = FORMAT_SIMPLE  # the format of its line, and so of its record
+    chat_template_kwargs: dict | None = None  # more apply_chat_template arguments (messages only)
+    endpoint: str | None = None  # batch format: "chat" or "completions"
+    model: str | None = None  # batch format: the body's "model" (only echoed in the response)
+    given: frozenset = frozenset()  # SamplingParams fields the command line or the line set
+
+    def with_defaults(self, defaults: dict) -> None:
+        """Fill the fields nobody set from the checkpoint's generation_config.json (LLM.generation_defaults)."""
+        unset = {k: v for k, v in defaults.items() if k not in self.given}
+        if unset:
+            self.params = self.params.replace(**unset)
 
     @property
     def key(self) -> Key:
@@ -94,12 +113,18 @@ class LineError:
     line: int
     error: str
     id: str | int | None = None  # the line's own id, when it had a usable one
+    fmt: str = FORMAT_SIMPLE  # the format of the record
+    code: str = "invalid_request"  # the batch format's error code
 
     @property
     def key(self) -> Key:
         return self.id if self.id is not None else ("line", self.line)
 
     def record(self) -> dict:
+        if self.fmt == FORMAT_BATCH:
+            from sidp_jax.jobs.openai_batch import error_record
+
+            return error_record(self)
         head = {} if self.id is None else {"id": self.id}
         return {**head, "line": self.line, "error": self.error}
 
@@ -110,11 +135,44 @@ def is_valid_id(rid: Any) -> bool:
     return isinstance(rid, int) or (isinstance(rid, str) and rid != "")
 
 
-def parse_line(line: int, obj: Any, base_sampling: dict) -> JobRequest | LineError:
-    if isinstance(obj, MalformedLine):
-        return LineError(line, obj.why)
+def line_format(obj: Any) -> str | None:
+    """The format a line's object is in: the batch one if it has "custom_id" or "body"; None for
+    what is not an object (bad JSON, a list...), which belongs to no format."""
     if not isinstance(obj, dict):
-        return LineError(line, f"expected a JSON object, got {type(obj).__name__}")
+        return None
+    return FORMAT_BATCH if ("custom_id" in obj or "body" in obj) else FORMAT_SIMPLE
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFormat:
+    name: str  # FORMAT_SIMPLE or FORMAT_BATCH
+    line: int  # the line that set it (0: none did; the output's format, or the simple one)
+
+
+def detect_format(entries: Iterable[tuple[int, Any]]) -> tuple[InputFormat | None, Iterator[tuple[int, Any]]]:
+    """The format of the first line that has one, and the entries again (those read to find it
+    are put back)."""
+    entries = iter(entries)
+    seen = []
+    for line, obj in entries:
+        seen.append((line, obj))
+        fmt = line_format(obj)
+        if fmt is not None:
+            return InputFormat(fmt, line), itertools.chain(seen, entries)
+    return None, iter(seen)
+
+
+def parse_line(line: int, obj: Any, base_sampling: dict, fmt: str | None = None) -> JobRequest | LineError:
+    """A line of the format `fmt` (None: the line's own, see line_format) as a request, or its error."""
+    fmt = fmt or line_format(obj) or FORMAT_SIMPLE
+    if isinstance(obj, MalformedLine):
+        return LineError(line, obj.why, fmt=fmt)
+    if not isinstance(obj, dict):
+        return LineError(line, f"expected a JSON object, got {type(obj).__name__}", fmt=fmt)
+    if fmt == FORMAT_BATCH:
+        from sidp_jax.jobs.openai_batch import parse_batch_line
+
+        return parse_batch_line(line, obj, base_sampling)
     if "id" not in obj:
         return LineError(line, "missing 'id'")
     rid = obj["id"]
@@ -122,10 +180,17 @@ def parse_line(line: int, obj: Any, base_sampling: dict) -> JobRequest | LineErr
         return LineError(line, f"invalid 'id' {rid!r}: must be a non-empty string or an integer")
     try:
         prompt, messages = _prompt_fields(obj)
-        params = make_sampling_params(base_sampling, _overrides(obj))
+        template_kwargs = None
+        if "chat_template_kwargs" in obj:
+            if messages is None:
+                raise ValueError("'chat_template_kwargs' is for 'messages' lines only")
+            template_kwargs = check_chat_template_kwargs(obj["chat_template_kwargs"])
+        overrides = _overrides(obj)
+        params = make_sampling_params(base_sampling, overrides)
     except ValueError as e:
         return LineError(line, str(e), id=rid)
-    return JobRequest(line, rid, prompt, messages, params)
+    return JobRequest(line, rid, prompt, messages, params, chat_template_kwargs=template_kwargs,
+                      given=frozenset(base_sampling) | frozenset(overrides))
 
 
 def _prompt_fields(obj: dict) -> tuple[str | None, list[dict] | None]:
@@ -137,13 +202,54 @@ def _prompt_fields(obj: dict) -> tuple[str | None, list[dict] | None]:
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("'prompt' must be a non-empty string")
         return prompt, None
-    messages = obj["messages"]
+    return None, normalize_messages(obj["messages"])
+
+
+def normalize_messages(messages: Any, where: str = "'messages'") -> list[dict]:
+    """Checked chat messages, each "content" a string: a list of text parts (as OpenAI allows,
+    [{"type": "text", "text": ...}]) is joined with newlines, as vLLM does."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
+        raise ValueError(f"{where} must be a non-empty list")
+    out = []
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ValueError(f"'messages'[{i}] must be an object with string 'role' and 'content'")
-    return None, messages
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            content = _join_text_parts(content, f"{where}[{i}]['content']")
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(content, str)):
+            raise ValueError(f"{where}[{i}] must be an object with string 'role' and 'content' "
+                             f"(a string or a list of text parts)")
+        out.append({**m, "content": content})
+    return out
+
+
+def _join_text_parts(parts: list, where: str) -> str:
+    if not parts:
+        raise ValueError(f"{where} is an empty list of parts")
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"a part of type {kind!r}" if isinstance(kind, str) else "not a {\"type\": \"text\", \"text\": ...} part"
+            raise ValueError(f"{where}[{j}] is {what}: only text content is supported")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}[{j}] is a text part without a string 'text'")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+# apply_chat_template's own arguments: a line cannot set them through chat_template_kwargs
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "add_generation_prompt", "tokenize",
+                                      "chat_template", "tools", "documents"})
+
+
+def check_chat_template_kwargs(value: Any, where: str = "'chat_template_kwargs'") -> dict:
+    """More variables for the chat template, e.g. {"enable_thinking": false} for Qwen3."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{where} must be an object, e.g. {{\"enable_thinking\": false}}")
+    reserved = sorted(set(value) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise ValueError(f"{where} cannot set {', '.join(reserved)}")
+    return dict(value)
 
 
 def _overrides(obj: dict) -> dict:
@@ -183,17 +289,29 @@ class PlanCounts:
 
 
 def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: set[Key],
-               counts: PlanCounts | None = None) -> Iterator[JobRequest | LineError]:
+               counts: PlanCounts | None = None, fmt: InputFormat | None = None) -> Iterator[JobRequest | LineError]:
     """Parse lines one at a time: each runnable JobRequest or new LineError, in input order, marking
     duplicate ids across the whole file and leaving out what an earlier run already wrote. Memory:
-    the ids seen so far, not the lines."""
+    the ids seen so far, not the lines.
+    fmt: the file's format (see detect_format); None: the first line that has one sets it. A line
+    of the other format is an error: a file does not mix them."""
     counts = counts if counts is not None else PlanCounts()
     first_line_of: dict[str | int, int] = {}
     for line, obj in entries:
-        item = parse_line(line, obj, base_sampling)
+        shape = line_format(obj)
+        if fmt is None and shape is not None:
+            fmt = InputFormat(shape, line)
+        if shape is not None and shape != fmt.name:
+            item = LineError(line, f"line {line} is in the {FORMAT_NAMES[shape]} format, but this file is in the "
+                                   f"{FORMAT_NAMES[fmt.name]} format (from line {fmt.line}): a file must not mix "
+                                   f"formats", fmt=fmt.name)
+        else:
+            item = parse_line(line, obj, base_sampling, fmt.name if fmt else None)
         if item.id is not None:
             if item.id in first_line_of:
-                item = LineError(line, f"duplicate id {item.id!r} (first on line {first_line_of[item.id]})")
+                name = "custom_id" if item.fmt == FORMAT_BATCH else "id"
+                item = LineError(line, f"duplicate {name} {item.id!r} (first on line {first_line_of[item.id]})",
+                                 fmt=item.fmt)
             else:
                 first_line_of[item.id] = line
         if item.key in done:
@@ -208,6 +326,7 @@ def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: se
 
 def tokenize(req: JobRequest, tokenizer) -> list[int]:
     if req.messages is not None:
-        text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False,
+                                             **(req.chat_template_kwargs or {}))
         return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(req.prompt, add_special_tokens=True))

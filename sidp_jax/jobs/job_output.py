@@ -1,5 +1,7 @@
 """Output of the offline job: result records, appended and flushed one line at a time, and the
-recovery of what an earlier (possibly killed) run already wrote, under an exclusive lock."""
+recovery of what an earlier (possibly killed) run already wrote, under an exclusive lock. The
+records are in the input's format: the simple one (here) or the OpenAI batch one
+(sidp_jax/jobs/openai_batch.py); an output holds one format."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from sidp_jax.jobs.job_input import Key, JobRequest, is_valid_id
+from sidp_jax.jobs import openai_batch
+from sidp_jax.jobs.job_input import FORMAT_BATCH, FORMAT_NAMES, FORMAT_SIMPLE, Key, JobRequest, is_valid_id
 
 
 
@@ -30,6 +33,7 @@ class Recovered:
     done: set  # keys that need no run: results, and error records unless they are retried
     retryable: int  # keys whose only records are errors (what --retry-errors would run again)
     retried: int  # error records dropped for --retry-errors
+    fmt: str | None = None  # the format of the records found (None: no records)
 
 
 class JobOutput:
@@ -60,9 +64,10 @@ class JobOutput:
         self.ours = bool(self._lock.read().strip()) or not self.path.exists()  # marked, or about to be created
         self._f = None
 
-    def recover(self, retry_errors: bool = False) -> Recovered:
+    def recover(self, retry_errors: bool = False, fmt: str | None = None) -> Recovered:
         """Check the existing output and learn what it holds (call once, before writing). Reads the
-        file line by line: memory holds the keys, not the records."""
+        file line by line: memory holds the keys, not the records.
+        fmt: the format the records must be in (the input's); None: any, but only one."""
         results, errors = set(), set()
         if self.path.exists():
             with open(self.path, "rb+") as f:
@@ -74,16 +79,21 @@ class JobOutput:
                     good_end += len(raw)
                     if not raw.strip():
                         continue
-                    kind, key = _record_key(raw)
+                    kind, key, rec_fmt = _record_key(raw)
                     if kind is None:
                         raise OutputError(f"line {n} of {self.path} is not a result or error record of this job "
                                           f"({raw[:60]!r}): refusing to append to it; use another --output")
+                    if fmt is not None and rec_fmt != fmt:
+                        raise OutputError(f"line {n} of {self.path} is a record of the {FORMAT_NAMES[rec_fmt]} format, "
+                                          f"but the input is in the {FORMAT_NAMES[fmt]} format: an output holds one "
+                                          f"format; use another --output")
+                    fmt = rec_fmt
                     (results if kind == "result" else errors).add(key)
         error_only = errors - results
         retried = self._drop_error_records(error_only) if retry_errors and error_only else 0
         self._mark()
         done = results | (set() if retry_errors else errors)
-        return Recovered(done, len(error_only), retried)
+        return Recovered(done, len(error_only), retried, fmt if (results or errors) else None)
 
     def _drop_torn_tail(self, f, good_end: int, torn: int) -> None:
         if not self.ours:
@@ -99,7 +109,7 @@ class JobOutput:
         dropped = 0
         with open(self.path, "rb") as src, open(tmp, "wb") as dst:
             for raw in src:
-                kind, key = _record_key(raw) if raw.strip() else (None, None)
+                kind, key, _ = _record_key(raw) if raw.strip() else (None, None, None)
                 if kind == "error" and key in keys:
                     dropped += 1
                     continue
@@ -135,12 +145,20 @@ class JobOutput:
         self._lock.close()
 
 
-def _record_key(raw: bytes) -> tuple[str | None, Key]:
-    """("result" | "error", key) of a record line, or (None, None) for anything else."""
+def _record_key(raw: bytes) -> tuple[str | None, Key, str | None]:
+    """("result" | "error", key, format) of a record line, or (None, None, None) for anything else."""
     try:
         rec = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return None, None
+        return None, None, None
+    if openai_batch.is_batch_record(rec):
+        kind, key = openai_batch.record_key(rec)
+        return kind, key, FORMAT_BATCH if kind else None
+    kind, key = _simple_record_key(rec)
+    return kind, key, FORMAT_SIMPLE if kind else None
+
+
+def _simple_record_key(rec) -> tuple[str | None, Key]:
     if not isinstance(rec, dict):
         return None, None
     if "error" in rec:
@@ -161,7 +179,18 @@ def completion_fields(c) -> dict:
     return fields
 
 
-def result_record(req: JobRequest, out) -> dict:
+def record_tokens(record: dict) -> tuple[int, int]:
+    """(prompt tokens, generated tokens) of a result record of either format."""
+    if openai_batch.is_batch_record(record):
+        return openai_batch.record_tokens(record)
+    return record["prompt_tokens"], record["output_tokens"]
+
+
+def result_record(req: JobRequest, out, tokenizer=None, model: str | None = None) -> dict:
+    """The record of a finished request in its line's format (the batch one decodes logprob tokens
+    with `tokenizer` and names `model` where the line did not)."""
+    if req.fmt == FORMAT_BATCH:
+        return openai_batch.result_record(req, out, tokenizer, model)
     completions = sorted(out.outputs, key=lambda c: c.index)
     record = {
         "id": req.id,

@@ -8,7 +8,11 @@ Input (JSONL, one object per line; blank lines are ignored)::
 * "id": a non-empty string or an integer, unique in the file.
 * exactly one of "prompt" (a non-empty string, encoded with special tokens) or "messages"
   (a list of {"role": str, "content": str}, rendered with the tokenizer's chat template with
-  add_generation_prompt=True, then encoded without adding special tokens).
+  add_generation_prompt=True, then encoded without adding special tokens). A "content" may also
+  be a list of text parts, [{"type": "text", "text": ...}], joined with newlines; any other part
+  is an error.
+* "chat_template_kwargs" (messages only): an object of more template variables, passed to
+  apply_chat_template, e.g. {"enable_thinking": false} to turn Qwen3's thinking off.
 * any other key is a SamplingParams field (vLLM's names) overriding the command line's value
   for that line; an unknown key is an error. The fields may also come as one object,
   "sampling_params": {...} (the shape of ray.data.llm's rows).
@@ -28,6 +32,27 @@ Output (JSONL, appended and flushed as each request finishes, in completion orde
   invalid id, both or neither of prompt/messages, bad messages, bad sampling field, a duplicate
   id (the second occurrence gets the error; the record has no "id" so each id appears once),
   a prompt longer than the model's max_model_len. The job carries on and exits 0.
+
+OpenAI Batch API format (sidp_jax/jobs/openai_batch.py has the details). A file whose lines
+have "custom_id" or "body" is in this format; the first line that is an object decides, and a
+line of the other format is an error record (a file does not mix formats)::
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "m", "messages": [...], "max_completion_tokens": 32, "chat_template_kwargs": {...}}}
+    {"custom_id": "q2", "method": "POST", "url": "/v1/completions", "body": {"prompt": "...", "max_tokens": 8}}
+
+* "method" must be "POST", "url" one of the two above; body fields map to SamplingParams
+  (vLLM's names; chat "logprobs": true + "top_logprobs": k -> logprobs=k), "model" is only
+  echoed; an unknown field is an error naming it, and OpenAI fields this job does not do (tools,
+  response_format, logit_bias, "stream": true, ...) are errors saying they are unsupported.
+* "custom_id" plays the simple format's "id" (same rules, resume and duplicates).
+* output, one line per request: {"id": "batch_req_...", "custom_id", "response": {"status_code":
+  200, "request_id", "body": a chat.completion or text_completion object with "choices" (n of
+  them, logprobs in OpenAI's shapes) and "usage"}, "error": null}; a line that cannot run gives
+  {"id", "custom_id" (null without a usable one), "response": null, "error": {"code", "message",
+  "line"}}. An error record is one whose "error" is not null (--retry-errors).
+* the output is in the input's format: an output holding records of the other format is refused
+  (exit 2).
 
 Resuming: rerunning with the same input and output skips every record already in the output
 file: results and errors with an "id" are keyed by id, id-less errors by line number (so the
@@ -61,8 +86,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sidp_jax.jobs.job_input import LineError, PlanCounts, JobRequest, plan_items, reader_for, tokenize
-from sidp_jax.jobs.job_output import JobOutput, result_record
+from sidp_jax.jobs.job_input import (FORMAT_SIMPLE, InputFormat, LineError, PlanCounts, JobRequest, detect_format,
+                                     plan_items, reader_for, tokenize)
+from sidp_jax.jobs.job_output import JobOutput, record_tokens, result_record
+from sidp_jax.jobs.openai_batch import model_name
 
 DEFAULT_INPUT = Path(__file__).parent.parent / "assets" / "example_prompts.jsonl"
 DEFAULT_OUTPUT = Path("out") / "results.jsonl"
@@ -97,11 +124,13 @@ class JobSummary:
     elapsed_s: float = 0.0  # generation time, the throughput's denominator
     wall_s: float = 0.0  # the whole job, model loading included
     engine_stats: dict | None = None  # llm.stats(); None when nothing had to run
+    nothing_ran: bool = False  # no request was left to run (all done earlier, or errors): no engine was built
 
     def count_result(self, record: dict) -> None:
+        prompt_tokens, output_tokens = record_tokens(record)
         self.requests_completed += 1
-        self.prompt_tokens += record["prompt_tokens"]
-        self.output_tokens += record["output_tokens"]
+        self.prompt_tokens += prompt_tokens
+        self.output_tokens += output_tokens
 
     def rates(self) -> dict[str, float]:
         t = self.elapsed_s
@@ -136,18 +165,20 @@ def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False)
     summary = JobSummary(output=str(cfg.output))
     writer = JobOutput(cfg.output, cfg.input)
     try:
-        recovered = writer.recover(cfg.retry_errors)
-        summary.errors_retried = recovered.retried
-        summary.errors_retryable = 0 if cfg.retry_errors else recovered.retryable
-        if recovered.retried:
-            print(f"Retrying: {recovered.retried} earlier error records removed from {cfg.output}")
         entries = reader_for(cfg.input)(cfg.input)
-        counts = PlanCounts()
         lines = None
         if keep_lines:
             entries = list(entries)
             lines = dict(entries)
-        requests = errors_written(plan_items(iter(entries), cfg.sampling, recovered.done, counts), writer, summary)
+        fmt, entries = detect_format(entries)  # the output must be in the input's format
+        recovered = writer.recover(cfg.retry_errors, fmt.name if fmt else None)
+        fmt = fmt or InputFormat(recovered.fmt or FORMAT_SIMPLE, 0)  # no line has one: for the error records
+        summary.errors_retried = recovered.retried
+        summary.errors_retryable = 0 if cfg.retry_errors else recovered.retryable
+        if recovered.retried:
+            print(f"Retrying: {recovered.retried} earlier error records removed from {cfg.output}")
+        counts = PlanCounts()
+        requests = errors_written(plan_items(entries, cfg.sampling, recovered.done, counts, fmt), writer, summary)
         if keep_lines:
             requests = list(requests)
             pending = bool(requests)
@@ -157,6 +188,7 @@ def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False)
             requests = itertools.chain([first], requests)
         if pending:
             generate(requests, lines, writer, summary)
+        summary.nothing_ran = not pending
         summary.requests_skipped = counts.skipped
         if counts.skipped:
             print(f"Resumed: {counts.skipped} records already in {cfg.output} were skipped")
@@ -180,14 +212,22 @@ def tokenize_requests(requests: list[JobRequest], tokenizer) -> tuple[list[JobRe
     return runnable, errors
 
 
-def tokenized(requests: Iterable[JobRequest], tokenizer) -> Iterator[JobRequest | LineError]:
+def tokenized(requests: Iterable[JobRequest], tokenizer, defaults: dict | None = None) -> Iterator[JobRequest | LineError]:
     """Each request with its prompt_ids filled in, or the LineError of a prompt that cannot be
-    rendered or encoded (chat templates raise whatever they like), one at a time."""
+    rendered or encoded (chat templates raise whatever they like), one at a time. defaults: the
+    checkpoint's generation_config.json fields, for what neither the command line nor the line set."""
     for req in requests:
+        if defaults:
+            try:
+                req.with_defaults(defaults)
+            except ValueError as e:
+                yield LineError(req.line, f"generation_config.json defaults: {e}", id=req.id, fmt=req.fmt)
+                continue
         try:
             req.prompt_ids = tokenize(req, tokenizer)
         except Exception as e:
-            yield LineError(req.line, f"could not render/encode the prompt: {e}", id=req.id)
+            yield LineError(req.line, f"could not render/encode the prompt: {e}", id=req.id, fmt=req.fmt,
+                            code="invalid_prompt")
             continue
         yield req
 
@@ -196,6 +236,7 @@ def stream_records(llm, runnable: Iterable[JobRequest], *, use_tqdm: bool = Fals
     """Run tokenized requests (a list, or an iterator the engine reads as it makes room); yield
     (request, result record or LineError) as each finishes."""
     pending: dict[int, JobRequest] = {}
+    model = model_name(llm)
 
     def feed():
         for i, req in enumerate(runnable):
@@ -205,9 +246,9 @@ def stream_records(llm, runnable: Iterable[JobRequest], *, use_tqdm: bool = Fals
     for i, out in llm.stream(feed(), None, use_tqdm=use_tqdm):
         req = pending.pop(i)
         if out.error is not None:
-            yield req, LineError(req.line, out.error, id=req.id)
+            yield req, LineError(req.line, out.error, id=req.id, fmt=req.fmt, code="request_failed")
         else:
-            yield req, result_record(req, out)
+            yield req, result_record(req, out, llm.tokenizer, model)
 
 
 class ModelLoadError(Exception):
@@ -241,7 +282,8 @@ def _generate(requests: Iterable[JobRequest], cfg: JobConfig, llm_factory: LLMFa
               summary: JobSummary) -> None:
     llm = build_llm(llm_factory, cfg.engine_kwargs)
     start = time.perf_counter()
-    runnable = errors_written(tokenized(requests, llm.tokenizer), writer, summary)
+    defaults = llm.generation_defaults() if hasattr(llm, "generation_defaults") else {}
+    runnable = errors_written(tokenized(requests, llm.tokenizer, defaults), writer, summary)
     results = errors_written((result for _, result in stream_records(llm, runnable, use_tqdm=cfg.progress)),
                              writer, summary)
     for result in results:

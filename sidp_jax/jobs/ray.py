@@ -36,10 +36,14 @@ actor, on the row as a Python dict.
 Rows out, one per row in (in any order), with offline_job's record fields and a fixed schema:
 "id", "text", "token_ids", "finish_reason", "prompt_tokens", "output_tokens", "logprobs" (null
 unless requested; a map token id -> logprob per generated token), "completions" (null unless
-n > 1) and "error" (null, or why the row could not run; then the other fields are null).
+n > 1) and "error" (null, or why the row could not run; then the other fields are null), and
+the same values under ray.data.llm's names: "generated_text" (= text), "num_generated_tokens"
+(= output_tokens), "num_input_tokens" (= prompt_tokens).
 `postprocess` (record -> row) replaces that: it gets the record as a dict shaped exactly like
 an offline_job output line (an error is {"id", "error"}, "id" None when the row had no usable
-one), and its rows become the output.
+one), and its rows become the output. A row in OpenAI's batch format (a "custom_id" and a
+"body", as offline_job's batch lines) gives that format's output line, which only a
+`postprocess` can take (the fixed schema is the simple format's).
 
 Faults: a dead actor (lost node, OOM kill) is restarted by Ray (`max_restarts`) and its
 unfinished batches are retried (`max_task_retries`); a batch's rows are output only when the whole
@@ -47,9 +51,9 @@ batch finishes, so every row comes out once. Ids are not checked for uniqueness 
 dataset (actors see only their own batches): `run_offline.py --ray` checks them on the driver.
 
 `run_offline.py --ray [ADDRESS]` runs the JSONL/Parquet job of offline_job through this (see
-`run_ray_job`): the driver reads and checks the input, writes the error records, ships the good
-lines as JSON strings, and appends the results to the output file as batches finish, so the job
-resumes like the single-host one.
+`run_ray_job`), in either input format: the driver reads and checks the input, writes the error
+records, ships the good lines as JSON strings, and appends the results to the output file as
+batches finish, so the job resumes like the single-host one.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from sidp_jax.engine_config import EngineConfig
 from sidp_jax.jobs.job_input import LineError, drop_nulls, parse_line
 from sidp_jax.jobs.job_output import JobOutput
 from sidp_jax.jobs.offline_job import JobConfig, JobSummary, execute_job, stream_records, tokenize_requests
+from sidp_jax.jobs.openai_batch import is_batch_record
 
 INSTALL_HINT = "pip install 'sidp-jax[ray]'"
 Row = dict[str, Any]
@@ -249,6 +254,9 @@ def records_table(records: list[dict]):
     """The records as one Arrow table of a fixed schema (see the module docstring)."""
     import pyarrow as pa
 
+    if any("custom_id" in r for r in records):
+        raise ValueError("rows in the OpenAI batch format give batch output lines, which do not fit the fixed "
+                         "schema: give build_sidp_processor a postprocess")
     logprobs = pa.list_(pa.map_(pa.string(), pa.float64()))
     completion = pa.struct([("text", pa.string()), ("token_ids", pa.list_(pa.int64())),
                             ("finish_reason", pa.string()), ("logprobs", logprobs)])
@@ -260,8 +268,13 @@ def records_table(records: list[dict]):
         ("id", id_type), ("text", pa.string()), ("token_ids", pa.list_(pa.int64())), ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int64()), ("output_tokens", pa.int64()), ("logprobs", logprobs),
         ("completions", pa.list_(completion)), ("error", pa.string()),
+        ("generated_text", pa.string()), ("num_generated_tokens", pa.int64()), ("num_input_tokens", pa.int64()),
     ])
-    return pa.Table.from_pylist(records, schema=schema)
+    rows = [{**r, **{name: r.get(ours) for name, ours in RAY_LLM_NAMES.items()}} for r in records]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+RAY_LLM_NAMES = {"generated_text": "text", "num_generated_tokens": "output_tokens", "num_input_tokens": "prompt_tokens"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +310,7 @@ def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOp
         ray.init(address=opts.address or None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
-    line_of = {r.id: r.line for r in requests}
+    request_of = {r.id: r for r in requests}
     engine = dict(cfg.engine_kwargs)
     model = engine.pop("model", None)
     processor = build_sidp_processor(
@@ -314,18 +327,20 @@ def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOp
     written: set = set()
     for row in processor(ds).iter_rows():
         record = json.loads(row["record"])
-        rid = record.get("id")
-        if rid not in line_of or rid in written:  # cannot happen: every row is output once
+        failed = isinstance(record.get("error"), str)  # the actor's {"id", "error"}, in either format
+        rid = record.get("custom_id") if is_batch_record(record) else record.get("id")
+        if rid not in request_of or rid in written:  # cannot happen: every row is output once
             print(f"warning: dropped an unexpected or repeated record for id {rid!r}", file=sys.stderr)
             continue
         written.add(rid)
-        if "error" in record:
-            writer.write(LineError(line_of[rid], record["error"], id=rid).record())
+        req = request_of[rid]
+        if failed:
+            writer.write(LineError(req.line, record["error"], id=rid, fmt=req.fmt).record())
             summary.requests_errored += 1
         else:
             writer.write(record)
             summary.count_result(record)
     summary.elapsed_s = time.perf_counter() - start
-    missing = [rid for rid in line_of if rid not in written]
+    missing = [rid for rid in request_of if rid not in written]
     if missing:  # cannot happen either; a rerun would run them
         raise RuntimeError(f"the Ray job returned no record for {len(missing)} id(s), e.g. {missing[:5]}; rerun to resume")
