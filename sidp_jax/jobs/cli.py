@@ -96,7 +96,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="run_offline.py",
+        prog="sidp-offline" if Path(sys.argv[0]).name == "sidp-offline" else "run_offline.py",
         description="Offline batch inference: JSONL prompts in, JSONL results out (resumable). "
         "With no arguments, runs the bundled tiny model on the bundled example prompts.",
     )
