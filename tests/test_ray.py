@@ -129,6 +129,8 @@ def test_run_offline_ray_job(cluster, reference, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "Ray: 2 SiDP group(s)" in printed and "Errors: 2" in printed
+    # the actors' engine stats reach the summary: 2 groups of 4 replicas, all steps in CaS
+    assert "replicas 8" in printed and "Steps per mode: cas=" in printed and "Step time: n/a" not in printed
 
     records = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [r["id"] for r in records if "id" in r]

@@ -128,10 +128,13 @@ class SiDPProcessor:
     """Maps a Ray Dataset of prompt rows to a Dataset of completion rows (lazily, like Ray Data)."""
 
     def __init__(self, config: SiDPProcessorConfig, preprocess: RowFn | None = None,
-                 postprocess: RowFn | None = None):
+                 postprocess: RowFn | None = None, engine_stats: bool = False):
+        """engine_stats: the first row of each output batch carries its actor's llm.stats() as
+        JSON in an "engine_stats" column (empty in the other rows), for a job's summary."""
         self.config = config
         self.preprocess = preprocess
         self.postprocess = postprocess
+        self.engine_stats = engine_stats
 
     def actor_resources(self) -> tuple[float, float]:
         """(num_gpus, num_cpus) each actor asks for; needs Ray initialized when GPUs are auto."""
@@ -171,7 +174,8 @@ class SiDPProcessor:
                 SiDPWorker,
                 fn_constructor_kwargs=dict(model_source=cfg.model_source, engine_kwargs=cfg.engine_kwargs,
                                            sampling_params=cfg.sampling_params, preprocess=self.preprocess,
-                                           postprocess=self.postprocess, use_tqdm=cfg.use_tqdm),
+                                           postprocess=self.postprocess, use_tqdm=cfg.use_tqdm,
+                                           engine_stats=self.engine_stats),
                 batch_size=cfg.batch_size,
                 batch_format="pyarrow",
                 compute=compute,
@@ -182,9 +186,9 @@ class SiDPProcessor:
 
 
 def build_sidp_processor(config: SiDPProcessorConfig, preprocess: RowFn | None = None,
-                         postprocess: RowFn | None = None) -> SiDPProcessor:
+                         postprocess: RowFn | None = None, engine_stats: bool = False) -> SiDPProcessor:
     """Like ray.data.llm.build_llm_processor: `processor(ds)` is the Dataset of results."""
-    return SiDPProcessor(config, preprocess, postprocess)
+    return SiDPProcessor(config, preprocess, postprocess, engine_stats)
 
 
 def _supported(fn, options: dict) -> dict:
@@ -205,7 +209,9 @@ class SiDPWorker:
     """One actor of the pool: one LLM over all the devices its process sees."""
 
     def __init__(self, model_source, engine_kwargs, sampling_params, preprocess=None, postprocess=None,
-                 use_tqdm=False):
+                 use_tqdm=False, engine_stats=False):
+        import os
+
         import jax
 
         from sidp_jax.llm import LLM
@@ -215,13 +221,19 @@ class SiDPWorker:
         self.llm = LLM(model_source, **kwargs)
         self.sampling_params = dict(sampling_params)
         self.preprocess, self.postprocess, self.use_tqdm = preprocess, postprocess, use_tqdm
+        self.engine_stats = engine_stats
+        self.actor = f"{os.uname().nodename}:{os.getpid()}:{id(self)}"
 
     def __call__(self, batch):
         import pyarrow as pa
 
         records = run_rows(self.llm, batch.to_pylist(), self.sampling_params, self.preprocess, self.use_tqdm)
         if self.postprocess is not None:
-            return pa.Table.from_pylist([self.postprocess(r) for r in records])
+            rows = [self.postprocess(r) for r in records]
+            if self.engine_stats:  # cumulative: the driver keeps each actor's latest
+                stats = json.dumps({"actor": self.actor, **self.llm.stats()}, default=str)
+                rows = [dict(row, engine_stats=stats if i == 0 else "") for i, row in enumerate(rows)]
+            return pa.Table.from_pylist(rows)
         return records_table(records)
 
 
@@ -281,6 +293,31 @@ RAY_LLM_NAMES = {"generated_text": "text", "num_generated_tokens": "output_token
 # run_offline.py --ray
 
 
+def combined_stats(per_actor: list[dict]) -> dict:
+    """The actors' llm.stats() as one: counts and seconds summed, per-step times and rates
+    recomputed, KV per replica and the rest from the first actor; "actors" says how many."""
+    out = dict(per_actor[0])
+    for key in ("num_steps", "num_preemptions", "num_replicas", "wall_seconds", "host_seconds", "device_seconds",
+                "prefill_tokens_requested", "prefill_tokens_computed", "prefix_cache_evictions"):
+        if all(key in s for s in per_actor):
+            out[key] = sum(s[key] for s in per_actor)
+    out["steps_per_mode"] = {}
+    for s in per_actor:
+        for mode, n in s.get("steps_per_mode", {}).items():
+            out["steps_per_mode"][mode] = out["steps_per_mode"].get(mode, 0) + n
+    steps = max(out.get("num_steps", 0), 1)
+    for k in ("wall", "host", "device"):
+        if f"{k}_seconds" in out:
+            out[f"{k}_ms_per_step"] = 1e3 * out[f"{k}_seconds"] / steps
+    if out.get("wall_seconds"):
+        out["device_idle_share"] = max(0.0, 1 - out["device_seconds"] / out["wall_seconds"])
+    if out.get("prefill_tokens_requested"):
+        cached = out["prefill_tokens_requested"] - out["prefill_tokens_computed"]
+        out["prefix_cache_hit_rate"] = cached / out["prefill_tokens_requested"]
+    out["actors"] = len(per_actor)
+    return out
+
+
 def _decode_line(row: Row) -> Row:
     return json.loads(row["json"])
 
@@ -317,7 +354,7 @@ def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOp
         SiDPProcessorConfig(model_source=model, engine_kwargs=engine, sampling_params=cfg.sampling,
                             batch_size=opts.batch_size, concurrency=opts.concurrency,
                             num_gpus_per_actor=opts.num_gpus_per_actor),
-        preprocess=_decode_line, postprocess=_encode_record)
+        preprocess=_decode_line, postprocess=_encode_record, engine_stats=True)
     print(f"Ray: {processor.num_actors()} SiDP group(s), {processor.actor_resources()[0]:g} GPU(s) each, "
           f"batches of {opts.batch_size} rows")
     rows = [{"json": json.dumps(objs[r.line], ensure_ascii=False, default=str)} for r in requests]
@@ -325,7 +362,11 @@ def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOp
 
     start = time.perf_counter()
     written: set = set()
+    per_actor: dict[str, dict] = {}
     for row in processor(ds).iter_rows():
+        if row.get("engine_stats"):
+            stats = json.loads(row["engine_stats"])
+            per_actor[stats.pop("actor")] = stats
         record = json.loads(row["record"])
         failed = isinstance(record.get("error"), str)  # the actor's {"id", "error"}, in either format
         rid = record.get("custom_id") if is_batch_record(record) else record.get("id")
@@ -341,6 +382,7 @@ def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOp
             writer.write(record)
             summary.count_result(record)
     summary.elapsed_s = time.perf_counter() - start
+    summary.engine_stats = combined_stats(list(per_actor.values())) if per_actor else None
     missing = [rid for rid in request_of if rid not in written]
     if missing:  # cannot happen either; a rerun would run them
         raise RuntimeError(f"the Ray job returned no record for {len(missing)} id(s), e.g. {missing[:5]}; rerun to resume")
