@@ -102,3 +102,18 @@ def test_dtype_auto_takes_the_checkpoints_and_parallel_sizes_give_the_mesh():
     assert EngineConfig(data_parallel_size=4, tensor_parallel_size=2).mesh == "dp=4,tp=2"
     with pytest.raises(ValueError, match="disagrees"):
         EngineConfig(mesh="dp=8", data_parallel_size=2)
+
+
+def test_chat_greedy_equals_transformers(llm):
+    """LLM.chat renders each fixture conversation with the checkpoint's template and continues it
+    greedily as transformers does (tools/make_chat_greedy_fixture.py)."""
+    with open(os.path.join(REFERENCE, "chat.json")) as f:
+        conversations = {c["name"]: c for c in json.load(f)["conversations"]}
+    with open(os.path.join(REFERENCE, "tiny-qwen3-chat-greedy.json")) as f:
+        want = json.load(f)["conversations"]
+    assert len(want) >= 4
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = llm.chat([conversations[w["name"]]["messages"] for w in want], params, use_tqdm=False)
+    for w, out in zip(want, outs):
+        assert out.prompt_token_ids == w["prompt_token_ids"], w["name"]
+        assert out.outputs[0].token_ids == w["greedy_token_ids"], w["name"]

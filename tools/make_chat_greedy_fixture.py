@@ -43,11 +43,15 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     chat = json.loads((ROOT / "tests" / "fixtures" / "reference" / "chat.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(ROOT / "sidp_jax" / "assets" / "tiny-qwen3", torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(ROOT / "sidp_jax" / "assets" / "tiny-qwen3", dtype=torch.float32)
     model.eval()
     entries = []
+    limit = model.config.max_position_embeddings - MAX_NEW_TOKENS
     for conv in chat["conversations"]:
         ids = conv["ids_add_generation_prompt_true"]
+        if len(ids) > limit:
+            print(f"  {conv['name']}: {len(ids)} prompt tokens, beyond the model's context: left out")
+            continue
         tokens, gaps = greedy(model, ids)
         entries.append({"name": conv["name"], "prompt_token_ids": ids, "greedy_token_ids": tokens,
                         "min_top2_gap": min(gaps)})
