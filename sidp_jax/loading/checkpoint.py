@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from sidp_jax.models.config import ModelConfig, load_config
 from sidp_jax.models.modules import Decoder, model_specs, module_from_params
 from sidp_jax.models.params import expected_hf_shapes, is_spec
+from sidp_jax.loading.fp8 import open_checkpoint
 from sidp_jax.loading.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 Index = tuple[slice, ...]
@@ -44,7 +45,7 @@ def validate(ckpt: SafetensorsCheckpoint, cfg: ModelConfig) -> None:
 
 def load_params(model_dir: str, cfg: ModelConfig, dtype, layout) -> dict:
     """Load a checkpoint into arrays placed as `layout` says (a sidp_jax.parallel.layouts.Layout)."""
-    ckpt = SafetensorsCheckpoint(model_dir)
+    ckpt = open_checkpoint(model_dir)
     validate(ckpt, cfg)
     specs = layout.stored_specs(cfg)
     flat, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
