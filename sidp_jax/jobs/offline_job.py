@@ -204,10 +204,12 @@ def run_job(cfg: JobConfig, llm_factory: LLMFactory = default_llm_factory) -> Jo
                        _generate(requests, cfg, llm_factory, writer, summary))
 
 
-def tokenize_requests(requests: list[JobRequest], tokenizer) -> tuple[list[JobRequest], list[LineError]]:
-    """Fill in each request's prompt_ids; a prompt that cannot be rendered/encoded is an error."""
+def tokenize_requests(requests: list[JobRequest], tokenizer,
+                      defaults: dict | None = None) -> tuple[list[JobRequest], list[LineError]]:
+    """Fill in each request's prompt_ids (and the generation_config defaults, see tokenized); a
+    prompt that cannot be rendered/encoded is an error."""
     runnable, errors = [], []
-    for item in tokenized(requests, tokenizer):
+    for item in tokenized(requests, tokenizer, defaults):
         (errors if isinstance(item, LineError) else runnable).append(item)
     return runnable, errors
 

@@ -250,7 +250,8 @@ def run_rows(llm, rows: list[Row], sampling_params: dict, preprocess: RowFn | No
             out[i] = _error_record(item)
         else:
             requests.append(item)
-    runnable, errors = tokenize_requests(requests, llm.tokenizer)
+    defaults = llm.generation_defaults() if hasattr(llm, "generation_defaults") else {}
+    runnable, errors = tokenize_requests(requests, llm.tokenizer, defaults)
     for err in errors:
         out[err.line] = _error_record(err)
     for req, result in stream_records(llm, runnable, use_tqdm=use_tqdm):
