@@ -18,8 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sidp_jax.models.config import ModelConfig, rope_inv_freq
 from sidp_jax.kernels.paged_attention import paged_attention_reference, write_kv
+from sidp_jax.models.config import ModelConfig, rope_inv_freq
+
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sidp_jax.models.config import ModelConfig
 from sidp_jax.models import decoder
+from sidp_jax.models.config import ModelConfig
 from sidp_jax.models.params import Convert, ParamSpec, initial_value
 
 _LAYER = "model.layers.{l}"

@@ -8,8 +8,8 @@ import os as _os
 XLA_MEM_FRACTION = "0.95"
 _os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", XLA_MEM_FRACTION)
 
-from sidp_jax.sampling_params import SamplingParams  # noqa: E402
 from sidp_jax.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from sidp_jax.sampling_params import SamplingParams  # noqa: E402
 
 
 def __getattr__(name):  # LLM pulls in jax and the models: import it lazily

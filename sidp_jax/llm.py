@@ -7,13 +7,13 @@ import time
 from typing import Iterator
 
 from sidp_jax.engine.compilation import enable_compile_cache
-from sidp_jax.models.config import PRESETS, ModelConfig, dtype_from_name, load_config
 from sidp_jax.engine.engine import Engine, Request
-from sidp_jax.engine_config import EngineConfig
-from sidp_jax.parallel.layouts import make_layout
-from sidp_jax.outputs import RequestOutput
-from sidp_jax.sampling_params import SamplingParams
 from sidp_jax.engine.startup import build_runner, precompile_steps, report_kv
+from sidp_jax.engine_config import EngineConfig
+from sidp_jax.models.config import PRESETS, ModelConfig, dtype_from_name, load_config
+from sidp_jax.outputs import RequestOutput
+from sidp_jax.parallel.layouts import make_layout
+from sidp_jax.sampling_params import SamplingParams
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny-qwen3")
 

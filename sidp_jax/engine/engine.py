@@ -8,14 +8,14 @@ import time
 import jax
 import numpy as np
 
-from sidp_jax.engine.step_inputs import build_step, wants_prompt_logprobs
 from sidp_jax.engine.model_runner import ModelRunner
-from sidp_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from sidp_jax.sampling_params import SamplingParams
 from sidp_jax.engine.sampler import Sampled
 from sidp_jax.engine.scheduler import ScheduledChunk, Scheduler
 from sidp_jax.engine.sequence import Sequence
+from sidp_jax.engine.step_inputs import build_step, wants_prompt_logprobs
 from sidp_jax.engine.stop import check_stop
+from sidp_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from sidp_jax.sampling_params import SamplingParams
 
 
 class Request:

@@ -26,19 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sidp_jax.engine.step_inputs import StepInputs, StepShape
 from sidp_jax.engine.compilation import step_compiler_options
-from sidp_jax.models.config import ModelConfig
-from sidp_jax.kernels.attention import (DEFAULT_TILE_TOKENS, decode_attention,
-                                        kernel_unsupported_reason, mixed_attention)
+from sidp_jax.engine.sampler import Sampled, SamplerFlags, prompt_logprobs, sample
+from sidp_jax.engine.step_inputs import StepInputs, StepShape
+from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
+from sidp_jax.engine_config import Attention, AttentionKind, KernelPath
+from sidp_jax.kernels.attention import DEFAULT_TILE_TOKENS, decode_attention, kernel_unsupported_reason, mixed_attention
 from sidp_jax.kernels.paged_attention import paged_attention_reference
-from sidp_jax.parallel.layouts import Layout
+from sidp_jax.models.config import ModelConfig
 from sidp_jax.models.decoder import dense_ffn, forward, head_logits
+from sidp_jax.parallel.layouts import Layout
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
-from sidp_jax.engine_config import Attention, AttentionKind, KernelPath
-from sidp_jax.engine.sampler import Sampled, SamplerFlags, prompt_logprobs, sample
-from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 
 KV_SPEC = P("dp", None, None, "tp", None)  # [replica, L*pages, page, kv_heads, head_dim]
 

@@ -6,20 +6,20 @@ import logging
 
 import jax
 
-from sidp_jax.engine_config import EngineConfig
-from sidp_jax.engine.step_inputs import bucket, mixed_rows, mixed_tokens, step_shapes, token_buffer_width
-from sidp_jax.parallel.capacity import dp_comparison_line, weight_bytes_per_gpu
-from sidp_jax.loading.checkpoint import load_params
-from sidp_jax.models.config import PRESETS, ModelConfig
 from sidp_jax.engine.memory import compiled_temp_bytes, device_memory, free_bytes_for_kv
 from sidp_jax.engine.model_runner import ModelRunner, kv_bytes_per_page
-from sidp_jax.models.params import init_params
+from sidp_jax.engine.sampler import SamplerFlags
+from sidp_jax.engine.scheduler import Scheduler
+from sidp_jax.engine.step_inputs import bucket, mixed_rows, mixed_tokens, step_shapes, token_buffer_width
+from sidp_jax.engine_config import EngineConfig
+from sidp_jax.loading.checkpoint import load_params
 from sidp_jax.loading.placed_checkpoint import is_placed_checkpoint, restore_placed
+from sidp_jax.models.config import PRESETS, ModelConfig
+from sidp_jax.models.params import init_params
+from sidp_jax.parallel.capacity import dp_comparison_line, weight_bytes_per_gpu
 from sidp_jax.pool.calibrate import calibrated_crossover
 from sidp_jax.pool.policy import ModePolicy
 from sidp_jax.pool.replica_was import replica_was_extra_bytes, uses_replica_was
-from sidp_jax.engine.sampler import SamplerFlags
-from sidp_jax.engine.scheduler import Scheduler
 
 CPU_DEFAULT_KV_TOKENS = 32768  # per replica, where the device reports no memory (CPU)
 

@@ -31,7 +31,6 @@ import numpy as np
 from sidp_jax.engine.sampler import SamplerFlags
 from sidp_jax.engine.scheduler import ScheduledChunk
 
-
 # Smallest buckets: a decode step of up to 64 rows, or a mixed step of up to 256 tokens, is bound by
 # reading the weights (HBM), so padding it up costs next to nothing, while every extra variant of a
 # 64-80 layer program costs 10-20 s of compilation on GPU (benchmarks/RESULTS.md).

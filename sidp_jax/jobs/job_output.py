@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 
 from sidp_jax.jobs import openai_batch
-from sidp_jax.jobs.job_input import FORMAT_BATCH, FORMAT_NAMES, FORMAT_SIMPLE, Key, JobRequest, is_valid_id
-
-
+from sidp_jax.jobs.job_input import FORMAT_BATCH, FORMAT_NAMES, FORMAT_SIMPLE, JobRequest, Key, is_valid_id
 
 MARKER_SUFFIX = ".sidp-job"  # beside the output: marks it as this job's, and holds its lock
 

@@ -10,14 +10,15 @@ device more than its shard plus one layer's raw tensors.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 
+from sidp_jax.loading.fp8 import open_checkpoint
+from sidp_jax.loading.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from sidp_jax.models.config import ModelConfig, load_config
 from sidp_jax.models.modules import Decoder, model_specs, module_from_params
 from sidp_jax.models.params import expected_hf_shapes, is_spec
-from sidp_jax.loading.fp8 import open_checkpoint
-from sidp_jax.loading.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 Index = tuple[slice, ...]
 

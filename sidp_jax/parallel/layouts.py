@@ -23,7 +23,6 @@ from sidp_jax.models.modules import FFN_LEAVES, model_specs
 from sidp_jax.models.params import is_spec
 
 
-
 def parse_mesh(mesh: str) -> dict[str, int]:
     """'dp=4,tp=2' -> {'dp': 4, 'tp': 2}."""
     sizes = {"dp": 1, "tp": 1}

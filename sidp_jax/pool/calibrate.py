@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import cache_root
+from sidp_jax.engine.timing import median_seconds
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ffn_chain_seconds
-from sidp_jax.engine.timing import median_seconds
 
 log = logging.getLogger("sidp_jax")
 TOKENS = (128, 512, 2048, 8192)

@@ -21,13 +21,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sidp_jax.parallel.capacity import ffn_layer_bytes
 from sidp_jax.engine.compilation import step_compiler_options
+from sidp_jax.engine.sampler import SamplerFlags, sample
+from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 from sidp_jax.engine_config import WasRunner
 from sidp_jax.models.decoder import embed, head_logits, layer, paged_attend, swiglu
 from sidp_jax.models.modules import FFN_LEAVES
-from sidp_jax.engine.sampler import SamplerFlags, sample
-from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
+from sidp_jax.parallel.capacity import ffn_layer_bytes
 
 
 def uses_replica_was(layout, was_runner: str) -> bool:
