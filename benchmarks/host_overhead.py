@@ -23,22 +23,24 @@ import numpy as np
 
 from sidp_jax.engine.engine import Engine, Request
 from sidp_jax.engine.sampler import Sampled
+from sidp_jax.engine.step_times import step_times
 from sidp_jax.sampling_params import SamplingParams
 from sidp_jax.engine.scheduler import Scheduler
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 class _OnDevice:
-    """A stand-in step's output: ready when its worker finished (what the engine asks of a jax.Array)."""
+    """One array of a stand-in step's output: ready when its worker finished (what the engine asks
+    of a jax.Array)."""
 
-    def __init__(self, future):
-        self.future = future
+    def __init__(self, future, key: str):
+        self.future, self.key = future, key
 
     def is_ready(self) -> bool:
         return self.future.done()
 
     def __array__(self, dtype=None, copy=None):
-        return self.future.result()
+        return self.future.result()[self.key]
 
 
 class StandInRunner:
@@ -51,14 +53,16 @@ class StandInRunner:
         self.rng = np.random.default_rng(0)
         self.device = concurrent.futures.ThreadPoolExecutor(1)
 
-    def _run(self, D: int, S: int) -> np.ndarray:
+    def _run(self, D: int, S: int) -> dict[str, np.ndarray]:
         if self.device_s:
             time.sleep(self.device_s)
-        return self.rng.integers(100, 1000, (D, S), dtype=np.int32)
+        return {"tokens": self.rng.integers(100, 1000, (D, S), dtype=np.int32),
+                "logprob": np.zeros((D, S), np.float32), "rank": np.ones((D, S), np.int32)}
 
     def dispatch(self, inputs, mode, prev_tokens=None):
         shape = inputs.shape
-        return Sampled(_OnDevice(self.device.submit(self._run, shape.D, shape.S)), None)
+        step = self.device.submit(self._run, shape.D, shape.S)
+        return Sampled(*(_OnDevice(step, k) for k in ("tokens", "logprob", "rank")))
 
 
 def run(a, async_scheduling: bool) -> dict:
@@ -80,11 +84,9 @@ def run(a, async_scheduling: bool) -> dict:
         engine.step()
         rows.append(sum(len(p) for p in sched.running))
     after = engine.stats()
-    steps = after["num_steps"] - before["num_steps"]
-    per_step = {k: 1e3 * (after[f"{k}_seconds"] - before[f"{k}_seconds"]) / steps for k in ("wall", "host", "device")}
-    return {"async_scheduling": async_scheduling, "wall_ms_per_step": per_step["wall"],
-            "host_ms_per_step": per_step["host"], "device_ms_per_step": per_step["device"],
-            "device_idle_share": max(0.0, 1 - per_step["device"] / per_step["wall"]),
+    delta = {k: after[k] - before[k] for k in ("num_steps", "wall_seconds", "host_seconds", "device_seconds")}
+    return {"async_scheduling": async_scheduling,
+            **step_times(delta["wall_seconds"], delta["host_seconds"], delta["device_seconds"], delta["num_steps"]),
             "steps_found_ready": after["steps_found_ready"] - before["steps_found_ready"],
             "mean_running_sequences": float(np.mean(rows))}
 
