@@ -5,11 +5,7 @@
 # Env: PROMPTS, INPUT_LEN, OUTPUT_LEN, MAX_SEQS, TIME_LIMIT, WARMUP, SKIP_TESTS=1.
 # Results land in $OUT (the device tool's folder): JSON + logs, and a table last.
 set -uo pipefail
-OUT="${OUT:-out}"
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 SIDP_JAX_CACHE=/tmp/sidp-cache
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/sidp-now . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
-now="env PYTHONPATH=/tmp/sidp-now"
+source "$(dirname "$0")/gpu_setup.sh"
 $now python3 -c "import jax, sidp_jax; print('jax', jax.__version__, jax.devices(), sidp_jax.__file__)"
 if [ -z "${SKIP_TESTS:-}" ]; then
   (cd tests && timeout "${TEST_TIMEOUT:-170}" $now python3 -m pytest -q -m gpu -p no:cacheprovider . 2>&1 | tail -25 | tee "$OUT/pytest-gpu.log")

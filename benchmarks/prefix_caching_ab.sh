@@ -4,11 +4,7 @@
 #   bash benchmarks/prefix_caching_ab.sh [fewshot rollouts random]
 # Env: TIME_LIMIT, WARMUP (seconds per run), MODEL. Results land in $OUT, a table last.
 set -uo pipefail
-OUT="${OUT:-out}"
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 SIDP_JAX_CACHE=/tmp/sidp-cache
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/sidp-now . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
-now="env PYTHONPATH=/tmp/sidp-now"
+source "$(dirname "$0")/gpu_setup.sh"
 common=(--model "${MODEL:-qwen3-32b}" --mesh dp=1 --compare dp --prefix-caching on,off --max-num-seqs 256
         --max-num-batched-tokens 2048 --gpu-memory-utilization 0.9 --max-model-len 2240 --time-limit "${TIME_LIMIT:-60}" --warmup "${WARMUP:-15}")
 [ $# -gt 0 ] || set -- fewshot rollouts random

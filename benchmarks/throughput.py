@@ -35,6 +35,7 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool) -
     import numpy as np
 
     from sidp_jax import LLM, SamplingParams
+    from sidp_jax.engine.step_times import step_times
 
     t_start = time.perf_counter()
     llm = LLM(args.model, mesh=args.mesh, parallel=parallel, placement=args.placement, ffn_mode=args.ffn_mode,
@@ -78,9 +79,7 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool) -
     base = at_warmup if not done and at_warmup else {k: 0 for k in ("num_steps", "wall_seconds", "host_seconds",
                                                                     "device_seconds")}
     steps = max(stats["num_steps"] - base["num_steps"], 1)
-    window = {f"{k}_ms_per_step": 1e3 * (stats[f"{k}_seconds"] - base[f"{k}_seconds"]) / steps
-              for k in ("wall", "host", "device")}
-    window["device_idle_share"] = max(0.0, 1 - window["device_ms_per_step"] / window["wall_ms_per_step"])
+    window = step_times(*(stats[f"{k}_seconds"] - base[f"{k}_seconds"] for k in ("wall", "host", "device")), steps)
     prompt_tokens, output_tokens = in_end - in0, out_end - out0
     vllm_keys = {  # `vllm bench throughput --output-json`'s keys, over the same window as the rates
         "elapsed_time": dt, "num_requests": finished, "total_num_tokens": prompt_tokens + output_tokens,

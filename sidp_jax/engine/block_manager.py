@@ -96,10 +96,6 @@ class BlockManager:
             pages.append(page)
         return pages
 
-    def held_elsewhere(self, pages: list[int]) -> int:
-        """How many of `pages` some sequence holds (taking them costs no free page)."""
-        return sum(self._refs[p] > 0 for p in pages)
-
     def share(self, seq: Sequence, pages: list[int]) -> None:
         """Give seq (holding no pages) the cached prefix `pages`: their tokens count as computed."""
         assert not seq.pages and seq.num_computed == 0
@@ -108,8 +104,8 @@ class BlockManager:
                 del self._evictable[page]
             self._refs[page] += 1
         seq.pages.extend(pages)
-        seq.num_computed = seq.num_registered_pages = len(pages)
-        seq.num_computed *= self.page_size
+        seq.num_registered_pages = len(pages)
+        seq.num_computed = len(pages) * self.page_size
 
     def register(self, seq: Sequence, num_tokens: int) -> None:
         """Cache seq's full pages within its first num_tokens tokens (computed by the step being

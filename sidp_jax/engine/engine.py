@@ -13,6 +13,7 @@ from sidp_jax.engine.sampler import Sampled
 from sidp_jax.engine.scheduler import ScheduledChunk, Scheduler
 from sidp_jax.engine.sequence import Sequence
 from sidp_jax.engine.step_inputs import build_step, wants_prompt_logprobs
+from sidp_jax.engine.step_times import step_times
 from sidp_jax.engine.stop import check_stop
 from sidp_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from sidp_jax.sampling_params import SamplingParams
@@ -147,7 +148,7 @@ class Engine:
         flight, self._inflight = self._inflight, None
         return flight
 
-    def _read(self, flight: _InFlight) -> dict:
+    def _read(self, flight: _InFlight) -> Sampled:
         """Wait for a step's results. Its device time runs from the later of its dispatch and the
         previous step's end to when its results arrive: exact while the host waits on the device;
         a step whose results were ready before the host asked (counted in steps_found_ready) is
@@ -222,16 +223,13 @@ class Engine:
     def stats(self) -> dict:
         """host: time in step() not spent waiting on the devices; device_idle_share: the share of
         step() wall time the devices were not busy (a lower bound where steps_found_ready > 0)."""
-        steps = max(self.num_steps, 1)
         host = self.wall_seconds - self.wait_seconds
         return {"num_steps": self.num_steps, "steps_per_mode": dict(self.steps_per_mode),
                 "num_preemptions": self.scheduler.num_preemptions,
                 "steps_per_attention": dict(self.runner.steps_per_attention),
                 "precompiled_steps": self.runner.precompiled_steps, "async_scheduling": self.async_scheduling,
                 "wall_seconds": self.wall_seconds, "host_seconds": host, "device_seconds": self.device_seconds,
-                "wall_ms_per_step": 1e3 * self.wall_seconds / steps, "host_ms_per_step": 1e3 * host / steps,
-                "device_ms_per_step": 1e3 * self.device_seconds / steps,
-                "device_idle_share": max(0.0, 1 - self.device_seconds / self.wall_seconds) if self.wall_seconds else 0.0,
+                **step_times(self.wall_seconds, host, self.device_seconds, self.num_steps),
                 "steps_found_ready": self.steps_found_ready, "device_fed_tokens": self.device_fed_tokens,
                 **self.scheduler.prefix_cache_stats()}
 

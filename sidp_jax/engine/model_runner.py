@@ -154,10 +154,6 @@ class ModelRunner:
                                                      self.batch_sharding)
         return self._no_prev_tokens[W]
 
-    def run(self, inputs: StepInputs, mode: str = "local", prev_tokens: jax.Array | None = None) -> Sampled:
-        """dispatch() and wait: the step's outputs as numpy arrays."""
-        return jax.device_get(self.dispatch(inputs, mode, prev_tokens))
-
     def dispatch(self, inputs: StepInputs, mode: str = "local", prev_tokens: jax.Array | None = None) -> Sampled:
         """Launch one step and return at once: its outputs on the devices, tokens [D, W] (padded
         to the token buffer width), logprob [D, S] and any top logprobs [D, S, k].

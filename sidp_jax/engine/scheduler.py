@@ -51,7 +51,6 @@ class Scheduler:
     def __init__(self, num_replicas: int, num_pages: int, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, enable_prefix_caching: bool = False):
         self.blocks = [BlockManager(num_pages, page_size, enable_prefix_caching) for _ in range(num_replicas)]
-        self.page_size = page_size
         self.prefill_tokens_requested = 0  # tokens to prefill at admission (prompts, recomputes)
         self.prefill_tokens_cached = 0  # of which the prefix cache held
         self._prefilling: dict[int, Sequence] = {}  # request -> its sample still prefilling the prompt (n > 1)

@@ -66,6 +66,7 @@ import time
 import warnings
 from typing import Any, Callable
 
+from sidp_jax.engine.step_times import step_times
 from sidp_jax.engine_config import EngineConfig
 from sidp_jax.jobs.job_input import LineError, drop_nulls, parse_line
 from sidp_jax.jobs.job_output import JobOutput
@@ -306,12 +307,8 @@ def combined_stats(per_actor: list[dict]) -> dict:
     for s in per_actor:
         for mode, n in s.get("steps_per_mode", {}).items():
             out["steps_per_mode"][mode] = out["steps_per_mode"].get(mode, 0) + n
-    steps = max(out.get("num_steps", 0), 1)
-    for k in ("wall", "host", "device"):
-        if f"{k}_seconds" in out:
-            out[f"{k}_ms_per_step"] = 1e3 * out[f"{k}_seconds"] / steps
-    if out.get("wall_seconds"):
-        out["device_idle_share"] = max(0.0, 1 - out["device_seconds"] / out["wall_seconds"])
+    if all(f"{k}_seconds" in out for k in ("wall", "host", "device")):
+        out.update(step_times(out["wall_seconds"], out["host_seconds"], out["device_seconds"], out.get("num_steps", 0)))
     if out.get("prefill_tokens_requested"):
         cached = out["prefill_tokens_requested"] - out["prefill_tokens_computed"]
         out["prefix_cache_hit_rate"] = cached / out["prefill_tokens_requested"]
