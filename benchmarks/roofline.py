@@ -33,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sidp_jax.engine.sampler import SamplerFlags  # noqa: E402
+from sidp_jax.engine.step_inputs import StepShape  # noqa: E402
 from sidp_jax.engine.timing import median_seconds  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -104,17 +105,16 @@ def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
     """A decode-only step as sidp_jax.engine.step_inputs lays it out: token i in row i, one replica."""
     rng = np.random.default_rng(seed)
     MB = -(-(context + 1) // page_size)
+    shape = StepShape(1, S, S, MB, decode_only=True)
+    batch, samp = shape.arrays(shape.batch_fields()), shape.arrays(shape.sampling_fields())  # greedy rows
     pages = (1 + np.arange(S * MB, dtype=np.int32)).reshape(S, MB)
     pos = np.full(S, context, np.int32)  # `context` cached tokens before this one
-    one = lambda a: a[None]
-    batch = {"tokens": rng.integers(100, vocab - 100, S).astype(np.int32), "positions": pos,
-             "slots": pages[np.arange(S), pos // page_size] * page_size + pos % page_size,
-             "token_seq": np.arange(S, dtype=np.int32), "block_tables": pages,
-             "sample_index": np.arange(S, dtype=np.int32), "num_tokens": np.int32(S)}
-    samp = {"temperature": np.zeros(S, np.float32), "top_p": np.ones(S, np.float32),
-            "top_k": np.zeros(S, np.int32), "min_p": np.zeros(S, np.float32), "seed": np.zeros(S, np.uint32),
-            "step": np.zeros(S, np.int32), "banned": np.full((S, 1), -1, np.int32)}
-    return jax.tree.map(one, batch), jax.tree.map(one, samp), S * MB
+    batch.update(tokens=rng.integers(100, vocab - 100, (1, S)).astype(np.int32), positions=pos[None],
+                 slots=(pages[np.arange(S), pos // page_size] * page_size + pos % page_size)[None],
+                 token_seq=np.arange(S, dtype=np.int32)[None], block_tables=pages[None],
+                 sample_index=np.arange(S, dtype=np.int32)[None], num_tokens=np.array([S], np.int32),
+                 prev_tokens=np.zeros((1, S), np.int32))  # no token comes from a previous step
+    return batch, samp, S * MB
 
 
 def step_cost(cfg, params: dict, S: int, context: int, dtype_bytes: int) -> tuple[float, float, float]:
