@@ -15,11 +15,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sidp_jax.models.fp8 import E4M3, E4M3_MAX
+
 
 def write_kv(cache: jax.Array, new: jax.Array, layer_offset: jax.Array, slots: jax.Array) -> jax.Array:
-    """cache[layer_offset*P + slot] = new; slots are flat `page * page_size + offset` indices."""
+    """cache[layer_offset*P + slot] = new; slots are flat `page * page_size + offset` indices.
+    An e4m3 cache (kv_cache_dtype="fp8", scale 1) saturates at +-448 instead of turning into NaN."""
     pages_times_p = cache.shape[0] * cache.shape[1]
     flat = cache.reshape(pages_times_p, *cache.shape[2:])
+    if cache.dtype == E4M3:
+        new = jnp.clip(new.astype(jnp.float32), -E4M3_MAX, E4M3_MAX)
     flat = flat.at[layer_offset * cache.shape[1] + slots].set(new.astype(cache.dtype))
     return flat.reshape(cache.shape)
 
@@ -44,8 +49,8 @@ def paged_attention_reference(
     def one_chunk(args):
         qc, seq, pos = args  # [t, Nq, D], [t], [t]
         pages = block_tables[seq] + layer_page_offset  # [t, MB]
-        k = k_cache[pages].reshape(-1, MB * P, Nkv, D)
-        v = v_cache[pages].reshape(-1, MB * P, Nkv, D)
+        k = k_cache[pages].reshape(-1, MB * P, Nkv, D).astype(q.dtype)  # an FP8 cache widens here
+        v = v_cache[pages].reshape(-1, MB * P, Nkv, D).astype(q.dtype)
         qg = qc.reshape(-1, Nkv, Nq // Nkv, D)
         s = jnp.einsum("tkgd,tckd->tkgc", qg, k, preferred_element_type=jnp.float32) * scale
         visible = jnp.arange(MB * P)[None, :] <= pos[:, None]

@@ -83,8 +83,9 @@ def _load(ref, mask, other):
     return jnp.where(mask, ref[...], other)  # pragma: no cover
 
 
-def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size: int):
-    """K/V block i ([ppb * P, D] each) of one sequence, and its valid mask [ppb, P] (token < length).
+def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size: int, dtype=None):
+    """K/V block i ([ppb * P, D] each, in `dtype`: an FP8 cache is widened to the queries')
+    of one sequence, and its valid mask [ppb, P] (token < length).
 
     page_ids: the block's ppb layer-local ids from the block table. Pages past the sequence's end
     may hold any table value: a safe page is read there instead (the load is masked off anyway)."""
@@ -104,6 +105,8 @@ def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size:
     lmask = jnp.broadcast_to(valid[:, :, None], shape3)
     k = _load(k_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
     v = _load(v_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
+    if dtype is not None and k.dtype != dtype:
+        k, v = k.astype(dtype), v.astype(dtype)
     return k, v, valid
 
 
@@ -152,7 +155,7 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
             page_ids, ids = ids, table_block(i + 1)
         else:
             page_ids = table_block(i)
-        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P)
+        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, q_ref.dtype)
         logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
         valid_k = jnp.broadcast_to(valid.reshape(1, block_k), (rows, block_k))

@@ -79,7 +79,7 @@ def _chunk_kernel(off_ref, tile_ref, bt_ref, q_ref, init_ref, k_ref, v_ref, o_re
     def body(i, carry):
         acc, m_prev, l_prev = carry
         page_ids = bt_ref[row, pl.ds(i * ppb, ppb)]
-        k, v, _ = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, kv_len, offset, P)
+        k, v, _ = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, kv_len, offset, P, q_ref.dtype)
         logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * qk_scale  # [R, block_k]
         key_row = i * block_k + lax.broadcasted_iota(jnp.int32, (R, block_k), 1)

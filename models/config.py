@@ -38,6 +38,7 @@ class ModelConfig:
     qkv_bias: bool
     qk_norm: bool
     checkpoint_dtype: str = "bfloat16"
+    quantization: str | None = None  # "fp8": W8A8 e4m3 projections (models/fp8.py); None: none
 
     def num_params(self) -> int:
         h, i, l = self.hidden_size, self.intermediate_size, self.num_layers
@@ -119,6 +120,10 @@ def config_from_hf_dict(raw: dict) -> ModelConfig:
         raise ValueError(f"config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     head_dim = _pos_int(raw, "head_dim", max(hidden // heads, 1))
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+    quant = raw.get("quantization_config")
+    # FP8 checkpoints (sidp_jax/loading/fp8.py checks their form) run in FP8; other methods fail there
+    quantization = "fp8" if isinstance(quant, dict) and quant.get("quant_method") in ("fp8", "compressed-tensors") \
+        else None
     return ModelConfig(
         family=family,
         vocab_size=_pos_int(raw, "vocab_size"),
@@ -136,6 +141,7 @@ def config_from_hf_dict(raw: dict) -> ModelConfig:
         qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
         qk_norm=family == "qwen3",
         checkpoint_dtype=str(dtype).replace("torch.", ""),
+        quantization=quantization,
     )
 
 

@@ -20,6 +20,12 @@ import jax.numpy as jnp
 
 from sidp_jax.kernels.paged_attention import paged_attention_reference, write_kv
 from sidp_jax.models.config import ModelConfig, rope_inv_freq
+from sidp_jax.models.fp8 import linear, scale_name
+
+
+def amax_over(axes: tuple[str, ...]):
+    """FP8 activations split over mesh `axes`: each token's scale from its whole row (None: local)."""
+    return (lambda amax: jax.lax.pmax(amax, axes)) if axes else None
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -36,31 +42,43 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def _mm(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """A GEMM in the activations' dtype (accumulated in float32 by the GEMM itself)."""
-    return jnp.einsum(spec, x, w, preferred_element_type=x.dtype)
+def _proj(x: jax.Array, w: dict, name: str, *, out_dtype=None, reduce_amax=None) -> jax.Array:
+    """x through projection `name` of w: a GEMM in the compute dtype, or W8A8 where the layer is
+    FP8 (a `<name>_scale` beside it; models/fp8.py). reduce_amax: see fp8.quantize_tokens."""
+    return linear(x, w[name], w.get(scale_name(name)), out_dtype=out_dtype, reduce_amax=reduce_amax)
 
 
-def swiglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
-    """SwiGLU with gate_up [H, 2, I], down [I, H] (or any slice of I, summed by the caller)."""
-    gu = _mm("th,hci->tci", x, gate_up)
-    h = jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)
-    return jnp.einsum("ti,ih->th", h.astype(x.dtype), down, preferred_element_type=jnp.float32)
+def ffn_hidden(x: jax.Array, w: dict) -> jax.Array:
+    """silu(gate) * up [T, I] (or a slice of I) in x's dtype, from gate_up [H, 2, I]."""
+    gu = _proj(x, w, "gate_up")
+    return (jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)).astype(x.dtype)
 
 
-def dense_ffn(x: jax.Array, layer, w: dict, active=None) -> jax.Array:
+def ffn_down(h: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
+    """float32 [T, H]: down [I, H] (or a slice of I, summed by the caller) applied to h."""
+    return _proj(h, w, "down", out_dtype=jnp.float32, reduce_amax=reduce_amax)
+
+
+def swiglu(x: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
+    """SwiGLU with w's gate_up [H, 2, I] and down [I, H] (or any slice of I, summed by the
+    caller, who passes reduce_amax when the layer is FP8: the slices then share one scale)."""
+    return ffn_down(ffn_hidden(x, w), w, reduce_amax)
+
+
+def dense_ffn(x: jax.Array, layer, w: dict, active=None, split_axes: tuple[str, ...] = ()) -> jax.Array:
     """The FFN with the layer's own (local) weights.
 
     active: this replica has tokens this step; when False the GEMMs are skipped (the paper's
-    dummy skipping: an idle replica only takes part in the collectives). None: always run."""
+    dummy skipping: an idle replica only takes part in the collectives). None: always run.
+    split_axes: the mesh axes the intermediate axis is split over here (FP8 scales span them)."""
     del layer
-    run = lambda: swiglu(x, w["gate_up"], w["down"]).astype(x.dtype)
+    run = lambda: swiglu(x, w, amax_over(split_axes)).astype(x.dtype)
     return run() if active is None else jax.lax.cond(active, run, lambda: jnp.zeros_like(x))
 
 
 def qkv_projection(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin):
     """q [T, Nq, D], k, v [T, Nkv, D] (local heads), normed and rotated, from one fused GEMM."""
-    qkv = _mm("th,hkgd->tkgd", x, w["qkv"])  # [T, Nkv, G + 2, D]
+    qkv = _proj(x, w, "qkv")  # [T, Nkv, G + 2, D]
     if cfg.qkv_bias:
         qkv = qkv + w["qkv_bias"]
     T, nkv, g2, D = qkv.shape
@@ -82,7 +100,7 @@ def layer(cfg: ModelConfig, w: dict, h: jax.Array, kv, cos, sin, *, attend, ffn,
     def attention(h, kv):
         q, k, v = qkv_projection(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), cos, sin)
         o, kv = attend(q, k, v, kv)
-        out = jnp.einsum("tnd,ndh->th", o, w["o"], preferred_element_type=jnp.float32)
+        out = _proj(o, w, "o", out_dtype=jnp.float32, reduce_amax=amax_over((tp_axis,) if tp_axis else ()))
         if tp_axis is not None:
             out = jax.lax.psum(out, tp_axis)
         return out.astype(h.dtype), kv

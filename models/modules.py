@@ -14,6 +14,7 @@ module itself (`sidp_jax.loading.checkpoint.from_pretrained`) and call it on tok
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,6 +23,7 @@ from flax import nnx
 
 from sidp_jax.models import decoder
 from sidp_jax.models.config import ModelConfig
+from sidp_jax.models.fp8 import fp8_specs, scale_name
 from sidp_jax.models.params import Convert, ParamSpec, initial_value
 
 _LAYER = "model.layers.{l}"
@@ -64,7 +66,12 @@ class DecoderLayer(nnx.Module):
         self.down = p((I, H), ("ffn", "embed"), "normal", [f"{_LAYER}.mlp.down_proj.weight"], [(H, I)], Convert("T"))
 
 
-FFN_LEAVES = ("gate_up", "down")  # what SiDP pools
+# What SiDP pools (an FP8 model's FFN also has its scales); a layer holds the ones that apply.
+FFN_LEAVES = ("gate_up", "down", scale_name("gate_up"), scale_name("down"))
+
+
+def ffn_leaves(w: dict) -> dict:
+    return {k: w[k] for k in FFN_LEAVES if k in w}
 
 
 class Decoder(nnx.Module):
@@ -103,8 +110,9 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> Decoder:
 
 @functools.lru_cache(maxsize=32)
 def model_specs(cfg: ModelConfig) -> dict:
-    """The engine's weight pytree as ParamSpecs, read from the modules' variable metadata."""
-    _, state = nnx.split(abstract_model(cfg))
+    """The engine's weight pytree as ParamSpecs, read from the modules' variable metadata (an
+    FP8 model: its projections stored as models/fp8.py says)."""
+    _, state = nnx.split(abstract_model(dataclasses.replace(cfg, quantization=None)))
     specs: dict = {"layers": [{} for _ in range(cfg.num_layers)]}
     for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         keys = [getattr(k, "key", k) for k in path]
@@ -113,4 +121,8 @@ def model_specs(cfg: ModelConfig) -> dict:
         leaf = ParamSpec(tuple(var.shape), meta["logical_axes"], meta["init"], meta["hf"], meta["hf_shapes"],
                          meta["convert"], layer=layer, name=str(keys[-1]))
         (specs["layers"][layer] if layer is not None else specs)[str(keys[-1])] = leaf
+    if cfg.quantization == "fp8":
+        specs["layers"] = [fp8_specs(w) for w in specs["layers"]]
+    elif cfg.quantization is not None:
+        raise ValueError(f"quantization {cfg.quantization!r} is not supported (fp8 or none)")
     return specs

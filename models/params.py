@@ -59,12 +59,17 @@ class ParamSpec:
     layer: int | None = None  # the model layer this leaf belongs to (None: model-wide)
     rows: tuple[int, ...] | None = None  # stacked owner groups: model layer per row, -1 padding
     name: str = ""  # the leaf's name inside its layer ("qkv", "gate_up", ...): keys its random init
+    dtype: str | None = None  # stored dtype; None: the engine's compute dtype
+    quant: object | None = None  # an FP8 leaf: models.fp8.Quant (how it derives from the float weight)
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
 
     def hf_names(self, layer: int | None) -> list[str]:
         return [n.format(l=layer) for n in self.hf]
+
+    def stored_dtype(self, compute_dtype):
+        return jnp.dtype(self.dtype) if self.dtype else jnp.dtype(compute_dtype)
 
 
 def is_spec(x) -> bool:
@@ -93,13 +98,20 @@ def _leaf_key(key, name: str, layer: int | None):
     return jax.random.fold_in(k, 0 if layer is None else layer + 1)
 
 
+def _leaf_value(init: str, key, shape, axes, dtype, quant) -> jax.Array:
+    """A leaf's random value; an FP8 leaf is its float weight's quantized values or scales."""
+    if quant is None:
+        return initial_value(init, key, shape, axes, dtype)
+    return quant(initial_value(init, key, quant.base_shape, quant.base_axes, jnp.float32)).astype(dtype)
+
+
 @functools.lru_cache(maxsize=None)
-def _maker(init: str, shape: tuple, axes: tuple, dtype, valid: tuple | None, sharding):
+def _maker(init: str, shape: tuple, axes: tuple, dtype, valid: tuple | None, sharding, quant=None):
     """One jitted initializer per (shape, kind, sharding), shared by every layer: keys are traced."""
     if valid is None:
-        fn = lambda key: initial_value(init, key, shape, axes, dtype)
+        fn = lambda key: _leaf_value(init, key, shape, axes, dtype, quant)
     else:  # an owner group: one row per layer (its own key), padding rows zero
-        row = lambda key: initial_value(init, key, shape[1:], axes[1:], dtype)
+        row = lambda key: _leaf_value(init, key, shape[1:], axes[1:], dtype, quant)
         mask = jnp.asarray(valid).reshape(-1, *[1] * (len(shape) - 1))
         fn = lambda keys: jnp.where(mask, jax.vmap(row)(keys), jnp.zeros((), dtype))
     return jax.jit(fn, out_shardings=sharding)
@@ -116,7 +128,7 @@ def init_params(specs, key: jax.Array, dtype, shardings=None):
         else:
             keys = jnp.stack([_leaf_key(key, spec.name, max(l, 0)) for l in spec.rows])
             valid = tuple(l >= 0 for l in spec.rows)
-        arrays.append(_maker(spec.init, spec.shape, spec.axes, jnp.dtype(dtype), valid, sh)(keys))
+        arrays.append(_maker(spec.init, spec.shape, spec.axes, spec.stored_dtype(dtype), valid, sh, spec.quant)(keys))
     return jax.tree.unflatten(treedef, arrays)
 
 

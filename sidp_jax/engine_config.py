@@ -49,6 +49,15 @@ class KernelPath(enum.StrEnum):
     INTERPRET = "interpret"  # interpret mode on any backend (tests)
 
 
+class Quantization(enum.StrEnum):
+    FP8 = "fp8"  # W8A8 e4m3: per-output-channel weight scales, per-token activation scales
+
+
+class KvCacheDtype(enum.StrEnum):
+    AUTO = "auto"  # the compute dtype
+    FP8 = "fp8"  # e4m3 (per-tensor scale 1.0, as vLLM without calibrated scales): twice the tokens
+
+
 class WasRunner(enum.StrEnum):
     AUTO = "auto"  # per-replica programs where they apply
     REPLICAS = "replicas"  # per-replica programs, next layer's FFN slices prefetched by device_put
@@ -71,6 +80,9 @@ class EngineConfig:
     placement: str = _field("striped", "SiDP weight placement", choices=Placement)
     ffn_mode: str = _field("auto", "SiDP FFN mode", choices=FfnMode)
     dtype: str = _field("auto", "compute dtype: auto (the checkpoint's), bfloat16, float16 or float32")
+    quantization: str | None = _field(None, "weight quantization (default: the checkpoint's own; an FP8 "
+                                      "checkpoint runs in FP8)", choices=Quantization)
+    kv_cache_dtype: str = _field("auto", "KV cache dtype", choices=KvCacheDtype)
     gpu_memory_utilization: float = _field(0.9, "fraction of accelerator memory to use")
     max_model_len: int | None = _field(None, "longest prompt + output (default: the model's, at most 32768)")
     max_num_seqs: int = _field(256, "most concurrent sequences per replica", minimum=1)

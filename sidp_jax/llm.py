@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Iterator
@@ -9,7 +10,9 @@ from typing import Iterator
 from sidp_jax.engine.compilation import enable_compile_cache
 from sidp_jax.engine.engine import Engine, Request
 from sidp_jax.engine.startup import build_runner, precompile_steps, report_kv
-from sidp_jax.engine_config import EngineConfig
+from sidp_jax.engine_config import EngineConfig, KvCacheDtype
+from sidp_jax.loading.placed_checkpoint import is_placed_checkpoint, placed_quantization
+from sidp_jax.models.fp8 import E4M3
 from sidp_jax.models.config import PRESETS, ModelConfig, dtype_from_name, load_config
 from sidp_jax.outputs import RequestOutput
 from sidp_jax.parallel.layouts import make_layout
@@ -26,10 +29,15 @@ class LLM:
         """model: a checkpoint directory, a preset name or a ModelConfig (random weights); default:
         the bundled tiny model. engine_kwargs: the fields of sidp_jax.engine_config.EngineConfig
         (mesh or data_parallel_size / tensor_parallel_size, parallel, placement, ffn_mode, dtype,
-        gpu_memory_utilization, max_model_len, max_num_seqs, max_num_batched_tokens, kv_block_size,
+        quantization, kv_cache_dtype, gpu_memory_utilization, max_model_len, max_num_seqs, max_num_batched_tokens, kv_block_size,
         seed, kv_cache_tokens, ffn_crossover_tokens, attention, was_runner, was_prefetch_depth,
         precompile, async_scheduling, enable_prefix_caching), each checked there. devices: the devices the mesh is built from
         (default: all of the default backend's).
+
+        quantization="fp8": W8A8 in e4m3 for the projections (qkv, o, gate_up, down), quantized at
+        load time (per-output-channel weight scales, per-token dynamic activation scales; see
+        models/fp8.py); FP8 checkpoints (both published forms) run this way by default.
+        kv_cache_dtype="fp8": the KV cache in e4m3, twice the tokens per GPU.
 
         was_runner: how sidp runs Weight-as-a-Service steps: "replicas" (per-replica programs, the
         next layer's FFN slices copied by async device_put while this layer computes; striped
@@ -52,7 +60,10 @@ class LLM:
         t_start = time.perf_counter()
         self.model = model or BUNDLED_MODEL
         self.cfg, self.tokenizer = self._load_config_and_tokenizer(self.model)
+        if config.quantization is not None:  # else the checkpoint's own (config.json / a placed one's record)
+            self.cfg = dataclasses.replace(self.cfg, quantization=config.quantization)
         self.dtype = dtype_from_name(resolve_dtype(config.dtype, self.cfg))
+        self.kv_dtype = E4M3 if config.kv_cache_dtype == KvCacheDtype.FP8 else self.dtype
         self.layout = make_layout(config.mesh, config.parallel, config.placement, devices)
         self.layout.check(self.cfg)
         self.compile_cache = enable_compile_cache(self.layout.platform)
@@ -90,7 +101,10 @@ class LLM:
         from sidp_jax.loading.tokenizer import Tokenizer
 
         tok = Tokenizer.from_dir(model) if os.path.isfile(os.path.join(model, "tokenizer.json")) else None
-        return load_config(model), tok
+        cfg = load_config(model)
+        if is_placed_checkpoint(model):
+            cfg = dataclasses.replace(cfg, quantization=placed_quantization(model))
+        return cfg, tok
 
     # ----- requests -----
     def generation_defaults(self) -> dict:

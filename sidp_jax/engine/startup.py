@@ -79,7 +79,7 @@ def build_runner(llm, config: EngineConfig):
             modes = ["cas"]
         elif crossover_tokens <= 1:
             modes = ["was"]
-    page_bytes = kv_bytes_per_page(cfg, layout, page_size, llm.dtype)
+    page_bytes = kv_bytes_per_page(cfg, layout, page_size, llm.kv_dtype)
     max_pages = -(-llm.max_model_len // page_size)
     if kv_cache_tokens is not None:
         num_pages = -(-kv_cache_tokens // page_size) + 1
@@ -91,7 +91,7 @@ def build_runner(llm, config: EngineConfig):
             num_pages = CPU_DEFAULT_KV_TOKENS // page_size + 1
             source = "CPU default"
         else:  # compile the largest step on a 2-page cache to learn its temporaries
-            probe = ModelRunner(cfg, layout, params, num_pages=2, page_size=page_size, kv_dtype=llm.dtype,
+            probe = ModelRunner(cfg, layout, params, num_pages=2, page_size=page_size, kv_dtype=llm.kv_dtype,
                                 was_runner="spmd")
             T = mixed_tokens(max_num_batched_tokens, max_num_batched_tokens)
             shape = (T, mixed_rows(T, max_num_seqs), bucket(max_pages, 4, max_pages))
@@ -111,7 +111,7 @@ def build_runner(llm, config: EngineConfig):
                                   f"{utilization}")
             num_pages = free // page_bytes
             source = f"free memory (step temporaries {temp / 2**30:.2f} GiB: {step_temps})"
-    runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.dtype,
+    runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.kv_dtype,
                          attention=attention, was_runner=was_runner, was_prefetch_depth=was_prefetch_depth,
                          token_buffer_width=token_buffer_width(max_num_batched_tokens, max_num_seqs))
 

@@ -55,9 +55,13 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype, layout) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _converter(convert, index: Index, dtype):
-    """jit: raw HF tensors (on one device) -> our layout, sliced to a shard, cast."""
-    return jax.jit(lambda *ws: convert(ws)[index].astype(dtype))
+def _converter(convert, quant, index: Index, dtype):
+    """jit: raw HF tensors (on one device) -> our layout (an FP8 leaf: quantized whole, so a
+    shard's scales are its channels' over the full input), sliced to a shard, cast."""
+    def fn(*ws):
+        w = convert(ws)
+        return (w if quant is None else quant(w))[index].astype(dtype)
+    return jax.jit(fn)
 
 
 def _load_leaf(ckpt, spec, sharding, dtype):
@@ -66,14 +70,15 @@ def _load_leaf(ckpt, spec, sharding, dtype):
     strided copies. A stacked owner group gets its rows one layer at a time, so the peak is one
     shard plus one layer's raw tensors."""
     shards = []
+    dtype = spec.stored_dtype(dtype)
     for device, index in sharding.addressable_devices_indices_map(spec.shape).items():
         index = tuple(slice(*s.indices(d)) for s, d in zip(index, spec.shape))
         raw = lambda layer: [jax.device_put(ckpt.get(n), device) for n in spec.hf_names(layer)]
         if spec.rows is None:
-            shards.append(_converter(spec.convert, index, dtype)(*raw(spec.layer)))
+            shards.append(_converter(spec.convert, spec.quant, index, dtype)(*raw(spec.layer)))
             continue
         row_shape = tuple(len(range(*s.indices(d))) for s, d in zip(index[1:], spec.shape[1:]))
-        rows = [_converter(spec.convert, index[1:], dtype)(*raw(layer)) if layer >= 0
+        rows = [_converter(spec.convert, spec.quant, index[1:], dtype)(*raw(layer)) if layer >= 0
                 else jnp.zeros(row_shape, dtype, device=device) for layer in spec.rows[index[0]]]
         shards.append(rows[0][None] if len(rows) == 1 else jnp.stack(rows))
     return jax.make_array_from_single_device_arrays(spec.shape, sharding, shards)

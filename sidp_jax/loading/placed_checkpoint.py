@@ -36,7 +36,13 @@ def _storage(cfg: ModelConfig, layout) -> list | None:
 
 def _layout_record(cfg: ModelConfig, layout) -> dict:
     return {"format": FORMAT, "parallel": layout.parallel, "placement": layout.placement, "dp": layout.num_replicas,
-            "tp": layout.tp, "ffn_groups": _storage(cfg, layout)}
+            "tp": layout.tp, "ffn_groups": _storage(cfg, layout), "quantization": cfg.quantization}
+
+
+def placed_quantization(path: str) -> str | None:
+    """How the placed weights are stored: "fp8" (e4m3 projections and scales) or None."""
+    with open(os.path.join(path, LAYOUT_FILE)) as f:
+        return json.load(f).get("quantization")
 
 
 def save_placed(path: str, params: dict, cfg: ModelConfig, layout, source_dir: str | None = None) -> None:
@@ -69,9 +75,12 @@ def restore_placed(path: str, cfg: ModelConfig, layout, dtype) -> dict:
             f"{path} stores the FFN for parallel={saved['parallel']} placement={saved['placement']} "
             f"dp={saved['dp']}; this engine uses parallel={layout.parallel} placement={layout.placement} "
             f"dp={layout.num_replicas}: re-place it from the Hugging Face checkpoint")
+    if saved.get("quantization") != cfg.quantization:
+        raise ValueError(f"{path} holds weights stored with quantization={saved.get('quantization')!r}, not "
+                         f"{cfg.quantization!r}: re-place it from the Hugging Face checkpoint")
     specs = layout.stored_specs(cfg)
     shardings = layout.param_shardings(cfg)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh), specs, shardings,
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.stored_dtype(dtype), sharding=sh), specs, shardings,
                           is_leaf=lambda x: hasattr(x, "axes"))
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)

@@ -15,21 +15,38 @@ import jax.numpy as jnp
 from sidp_jax.models.config import ModelConfig
 
 
+def _projection_item(cfg: ModelConfig, dtype) -> int:
+    """Bytes per element of the projections (qkv, o, gate_up, down): 1 in FP8."""
+    return 1 if cfg.quantization == "fp8" else jnp.dtype(dtype).itemsize
+
+
+def _scale_bytes(cfg: ModelConfig, ffn_only: bool = False) -> int:
+    """An FP8 layer's float32 per-channel scales (ffn_only: gate_up's and down's)."""
+    if cfg.quantization != "fp8":
+        return 0
+    ffn = 2 * cfg.intermediate_size + cfg.hidden_size
+    return 4 * (ffn if ffn_only else ffn + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.hidden_size)
+
+
 def ffn_layer_bytes(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
-    return 3 * cfg.hidden_size * cfg.intermediate_size * jnp.dtype(dtype).itemsize
+    return 3 * cfg.hidden_size * cfg.intermediate_size * _projection_item(cfg, dtype) + _scale_bytes(cfg, True)
 
 
 def weight_bytes_per_gpu(cfg: ModelConfig, parallel: str, dp: int, tp: int = 1, placement: str = "striped",
                          dtype=jnp.bfloat16, include_buffer: bool = True) -> int:
-    """Bytes of weights one GPU holds under a layout (the FFN buffer counted for sidp)."""
+    """Bytes of weights one GPU holds under a layout (the FFN buffer counted for sidp; FP8
+    projections at one byte per weight plus their scales)."""
     item = jnp.dtype(dtype).itemsize
     ffn = ffn_layer_bytes(cfg, dtype) * cfg.num_layers
-    total = cfg.num_params() * item
     emb = cfg.vocab_size * cfg.hidden_size * item * (1 if cfg.tie_word_embeddings else 2)
-    norms = (2 * cfg.hidden_size * cfg.num_layers + cfg.hidden_size) * item  # replicated everywhere
-    if cfg.qk_norm:
-        norms += 2 * cfg.head_dim * cfg.num_layers * item
-    heads_and_ffn = total - emb - norms  # what tp (and tp inside a replica) splits
+    norm_params = 2 * cfg.hidden_size * cfg.num_layers + cfg.hidden_size + (
+        2 * cfg.head_dim * cfg.num_layers if cfg.qk_norm else 0)
+    bias_params = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * cfg.num_layers if cfg.qkv_bias else 0
+    norms = norm_params * item  # replicated everywhere
+    projections = cfg.num_params() - emb // item - norm_params - bias_params
+    heads_and_ffn = (projections * _projection_item(cfg, dtype) + bias_params * item  # what tp splits
+                     + _scale_bytes(cfg) * cfg.num_layers)
+    total = emb + norms + heads_and_ffn
     if parallel == "tp":
         return total - heads_and_ffn + heads_and_ffn // (dp * tp)
     attn = heads_and_ffn - ffn
@@ -46,13 +63,15 @@ def weight_bytes_per_gpu(cfg: ModelConfig, parallel: str, dp: int, tp: int = 1, 
 
 def kv_tokens_per_gpu(cfg: ModelConfig, parallel: str, dp: int, memory_bytes: float, utilization: float,
                       workspace_bytes: float = 3e9, tp: int = 1, placement: str = "striped",
-                      count_ffn_buffer: bool = True) -> int:
+                      count_ffn_buffer: bool = True, dtype=jnp.bfloat16, kv_dtype=None) -> int:
     """Analytic bound: KV tokens one GPU can hold (tp: tokens of the whole tp group per GPU).
-    count_ffn_buffer=False when the workspace already includes it (measured step temporaries)."""
+    count_ffn_buffer=False when the workspace already includes it (measured step temporaries).
+    dtype: the compute dtype (cfg.quantization sizes the projections); kv_dtype: the cache's
+    (default: dtype)."""
     free = memory_bytes * utilization - workspace_bytes - weight_bytes_per_gpu(
-        cfg, parallel, dp, tp, placement, include_buffer=count_ffn_buffer)
+        cfg, parallel, dp, tp, placement, dtype=dtype, include_buffer=count_ffn_buffer)
     shards = dp * tp if parallel == "tp" else tp
-    return max(0, int(free // (cfg.kv_bytes_per_token() / shards)))
+    return max(0, int(free // (cfg.kv_bytes_per_token(kv_dtype or dtype) / shards)))
 
 
 def dp_comparison_line(cfg: ModelConfig, parallel: str, dp: int, tp: int, placement: str, tokens_per_gpu: int,

@@ -106,7 +106,7 @@ class Layout:
             first = specs["layers"][rows[0]]
             groups.append({k: dataclasses.replace(first[k], shape=(len(rows), *first[k].shape),
                                                   axes=("ffn_owner", *first[k].axes), layer=None, rows=rows)
-                           for k in FFN_LEAVES})
+                           for k in FFN_LEAVES if k in first})
         return {**specs, "layers": layers, "ffn_groups": groups}
 
     def ffn_weights(self, params: dict, layer: int) -> dict:

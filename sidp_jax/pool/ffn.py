@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sidp_jax.models.decoder import dense_ffn
-from sidp_jax.models.modules import FFN_LEAVES
+from sidp_jax.models.modules import ffn_leaves
 
 log = logging.getLogger("sidp_jax")
 
@@ -49,17 +49,23 @@ def _pinned(w, x):
     return jax.lax.optimization_barrier((w, x))
 
 
-def striped_was(x, layer, w, active=None):
-    w, x = _pinned({k: w[k] for k in FFN_LEAVES}, x)
-    full = {"gate_up": jax.lax.all_gather(w["gate_up"], "dp", axis=2, tiled=True),
-            "down": jax.lax.all_gather(w["down"], "dp", axis=0, tiled=True)}
-    return dense_ffn(x, layer, full, active)
+def make_striped_ffns(gather_axes: dict[str, int | None], tp_axes: tuple[str, ...] = ()):
+    """Striped placement. gather_axes: where each FFN leaf's intermediate axis is (None: a leaf
+    without one, such as an FP8 down projection's scales); tp_axes: ("tp",) where a replica splits
+    it further over tp (FP8 activation scales then span those axes too)."""
 
+    def striped_was(x, layer, w, active=None):
+        w, x = _pinned(ffn_leaves(w), x)
+        full = {k: a if gather_axes[k] is None else jax.lax.all_gather(a, "dp", axis=gather_axes[k], tiled=True)
+                for k, a in w.items()}
+        return dense_ffn(x, layer, full, active, split_axes=tp_axes)
 
-def striped_cas(x, layer, w, active=None):  # an idle replica still serves the others' tokens
-    everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)  # [D*T, H]
-    partial = dense_ffn(everyone, layer, w)  # this rank's 1/D of the intermediate axis
-    return jax.lax.psum_scatter(partial, "dp", scatter_dimension=0, tiled=True)
+    def striped_cas(x, layer, w, active=None):  # an idle replica still serves the others' tokens
+        everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)  # [D*T, H]
+        partial = dense_ffn(everyone, layer, w, split_axes=("dp", *tp_axes))  # this rank's 1/D of the FFN
+        return jax.lax.psum_scatter(partial, "dp", scatter_dimension=0, tiled=True)
+
+    return {"was": striped_was, "cas": striped_cas}
 
 
 def _own_row(group: dict) -> dict:
@@ -67,19 +73,20 @@ def _own_row(group: dict) -> dict:
     return jax.tree.map(lambda a: a[0], group)
 
 
-def make_owner_ffns(num_replicas: int, platform: str):
+def make_owner_ffns(num_replicas: int, platform: str, tp_axes: tuple[str, ...] = ()):
     """Owner placement: w is layer l's group (stacked over "dp"); layer l is static, so its
-    owner l mod D is a static root. platform: the mesh's devices' (Layout.platform)."""
+    owner l mod D is a static root. platform: the mesh's devices' (Layout.platform); tp_axes:
+    as in make_striped_ffns."""
     D = num_replicas
 
     def owner_was(x, layer, group, active=None):
         row, x = _pinned(_own_row(group), x)
-        return dense_ffn(x, layer, broadcast_from(row, "dp", layer % D, platform), active)
+        return dense_ffn(x, layer, broadcast_from(row, "dp", layer % D, platform), active, split_axes=tp_axes)
 
     def owner_cas(x, layer, group, active=None):  # only the owner computes, for everyone
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)
         is_owner = jax.lax.axis_index("dp") == layer % D
-        y = jax.lax.cond(is_owner, lambda: dense_ffn(everyone, layer, _own_row(group)),
+        y = jax.lax.cond(is_owner, lambda: dense_ffn(everyone, layer, _own_row(group), split_axes=tp_axes),
                          lambda: jnp.zeros_like(everyone))
         return jax.lax.psum_scatter(y, "dp", scatter_dimension=0, tiled=True)
 

@@ -17,7 +17,10 @@ skipping).
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -25,8 +28,8 @@ from sidp_jax.engine.compilation import step_compiler_options
 from sidp_jax.engine.sampler import SamplerFlags, sample
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 from sidp_jax.engine_config import WasRunner
-from sidp_jax.models.decoder import embed, head_logits, layer, paged_attend, swiglu
-from sidp_jax.models.modules import FFN_LEAVES
+from sidp_jax.models.decoder import embed, ffn_down, ffn_hidden, head_logits, layer, paged_attend
+from sidp_jax.models.modules import ffn_leaves
 from sidp_jax.parallel.capacity import ffn_layer_bytes
 
 
@@ -52,16 +55,12 @@ def shard_on(array: jax.Array, device) -> jax.Array:
 
 
 def sliced_ffn(x: jax.Array, slices: list[dict]) -> jax.Array:
-    """SwiGLU over an FFN split along its intermediate axis: the sum of each slice's part."""
-    out = None
-    for w in slices:
-        part = swiglu(x, w["gate_up"], w["down"])
-        out = part if out is None else out + part
+    """SwiGLU over an FFN split along its intermediate axis: the sum of each slice's part (FP8:
+    each token's activation scale taken over all slices, as a whole-FFN layout takes it)."""
+    hs = [ffn_hidden(x, w) for w in slices]
+    row_max = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(h.astype(jnp.float32)), axis=1) for h in hs])
+    out = sum(ffn_down(h, w, reduce_amax=lambda _: row_max) for h, w in zip(hs, slices))
     return out.astype(x.dtype)
-
-
-def _ffn_of(w: dict) -> dict:
-    return {k: w[k] for k in FFN_LEAVES}
 
 
 class FfnFetcher:
@@ -137,7 +136,7 @@ class ReplicaWaS:
         self.cfg, self.kv_sharding, self.attn_fn_for = cfg, kv_sharding, attn_fn_for
         self.devices = list(layout.mesh.devices[:, 0])
         self.local = local_views(params, self.devices)
-        self.fetcher = FfnFetcher([[_ffn_of(w) for w in p["layers"]] for p in self.local], self.devices,
+        self.fetcher = FfnFetcher([[ffn_leaves(w) for w in p["layers"]] for p in self.local], self.devices,
                                   prefetch_depth)
         self.batch_sharding = NamedSharding(layout.mesh, P("dp"))
         self._embed = jax.jit(lambda p, b, prev: embed(cfg, p, with_prev_tokens(dict(b, prev_tokens=prev[0]))))
@@ -147,7 +146,7 @@ class ReplicaWaS:
 
     def _one_layer(self, w, fetched, h, kv, layer_index, batch, cos, sin, attn: str):
         kv = jax.tree.map(lambda a: a[0], kv)
-        ffn = lambda x, active: sliced_ffn(x, [_ffn_of(w), *fetched])
+        ffn = lambda x, active: sliced_ffn(x, [ffn_leaves(w), *fetched])
         h, kv = layer(self.cfg, w, h, kv, cos, sin, ffn=ffn,
                       attend=paged_attend(self.cfg, layer_index, batch, self.attn_fn_for(attn, batch)))
         return h, jax.tree.map(lambda a: a[None], kv)
