@@ -9,6 +9,7 @@ device more than its shard plus one layer's raw tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -85,9 +86,10 @@ def _load_leaf(ckpt, spec, sharding, dtype):
 
 
 def from_pretrained(model_dir: str, dtype=jnp.bfloat16, device=None) -> Decoder:
-    """A Hugging Face checkpoint directory as a Decoder module on one device (default: the first)."""
+    """A Hugging Face checkpoint directory as a Decoder module on one device (default: the first).
+    The module is the float model: an FP8 checkpoint's weights are dequantized into it."""
     from sidp_jax.parallel.layouts import make_layout
 
-    cfg = load_config(model_dir)
+    cfg = dataclasses.replace(load_config(model_dir), quantization=None)
     layout = make_layout("dp=1", "dp", devices=[device or jax.devices()[0]])
     return module_from_params(cfg, load_params(model_dir, cfg, dtype, layout))
