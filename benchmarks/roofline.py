@@ -16,12 +16,16 @@ table is read whole as the LM head). FLOPs: 2 x (matmul parameters) x S + attent
 x Nq x D per layer.
 
   python benchmarks/roofline.py --model qwen3-32b --batch 128,256 --context 1024,512 --out roofline.json
+  python benchmarks/roofline.py --model qwen3-32b --batch 64,256 --context 1024,1024 --quantization none,fp8
+FP8 (--quantization fp8): weight bytes at one byte per projection weight, the e4m3 GEMMs' FLOPs at
+the measured e4m3 matmul rate.
   python benchmarks/roofline.py --model tiny --batch 8 --context 64 --reps 2   # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -35,6 +39,7 @@ import numpy as np  # noqa: E402
 from sidp_jax.engine.sampler import SamplerFlags  # noqa: E402
 from sidp_jax.engine.step_inputs import StepShape  # noqa: E402
 from sidp_jax.engine.timing import median_seconds  # noqa: E402
+from sidp_jax.models.fp8 import E4M3, linear  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 
@@ -49,13 +54,15 @@ def hbm_bandwidth(gib: float, reps: int) -> float:
     return best
 
 
-def matmul_rate(n: int, reps: int) -> float:
-    """The best bf16 rate of n^3 matmuls with bf16 and with float32 outputs."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+def matmul_rate(n: int, reps: int, dtype=jnp.bfloat16) -> float:
+    """The best rate of n^3 matmuls of `dtype` operands (bf16, or e4m3 as the FP8 GEMMs run them:
+    the second operand [N, K]) with bf16 and with float32 outputs."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16).astype(dtype)
+    dims = (((1,), (1,)), ((), ())) if dtype == E4M3 else (((1,), (0,)), ((), ()))
     rates = []
     for out in (jnp.bfloat16, jnp.float32):
-        f = jax.jit(lambda a, b, out=out: jnp.dot(a, b, preferred_element_type=out))
+        f = jax.jit(lambda a, b, out=out: jax.lax.dot_general(a, b, dims, preferred_element_type=out))
         rates.append(2 * n**3 / median_seconds(f, a, b, reps=reps))
     return max(rates)
 
@@ -65,27 +72,28 @@ def layer_gemms_ms(params: dict, S: int, reps: int) -> float:
     program (a Python loop over the per-layer weights, as the step walks them), nothing else."""
     from sidp_jax.engine.compilation import step_compiler_options
 
-    x = jnp.ones((S, params["layers"][0]["qkv"].shape[0]), params["layers"][0]["qkv"].dtype)
+    x = jnp.ones((S, params["embed"].shape[1]), params["embed"].dtype)
+    proj = lambda x, w, k, out=None: linear(x, w[k], w.get(k + "_scale"), out_dtype=out)  # bf16 or W8A8
 
     def gemms(x, layers):
         for w in layers:
-            qkv = jnp.einsum("th,hkgd->tkgd", x, w["qkv"], preferred_element_type=x.dtype)
+            qkv = proj(x, w, "qkv")
             g = qkv.shape[2] - 2
             q = qkv[:, :, :g].reshape(S, -1, qkv.shape[-1])
-            o = jnp.einsum("tnd,ndh->th", q, w["o"], preferred_element_type=jnp.float32).astype(x.dtype)
-            gu = jnp.einsum("th,hci->tci", o, w["gate_up"], preferred_element_type=x.dtype)
-            x = jnp.einsum("ti,ih->th", gu[:, 0] * gu[:, 1], w["down"], preferred_element_type=jnp.float32)
-            x = x.astype(o.dtype)
+            o = proj(q, w, "o", jnp.float32).astype(x.dtype)
+            gu = proj(o, w, "gate_up")
+            x = proj(gu[:, 0] * gu[:, 1], w, "down", jnp.float32).astype(o.dtype)
         return x
 
-    layers = [{k: w[k] for k in ("qkv", "o", "gate_up", "down")} for w in params["layers"]]
+    layers = [{k: w[k] for k in w if k.split("_scale")[0] in ("qkv", "o", "gate_up", "down")}
+              for w in params["layers"]]
     fn = jax.jit(gemms, compiler_options=step_compiler_options(jax.default_backend()))
     return median_seconds(fn, x, layers, reps=reps) * 1e3
 
 
 def gemm_weight_bytes(params: dict) -> int:
     w = params["layers"][0]
-    return sum(w[k].size * w[k].dtype.itemsize for k in ("qkv", "o", "gate_up", "down"))
+    return sum(a.nbytes for k, a in w.items() if k.split("_scale")[0] in ("qkv", "o", "gate_up", "down"))
 
 
 def hlo_gemm_census(compiled_text: str, num_layers: int) -> dict:
@@ -95,10 +103,12 @@ def hlo_gemm_census(compiled_text: str, num_layers: int) -> dict:
     import re
 
     gemms = len(re.findall(r'custom_call_target="__cublas(?:lt)?\$(?:lt\$)?(?:matmul|gemm)', compiled_text))
-    weight_copies = len(re.findall(r"= bf16\[(?:\d{4,},?){2,}[^\]]*\][^=]*? (?:copy|dynamic-slice)\(", compiled_text))
+    fp8_gemms = len(re.findall(r'custom_call_target="__cublas\$lt\$matmul\$f8"', compiled_text))
+    weight_copies = len(re.findall(r"= (?:bf16|f8e4m3fn)\[(?:\d{4,},?){2,}[^\]]*\][^=]*? "
+                                   r"(?:copy|transpose|dynamic-slice)\(", compiled_text))
     triton = len(re.findall(r'"kind":"__triton_gemm"', compiled_text))
-    return {"gemm_calls": gemms, "gemm_calls_per_layer": gemms / num_layers, "triton_gemm_fusions": triton,
-            "weight_sized_copies": weight_copies}
+    return {"gemm_calls": gemms, "gemm_calls_per_layer": gemms / num_layers, "fp8_gemm_calls": fp8_gemms,
+            "triton_gemm_fusions": triton, "weight_sized_copies": weight_copies}
 
 
 def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
@@ -117,17 +127,19 @@ def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
     return batch, samp, S * MB
 
 
-def step_cost(cfg, params: dict, S: int, context: int, dtype_bytes: int) -> tuple[float, float, float]:
-    """(weight bytes read, KV bytes read, FLOPs) of one decode step of S sequences."""
-    sizes = {"/".join(str(getattr(k, "key", k)) for k in path): a.size
-             for path, a in jax.tree_util.tree_leaves_with_path(params)}
-    embed = sizes.get("embed", 0)
-    total = sum(sizes.values())
-    read = total - (0 if cfg.tie_word_embeddings else embed)
-    matmul = total - embed + (embed if cfg.tie_word_embeddings else 0)  # norms/biases: negligible
-    kv_read = 2 * cfg.num_layers * S * (context + 1) * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+def step_cost(cfg, params: dict, S: int, context: int, kv_bytes: int) -> tuple[float, float, float, float]:
+    """(weight bytes read, KV bytes read, FLOPs of the e4m3 GEMMs, other FLOPs) of one decode step
+    of S sequences; kv_bytes: per cached element."""
+    leaves = {"/".join(str(getattr(k, "key", k)) for k in path): a
+              for path, a in jax.tree_util.tree_leaves_with_path(params)}
+    embed = leaves["embed"]
+    read = sum(a.nbytes for a in leaves.values()) - (0 if cfg.tie_word_embeddings else embed.nbytes)
+    fp8 = sum(a.size for a in leaves.values() if a.dtype == E4M3)
+    other = sum(a.size for a in leaves.values() if a.dtype != E4M3) - embed.size \
+        + (embed.size if cfg.tie_word_embeddings else 0)  # the LM head; norms/biases/scales: negligible
+    kv_read = 2 * cfg.num_layers * S * (context + 1) * cfg.num_kv_heads * cfg.head_dim * kv_bytes
     attn_flops = 4 * S * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
-    return read * dtype_bytes, kv_read, 2 * matmul * S + attn_flops
+    return read, kv_read, 2 * fp8 * S, 2 * other * S + attn_flops
 
 
 def main():
@@ -138,6 +150,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--hbm-gib", type=float, default=4.0)
     ap.add_argument("--matmul-n", type=int, default=8192)
+    ap.add_argument("--quantization", default="none", help="comma list of none and fp8: each runs in turn")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from sidp_jax import LLM
@@ -145,57 +159,71 @@ def main():
     dev = jax.devices()[:1]
     bw = hbm_bandwidth(a.hbm_gib, a.reps)
     rate = matmul_rate(a.matmul_n, a.reps)
+    fp8_rate = matmul_rate(a.matmul_n, a.reps, E4M3) if "fp8" in a.quantization else None
     print(f"device: {dev[0].device_kind}  jax {jax.__version__}  HBM {bw / 1e12:.2f} TB/s  "
-          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s" + (f"  e4m3 matmul {fp8_rate / 1e12:.0f} TFLOP/s" if fp8_rate else ""),
+          flush=True)
     cases = list(zip([int(b) for b in a.batch.split(",")], [int(c) for c in a.context.split(",")]))
     P = 16
     max_pages = max(S * -(-(c + 1) // P) for S, c in cases) + 1
-    llm = LLM(None if a.model == "tiny" else a.model, mesh="dp=1", devices=dev, kv_cache_tokens=max_pages * P,
-              max_num_seqs=max(S for S, _ in cases), max_num_batched_tokens=max(S for S, _ in cases),
-              kv_block_size=P, verbose=False)
-    runner = llm.engine.runner
-    rows = []
-    for S, ctx in cases:
-        batch, samp, _ = decode_batch(S, ctx, P, llm.cfg.vocab_size, seed=S + ctx)
-        fn = runner.step_fn("local", SamplerFlags(), decode_only=True)
-        b, s = jax.device_put((batch, samp), runner.batch_sharding)
+    rows, census = [], {}
+    for quant in a.quantization.split(","):
+        llm = LLM(None if a.model == "tiny" else a.model, mesh="dp=1", devices=dev, kv_cache_tokens=max_pages * P,
+                  max_num_seqs=max(S for S, _ in cases), max_num_batched_tokens=max(S for S, _ in cases),
+                  kv_block_size=P, verbose=False, quantization=None if quant == "none" else quant,
+                  kv_cache_dtype=a.kv_cache_dtype)
+        runner = llm.engine.runner
+        for S, ctx in cases:
+            batch, samp, _ = decode_batch(S, ctx, P, llm.cfg.vocab_size, seed=S + ctx)
+            fn = runner.step_fn("local", SamplerFlags(), decode_only=True)
+            b, s = jax.device_put((batch, samp), runner.batch_sharding)
 
-        def step():
-            out, runner.kv = fn(runner.params, runner.kv, b, s)
-            return out
+            def step():
+                out, runner.kv = fn(runner.params, runner.kv, b, s)
+                return out
 
-        if not rows:
-            census = hlo_gemm_census(fn.lower(runner.params, runner.kv, b, s).compile().as_text(), llm.cfg.num_layers)
-            print(f"  optimized HLO: {census}", flush=True)
-        t0 = time.perf_counter()
-        jax.block_until_ready(step())
-        first_s = time.perf_counter() - t0  # compile (or cache load) + one step
-        dt = median_seconds(step, reps=a.reps)
-        w_bytes, kv_bytes, flops = step_cost(llm.cfg, runner.params, S, ctx, jnp.dtype(llm.dtype).itemsize)
-        mem_floor, compute_floor = (w_bytes + kv_bytes) / bw, flops / rate
-        floor = max(mem_floor, compute_floor)
-        gemm_ms = layer_gemms_ms(runner.params, S, a.reps)
-        gemm_tbps = gemm_weight_bytes(runner.params) * llm.cfg.num_layers / (gemm_ms / 1e3) / 1e12
-        row = dict(batch=S, context=ctx, step_ms=dt * 1e3, floor_ms=floor * 1e3, ratio=dt / floor,
-                   layer_gemms_alone_ms=gemm_ms, layer_gemms_weight_TB_per_s=gemm_tbps,
-                   memory_floor_ms=mem_floor * 1e3, compute_floor_ms=compute_floor * 1e3,
-                   weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9, TFLOP=flops / 1e12,
-                   attention=runner.attention_kind(True), first_call_s=first_s)
-        rows.append(row)
-        print(f"  S={S} ctx={ctx}: step {dt * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
-              f"(memory {mem_floor * 1e3:.2f}, compute {compute_floor * 1e3:.2f}) -> {dt / floor:.2f}x; "
-              f"the layers' GEMMs alone {gemm_ms:.2f} ms ({gemm_tbps:.2f} TB/s of weights)", flush=True)
+            if quant not in census:
+                census[quant] = hlo_gemm_census(fn.lower(runner.params, runner.kv, b, s).compile().as_text(),
+                                                llm.cfg.num_layers)
+                print(f"  {quant}: optimized HLO: {census[quant]}", flush=True)
+            t0 = time.perf_counter()
+            jax.block_until_ready(step())
+            first_s = time.perf_counter() - t0  # compile (or cache load) + one step
+            dt = median_seconds(step, reps=a.reps)
+            w_bytes, kv_bytes, fp8_flops, flops = step_cost(llm.cfg, runner.params, S, ctx,
+                                                            jnp.dtype(llm.kv_dtype).itemsize)
+            mem_floor = (w_bytes + kv_bytes) / bw
+            compute_floor = flops / rate + (fp8_flops / fp8_rate if fp8_flops else 0)
+            floor = max(mem_floor, compute_floor)
+            gemm_ms = layer_gemms_ms(runner.params, S, a.reps)
+            gemm_tbps = gemm_weight_bytes(runner.params) * llm.cfg.num_layers / (gemm_ms / 1e3) / 1e12
+            row = dict(quantization=quant, kv_cache_dtype=a.kv_cache_dtype, batch=S, context=ctx,
+                       step_ms=dt * 1e3, floor_ms=floor * 1e3, ratio=dt / floor,
+                       layer_gemms_alone_ms=gemm_ms, layer_gemms_weight_TB_per_s=gemm_tbps,
+                       memory_floor_ms=mem_floor * 1e3, compute_floor_ms=compute_floor * 1e3,
+                       weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9, TFLOP=(flops + fp8_flops) / 1e12,
+                       attention=runner.attention_kind(True), first_call_s=first_s,
+                       startup_s=llm.startup_seconds)
+            rows.append(row)
+            print(f"  {quant} S={S} ctx={ctx}: step {dt * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
+                  f"(memory {mem_floor * 1e3:.2f}, compute {compute_floor * 1e3:.2f}) -> {dt / floor:.2f}x; "
+                  f"the layers' GEMMs alone {gemm_ms:.2f} ms ({gemm_tbps:.2f} TB/s of weights)", flush=True)
+        del llm, runner, fn, step
+        gc.collect()
 
-    print("\n| batch | context | step ms | floor ms (memory / compute) | step / floor | layers' GEMMs alone ms (TB/s) |")
-    print("|---|---|---|---|---|---|")
+    base = {(r["batch"], r["context"]): r["step_ms"] for r in rows if r["quantization"] == rows[0]["quantization"]}
+    print("\n| weights | batch | context | step ms | floor ms (memory / compute) | step / floor | "
+          "step / first's | layers' GEMMs alone ms (TB/s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} "
+        r["step_vs_first_quantization"] = r["step_ms"] / base[(r["batch"], r["context"])]
+        print(f"| {r['quantization']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} "
               f"({r['memory_floor_ms']:.2f} / {r['compute_floor_ms']:.2f}) | {r['ratio']:.2f}x | "
+              f"{r['step_vs_first_quantization']:.2f}x | "
               f"{r['layer_gemms_alone_ms']:.2f} ({r['layer_gemms_weight_TB_per_s']:.2f}) |")
     if a.out:
         meta = dict(device=dev[0].device_kind, jax=jax.__version__, model=a.model, hbm_bytes_per_s=bw,
-                    startup_s=llm.startup_seconds if hasattr(llm, "startup_seconds") else None,
-                    matmul_flops_per_s=rate, argv=sys.argv[1:], hlo=census)
+                    matmul_flops_per_s=rate, e4m3_matmul_flops_per_s=fp8_rate, argv=sys.argv[1:], hlo=census)
         write_result(a.out, dict(meta=meta, rows=rows))
 
 

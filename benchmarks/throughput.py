@@ -31,7 +31,8 @@ def make_prompts(args, vocab: int, rng) -> list[list[int]]:
     return [draw(args.input_len) for _ in range(args.num_prompts)]
 
 
-def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool) -> dict:
+def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, quantization: str = "none",
+            kv_cache_dtype: str = "auto") -> dict:
     import numpy as np
 
     from sidp_jax import LLM, SamplingParams
@@ -43,7 +44,8 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool) -
               max_model_len=args.max_model_len or (args.input_len + args.output_len
                                                    + (args.prefix_len if args.workload == "fewshot" else 0)),
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, verbose=True,
-              async_scheduling=async_scheduling, enable_prefix_caching=prefix_caching)
+              async_scheduling=async_scheduling, enable_prefix_caching=prefix_caching,
+              quantization=None if quantization == "none" else quantization, kv_cache_dtype=kv_cache_dtype)
     startup_s = time.perf_counter() - t_start
     rng = np.random.default_rng(0)
     vocab = llm.cfg.vocab_size
@@ -92,7 +94,8 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool) -
             "kv_tokens_per_replica": stats["kv_tokens_per_replica"], "num_replicas": stats["num_replicas"],
             "steps_per_mode": stats["steps_per_mode"], "num_preemptions": stats["num_preemptions"],
             "async_scheduling": async_scheduling, **window, "steps_in_window": steps,
-            "workload": args.workload, "prefix_caching": prefix_caching,
+            "workload": args.workload, "prefix_caching": prefix_caching, "quantization": quantization,
+            "kv_cache_dtype": kv_cache_dtype, "weights": llm.cfg.quantization or str(__import__("numpy").dtype(llm.dtype)),
             **{k: stats[k] for k in ("prefill_tokens_requested", "prefill_tokens_computed", "prefix_cache_hit_rate",
                                      "prefix_cache_evictions")},
             "steps_found_ready": stats["steps_found_ready"], "device_fed_tokens": stats["device_fed_tokens"],
@@ -127,22 +130,27 @@ def main():
     ap.add_argument("--prefix-len", type=int, default=2048, help="fewshot: the shared prefix's tokens")
     ap.add_argument("--n", type=int, default=1, help="samples per prompt (rollouts: seeded, temperature 1)")
     ap.add_argument("--prefix-caching", default="on", help="comma list of on and off: each layout runs in each")
+    ap.add_argument("--quantization", default="none", help="comma list of none and fp8: each layout runs in each")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="comma list of auto and fp8")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        parallel, scheduling, caching = args.one.split(":")
-        report(run_one(args, parallel, scheduling == "async", caching == "on"))
+        parallel, scheduling, caching, quant, kv = args.one.split(":")
+        report(run_one(args, parallel, scheduling == "async", caching == "on", quant, kv))
         return
     rows = []
-    runs = [(p, sch, c) for p in args.compare.split(",") for sch in args.scheduling.split(",")
-            for c in args.prefix_caching.split(",")]
-    if any(sch not in ("async", "sync") or c not in ("on", "off") for _, sch, c in runs):
+    runs = [(p, sch, c, q, kv) for p in args.compare.split(",") for sch in args.scheduling.split(",")
+            for c in args.prefix_caching.split(",") for q in args.quantization.split(",")
+            for kv in args.kv_cache_dtype.split(",")]
+    if any(sch not in ("async", "sync") or c not in ("on", "off") for _, sch, c, _, _ in runs):
         raise SystemExit("--scheduling takes async and/or sync, --prefix-caching on and/or off")
-    for parallel, scheduling, caching in runs:
-        res, stdout = run_child([__file__, *sys.argv[1:], "--one", f"{parallel}:{scheduling}:{caching}"])
+    for parallel, scheduling, caching, quant, kv in runs:
+        res, stdout = run_child([__file__, *sys.argv[1:], "--one", f"{parallel}:{scheduling}:{caching}:{quant}:{kv}"])
         res.setdefault("parallel", parallel)
         res.setdefault("async_scheduling", scheduling == "async")
         res.setdefault("prefix_caching", caching == "on")
+        res.setdefault("quantization", quant)
+        res.setdefault("kv_cache_dtype", kv)
         print("\n".join(l for l in stdout.splitlines() if l.startswith("[sidp_jax]")))
         rows.append(res)
         print(json.dumps(res), flush=True)
@@ -156,6 +164,7 @@ def main():
         print(f"Total num prompt tokens:  {r.get('total_num_prompt_tokens', 0):,}")
         print(f"Total num output tokens:  {r.get('total_num_output_tokens', 0):,}")
         print(f"{r['parallel']:>5} {'async' if r['async_scheduling'] else 'sync':>5} "
+              f"weights {r.get('quantization', 'none'):>4} kv {r.get('kv_cache_dtype', 'auto'):>4} "
               f"cache {'on' if r.get('prefix_caching') else 'off':>3}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
               f"{r['output_tokens_per_s']:.2f} output tokens/s | KV {r['kv_tokens_per_replica']:,}/replica, "
               f"modes {r['steps_per_mode']}, preempt {r['num_preemptions']}, "

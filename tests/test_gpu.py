@@ -84,3 +84,44 @@ def test_host_overlap_on_and_off_agree_on_gpu():
     stats = ahead.stats()
     assert stats["num_preemptions"] > 0 and stats["device_fed_tokens"] > 0
     assert stats["steps_per_attention"].get("decode", 0) > 0
+
+
+@pytest.mark.skipif(len(gpus()) < 1, reason="needs a GPU")
+def test_fp8_gemms_lower_to_cublaslt_fp8_without_weight_transposes():
+    """Stored [out, in], the e4m3 weight feeds cuBLASLt's FP8 GEMM as it lies: the optimized HLO
+    has the FP8 custom call and no transpose or copy of the weight."""
+    import re
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sidp_jax.models.fp8 import linear, quantize
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 1024)), jnp.bfloat16)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((2048, 1024)) / 32, jnp.float32)
+    q, s = quantize(w, 1)
+    x, q, s = jax.device_put((x, q, s), gpus()[0])
+    fn = jax.jit(lambda x, q, s: linear(x, q, s))
+    hlo = fn.lower(x, q, s).compile().as_text()
+    assert re.search(r'custom_call_target="__cublas\$lt\$matmul\$f8"', hlo), hlo[-3000:]
+    assert not re.search(r"f8e4m3fn\[(?:2048,1024|1024,2048)\][^=]*? (?:transpose|copy)\(", hlo), hlo[-3000:]
+    ref = linear(x.astype(jnp.float32), w.T, out_dtype=jnp.float32)
+    got = fn(x, q, s).astype(jnp.float32)
+    assert float(jnp.sqrt(jnp.mean((got - ref) ** 2) / jnp.mean(ref ** 2))) < 0.09
+
+
+@pytest.mark.skipif(len(gpus()) < 1, reason="needs a GPU")
+def test_fp8_kv_cache_in_the_gpu_kernels_matches_the_reference():
+    """The Triton decode and chunk kernels read an e4m3 cache: greedy output on the GPU kernels
+    equals the reference attention's, both over the FP8 cache and FP8 weights."""
+    from sidp_jax import LLM, SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outs = {}
+    for attention in ("auto", "reference"):
+        llm = LLM(CKPT, dtype="float32", devices=gpus()[:1], verbose=False, kv_cache_tokens=512,
+                  max_num_batched_tokens=16, kv_cache_dtype="fp8", quantization="fp8", attention=attention)
+        outs[attention] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        if attention == "auto":
+            assert llm.stats()["steps_per_attention"].get("decode", 0) > 0
+    assert outs["auto"] == outs["reference"]
