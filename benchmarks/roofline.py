@@ -171,7 +171,7 @@ def main():
         llm = LLM(None if a.model == "tiny" else a.model, mesh="dp=1", devices=dev, kv_cache_tokens=max_pages * P,
                   max_num_seqs=max(S for S, _ in cases), max_num_batched_tokens=max(S for S, _ in cases),
                   kv_block_size=P, verbose=False, quantization=None if quant == "none" else quant,
-                  kv_cache_dtype=a.kv_cache_dtype)
+                  kv_cache_dtype=a.kv_cache_dtype, precompile=False)
         runner = llm.engine.runner
         for S, ctx in cases:
             batch, samp, _ = decode_batch(S, ctx, P, llm.cfg.vocab_size, seed=S + ctx)
