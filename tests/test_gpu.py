@@ -112,15 +112,17 @@ def test_fp8_gemms_lower_to_cublaslt_fp8_without_weight_transposes():
 
 @pytest.mark.skipif(len(gpus()) < 1, reason="needs a GPU")
 def test_fp8_kv_cache_in_the_gpu_kernels_matches_the_reference():
-    """The Triton decode and chunk kernels read an e4m3 cache: greedy output on the GPU kernels
-    equals the reference attention's, both over the FP8 cache and FP8 weights."""
+    """The Triton decode and chunk kernels read an e4m3 cache as the reference attention does:
+    greedy output (float32 weights, so only the attention differs) is the same on both.
+    (With FP8 weights too, the per-token activation rounding turns the kernels' float-level
+    differences into different tokens on the tiny random model: seen on an H200, 2026-12-02.)"""
     from sidp_jax import LLM, SamplingParams
 
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     outs = {}
     for attention in ("auto", "reference"):
         llm = LLM(CKPT, dtype="float32", devices=gpus()[:1], verbose=False, kv_cache_tokens=512,
-                  max_num_batched_tokens=16, kv_cache_dtype="fp8", quantization="fp8", attention=attention)
+                  max_num_batched_tokens=16, kv_cache_dtype="fp8", attention=attention)
         outs[attention] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
         if attention == "auto":
             assert llm.stats()["steps_per_attention"].get("decode", 0) > 0
