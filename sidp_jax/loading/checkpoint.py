@@ -50,9 +50,20 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype, layout) -> dict:
     ckpt = open_checkpoint(model_dir)
     validate(ckpt, cfg)
     specs = layout.stored_specs(cfg)
-    flat, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
     shardings = jax.tree.leaves(layout.param_shardings(cfg))
-    return jax.tree.unflatten(treedef, [_load_leaf(ckpt, spec, sh, dtype) for spec, sh in zip(flat, shardings)])
+    # An FP8 weight and its scales come from the same tensors: read and quantize them once.
+    groups: dict[tuple, list[int]] = {}
+    for i, (path, spec) in enumerate(flat):
+        name = str(getattr(path[-1], "key", path[-1]))
+        base = name.removesuffix("_scale") if spec.quant is not None else name
+        groups.setdefault((tuple(map(str, path[:-1])), base), []).append(i)
+    arrays: list = [None] * len(flat)
+    for members in groups.values():
+        loaded = _load_leaves(ckpt, [flat[i][1] for i in members], [shardings[i] for i in members], dtype)
+        for i, a in zip(members, loaded):
+            arrays[i] = a
+    return jax.tree.unflatten(treedef, arrays)
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,24 +76,36 @@ def _converter(convert, quant, index: Index, dtype):
     return jax.jit(fn)
 
 
-def _load_leaf(ckpt, spec, sharding, dtype):
-    """Build each device's shard ON that device: the raw (contiguous) HF tensors are copied over
-    as they are on disk and transposed/sliced/cast there, which is far faster than numpy's
-    strided copies. A stacked owner group gets its rows one layer at a time, so the peak is one
-    shard plus one layer's raw tensors."""
-    shards = []
-    dtype = spec.stored_dtype(dtype)
-    for device, index in sharding.addressable_devices_indices_map(spec.shape).items():
-        index = tuple(slice(*s.indices(d)) for s, d in zip(index, spec.shape))
-        raw = lambda layer: [jax.device_put(ckpt.get(n), device) for n in spec.hf_names(layer)]
-        if spec.rows is None:
-            shards.append(_converter(spec.convert, spec.quant, index, dtype)(*raw(spec.layer)))
+def _load_leaves(ckpt, specs: list, shardings: list, dtype) -> list:
+    """Leaves made from the same Hugging Face tensors (one leaf, or an FP8 weight and its scales).
+
+    Each device's shard is built ON that device: the raw (contiguous) HF tensors are copied over
+    as they are on disk, once per device, and transposed/quantized/sliced/cast there, which is
+    far faster than numpy's strided copies. A stacked owner group gets its rows one layer at a
+    time, so the peak is one shard plus one layer's raw tensors."""
+    first = specs[0]
+    maps = [sh.addressable_devices_indices_map(s.shape) for s, sh in zip(specs, shardings)]
+    shards: list[list] = [[] for _ in specs]
+    for device in maps[0]:
+        index = [tuple(slice(*x.indices(d)) for x, d in zip(m[device], s.shape)) for m, s in zip(maps, specs)]
+        raw = lambda layer: [jax.device_put(ckpt.get(n), device) for n in first.hf_names(layer)]
+        convert = lambda i, idx, ws: _converter(specs[i].convert, specs[i].quant, idx,
+                                                specs[i].stored_dtype(dtype))(*ws)
+        if first.rows is None:
+            ws = raw(first.layer)
+            for i in range(len(specs)):
+                shards[i].append(convert(i, index[i], ws))
             continue
-        row_shape = tuple(len(range(*s.indices(d))) for s, d in zip(index[1:], spec.shape[1:]))
-        rows = [_converter(spec.convert, spec.quant, index[1:], dtype)(*raw(layer)) if layer >= 0
-                else jnp.zeros(row_shape, dtype, device=device) for layer in spec.rows[index[0]]]
-        shards.append(rows[0][None] if len(rows) == 1 else jnp.stack(rows))
-    return jax.make_array_from_single_device_arrays(spec.shape, sharding, shards)
+        rows: list[list] = [[] for _ in specs]
+        for layer in first.rows[index[0][0]]:  # every leaf of a group shares its rows' sharding
+            ws = raw(layer) if layer >= 0 else None
+            for i, s in enumerate(specs):
+                row_shape = tuple(len(range(*x.indices(d))) for x, d in zip(index[i][1:], s.shape[1:]))
+                rows[i].append(convert(i, index[i][1:], ws) if ws is not None
+                               else jnp.zeros(row_shape, s.stored_dtype(dtype), device=device))
+        for i in range(len(specs)):
+            shards[i].append(rows[i][0][None] if len(rows[i]) == 1 else jnp.stack(rows[i]))
+    return [jax.make_array_from_single_device_arrays(s.shape, sh, sd) for s, sh, sd in zip(specs, shardings, shards)]
 
 
 def from_pretrained(model_dir: str, dtype=jnp.bfloat16, device=None) -> Decoder:
