@@ -11,6 +11,8 @@ import json
 
 from sidp_jax.jobs import cli, offline_job
 from sidp_jax.jobs.cli import main
+from sidp_jax.llm import BUNDLED_MODEL
+from sidp_jax.loading.tokenizer import Tokenizer
 from test_offline_job import BOS, FakeLLM, FakeTokenizer, read_records, write_lines
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -253,7 +255,7 @@ def test_bad_lines_give_error_records_and_the_job_goes_on(tmp_path, capsys):
         6: ("url", ["'url'", "/v1/embeddings"]), 7: ("method", ["'method'", "GET"]),
         8: (None, ["line 8", "simple", "OpenAI batch", "mix"]), 9: (None, ["duplicate custom_id 'ok'", "line 1"]),
         10: ("nobody", ["missing 'body'"]), 11: ("parts", ["image_url", "only text"]),
-        12: ("toplp", ["top_logprobs", "logprobs"]), 13: ("plist", ["prompt", "not supported"]),
+        12: ("toplp", ["top_logprobs", "logprobs"]), 13: ("plist", ["2 prompts", "one prompt per line"]),
         14: ("msgs", ["messages", "/v1/chat/completions"]), 15: ("temp", ["temperature"]),
         16: ("extra", ["unknown field", "priority"]), 17: (None, ["custom_id"]),
         18: ("logit", ["unsupported", "logit_bias"]), 19: ("long", ["max_model_len"]),
@@ -441,12 +443,22 @@ def test_real_engine_batch_job(tmp_path):
              chat_template_kwargs={"enable_thinking": False}),
         completion("compl-1", "The capital of France is", max_tokens=3, logprobs=1, temperature=0, ignore_eos=True),
         completion("compl-2", "Hello", max_tokens=2, n=2, seed=1),
+        # OpenAI's other prompt forms: token ids, and a list holding one prompt
+        completion("compl-ids", Tokenizer.from_dir(BUNDLED_MODEL).encode("The capital of France is", True),
+                   max_tokens=3, temperature=0, ignore_eos=True),
+        completion("compl-list", ["The capital of France is"], max_tokens=3, temperature=0, ignore_eos=True),
+        completion("bad-id", [5, 10 ** 9], max_tokens=2),
     ]
     inp = write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "results.jsonl"
     assert main(["--input", str(inp), "--output", str(out), "--no-progress"]) == 0
-    got = by_custom_id(read_records(out))
-    assert set(got) == {"chat-1", "chat-2", "compl-1", "compl-2"}
+    records = read_records(out)
+    bad = next(r for r in records if r["custom_id"] == "bad-id")
+    assert bad["response"] is None and "outside the tokenizer's vocabulary" in bad["error"]["message"]
+    got = by_custom_id([r for r in records if r["custom_id"] != "bad-id"])
+    assert set(got) == {"chat-1", "chat-2", "compl-1", "compl-2", "compl-ids", "compl-list"}
+    same = [check_result(got[c], c, COMPLETIONS)["choices"][0]["text"] for c in ("compl-1", "compl-ids", "compl-list")]
+    assert same[0] == same[1] == same[2]
     c1 = check_result(got["chat-1"], "chat-1", CHAT)
     assert c1["model"] == "qwen3-test"
     steps = c1["choices"][0]["logprobs"]["content"]

@@ -325,6 +325,12 @@ def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: se
 
 
 def tokenize(req: JobRequest, tokenizer) -> list[int]:
+    if req.prompt is None and req.messages is None:  # given as token ids (batch format /v1/completions)
+        size = tokenizer.vocab_size
+        bad = next((t for t in req.prompt_ids if t >= size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the tokenizer's vocabulary of {size}")
+        return list(req.prompt_ids)
     if req.messages is not None:
         text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False,
                                              **(req.chat_template_kwargs or {}))

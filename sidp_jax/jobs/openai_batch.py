@@ -6,8 +6,8 @@ A line in::
     {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "qwen3", "messages": [...], "max_completion_tokens": 64, "temperature": 0}}
 
-"url" is "/v1/chat/completions" (body "messages") or "/v1/completions" (body "prompt", one
-string). Body fields map to SamplingParams (vLLM's names: max_tokens, temperature, top_p, top_k,
+"url" is "/v1/chat/completions" (body "messages") or "/v1/completions" (body "prompt": a string
+or token ids, or a list holding one of either; one prompt per line). Body fields map to SamplingParams (vLLM's names: max_tokens, temperature, top_p, top_k,
 min_p, n, stop, seed, presence_penalty, frequency_penalty, repetition_penalty, stop_token_ids,
 ignore_eos, min_tokens); chat also takes max_completion_tokens (= max_tokens), "logprobs": true
 with "top_logprobs": k (SamplingParams.logprobs=k, 0 without top_logprobs) and
@@ -130,16 +130,35 @@ def _parse(line: int, rid, obj: dict, base_sampling: dict) -> JobRequest:
     else:
         if "prompt" not in body:
             raise ValueError(f"missing 'body.prompt' ({url} takes a prompt; /v1/chat/completions takes messages)")
-        prompt = body["prompt"]
-        if isinstance(prompt, list):
-            raise ValueError("'body.prompt' must be one string: lists of prompts or of token ids are not supported")
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("'body.prompt' must be a non-empty string")
+        prompt = completion_prompt(body["prompt"])
         if "logprobs" in body:
             overrides["logprobs"] = body["logprobs"]
     params = make_sampling_params(base_sampling, overrides)
-    return JobRequest(line, rid, prompt, messages, params, fmt=FORMAT_BATCH, chat_template_kwargs=template_kwargs,
-                      endpoint=endpoint, model=model, given=frozenset(base_sampling) | frozenset(overrides))
+    text, ids = (None, prompt) if isinstance(prompt, list) else (prompt, None)
+    return JobRequest(line, rid, text, messages, params, prompt_ids=ids, fmt=FORMAT_BATCH,
+                      chat_template_kwargs=template_kwargs, endpoint=endpoint, model=model,
+                      given=frozenset(base_sampling) | frozenset(overrides))
+
+
+def _is_token_ids(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in x)
+
+
+def completion_prompt(prompt) -> str | list[int]:
+    """/v1/completions' body.prompt: a string, or token ids (as OpenAI allows); a list holding one
+    of either is that prompt. Several prompts in one line are refused: each result line answers
+    one custom_id, so give each prompt its own line."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if _is_token_ids(prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
+        raise ValueError(f"'body.prompt' holds {len(prompt)} prompts; this job takes one prompt per line "
+                         f"(give each its own line and custom_id)")
+    raise ValueError("'body.prompt' must be a non-empty string or a non-empty list of token ids (integers >= 0)")
 
 
 def _check_body_fields(body: dict, endpoint: str) -> None:
