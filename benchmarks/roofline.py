@@ -208,7 +208,7 @@ def main():
             print(f"  {quant} S={S} ctx={ctx}: step {dt * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
                   f"(memory {mem_floor * 1e3:.2f}, compute {compute_floor * 1e3:.2f}) -> {dt / floor:.2f}x; "
                   f"the layers' GEMMs alone {gemm_ms:.2f} ms ({gemm_tbps:.2f} TB/s of weights)", flush=True)
-        del llm, runner, fn, step
+        llm = runner = fn = step = None  # free this model's weights before the next one loads
         gc.collect()
 
     base = {(r["batch"], r["context"]): r["step_ms"] for r in rows if r["quantization"] == rows[0]["quantization"]}
