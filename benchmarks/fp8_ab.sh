@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# FP8 against bf16 on one GPU, in ONE device call: the FP8 GPU tests, roofline.py (Qwen3-32B
-# shape, B=64 and 256, bf16 then FP8 weights in one process), then throughput.py windows with
-# bf16, FP8 weights, and FP8 weights + FP8 KV cache (each in its own process, same machine).
+# FP8 against bf16 on one GPU, in ONE device call: the FP8 GPU tests, fp8_gemms.py (each
+# projection alone: bf16 / W8A8 / block-scaled, XLA's Triton GEMM off and on), roofline.py
+# (Qwen3-32B shape, B=64 and 256, bf16 then FP8 weights in one process; TRITON_AB=1 repeats the
+# FP8 step with SIDP_JAX_TRITON_GEMM=on), then throughput.py windows (each run in its own process).
 #   bash benchmarks/fp8_ab.sh
-# Env: MODEL, PROMPTS, INPUT_LEN, OUTPUT_LEN, TIME_LIMIT, WARMUP, SKIP_TESTS=1, SKIP_ROOFLINE=1,
-#      SKIP_THROUGHPUT=1, MAX_SEQS, MAX_TOKENS. Results land in $OUT: JSON + logs, tables last.
+# Env: MODEL, PROMPTS, INPUT_LEN, OUTPUT_LEN, TIME_LIMIT, WARMUP, QUANTS, KVS, MAX_SEQS, MAX_TOKENS,
+#      SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1, TRITON_AB=1.
+# Results land in $OUT: JSON + logs, tables last. A cold machine's first throughput run spends
+# about 2 minutes precompiling: give the call room (the parent prints only when its runs end).
 set -uo pipefail
 source "$(dirname "$0")/gpu_setup.sh"
 $now python3 -c "import jax, sidp_jax; print('jax', jax.__version__, jax.devices(), sidp_jax.__file__)"
 if [ -z "${SKIP_TESTS:-}" ]; then
   (cd tests && timeout "${TEST_TIMEOUT:-200}" $now python3 -m pytest -q -m gpu -p no:cacheprovider test_gpu.py -k "fp8" 2>&1 \
     | tail -15 | tee "$OUT/pytest-gpu-fp8.log")
+fi
+if [ -z "${SKIP_GEMMS:-}" ]; then
+  (cd benchmarks && timeout "${GEMM_TIMEOUT:-200}" $now python3 fp8_gemms.py --model "${MODEL:-qwen3-32b}" --tokens 64,256 \
+    --out "$OUT/fp8-gemms.json" 2>&1 | tail -20 | tee "$OUT/fp8-gemms.log")
+fi
+if [ -n "${TRITON_AB:-}" ]; then
+  (cd benchmarks && SIDP_JAX_TRITON_GEMM=on timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
+    --batch 64,256 --context 1024,1024 --reps 10 --quantization fp8 --out "$OUT/roofline-fp8-triton.json" 2>&1 \
+    | tail -6 | tee "$OUT/roofline-fp8-triton.log")
 fi
 if [ -z "${SKIP_ROOFLINE:-}" ]; then
   (cd benchmarks && timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" --batch 64,256 \
