@@ -30,7 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from sidp_jax.models.config import PRESETS  # noqa: E402
 from sidp_jax.models.decoder import dense_ffn  # noqa: E402
-from sidp_jax.pool.ffn import striped_cas  # noqa: E402
+from sidp_jax.pool.ffn import make_striped_ffns  # noqa: E402
+
+striped_cas = make_striped_ffns({"gate_up": 2, "down": 0})["cas"]  # bf16 leaves: the intermediate axis
 from sidp_jax.engine.timing import median_seconds  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 

@@ -1,5 +1,6 @@
 """SiDP and the baselines on 8 virtual CPU devices: same greedy tokens in every layout and mode."""
 
+import dataclasses
 import json
 import math
 import os
@@ -196,17 +197,21 @@ def test_a_placed_checkpoint_in_the_old_stacked_form_is_refused(tmp_path):
         LLM(str(tmp_path / "placed"), **kw)
 
 
-@pytest.mark.parametrize("placement", ["striped", "owner"])
-def test_calibration_times_both_modes_and_caches(tmp_path, monkeypatch, placement):
+@pytest.mark.parametrize("placement,quantization,replicas", [("striped", None, False), ("owner", None, False),
+                                                              ("striped", "fp8", True), ("owner", "fp8", False)])
+def test_calibration_times_both_modes_and_caches(tmp_path, monkeypatch, placement, quantization, replicas):
+    """It times the FFN leaves as the layout stores them (FP8 ones too) with the engine's own
+    strategies, and WaS as per-replica programs where the engine runs it that way."""
     from sidp_jax.pool import calibrate
 
     monkeypatch.setenv("SIDP_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(calibrate, "TOKENS", (8, 32))
-    cfg = load_config(CKPT)
+    cfg = dataclasses.replace(load_config(CKPT), quantization=quantization)
     layout = make_layout("dp=2", "sidp", placement, devices=jax.devices("cpu"))
-    crossover, source = calibrate.calibrated_crossover(layout, cfg, jnp.float32)
+    crossover, source = calibrate.calibrated_crossover(layout, cfg, jnp.float32, replicas)
     assert "measured now" in source
     [path] = tmp_path.glob("crossover-*.json")
+    assert ("-fp8" in path.name) == (quantization == "fp8") and ("-replicas" in path.name) == replicas
     saved = json.loads(path.read_text())
     timings = saved["seconds_per_layer"]
     assert sorted(map(int, timings)) == [8, 32] and all(set(row) == {"was", "cas"} for row in timings.values())
@@ -216,7 +221,7 @@ def test_calibration_times_both_modes_and_caches(tmp_path, monkeypatch, placemen
     assert crossover in (8, 16, 1 << 30)
     assert f"T=8: was {1e3 * timings['8']['was']:.2f} / cas {1e3 * timings['8']['cas']:.2f} ms" in source
     monkeypatch.setattr(calibrate, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
-    again, source2 = calibrate.calibrated_crossover(layout, cfg, jnp.float32)
+    again, source2 = calibrate.calibrated_crossover(layout, cfg, jnp.float32, replicas)
     assert again == crossover and "cached" in source2 and str(path) in source2
 
 

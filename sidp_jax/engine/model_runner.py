@@ -34,8 +34,7 @@ from sidp_jax.engine_config import Attention, AttentionKind, KernelPath
 from sidp_jax.kernels.attention import DEFAULT_TILE_TOKENS, decode_attention, kernel_unsupported_reason, mixed_attention
 from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.models.config import ModelConfig
-from sidp_jax.models.decoder import dense_ffn, forward, head_logits
-from sidp_jax.models.modules import ffn_leaves
+from sidp_jax.models.decoder import forward, head_logits
 from sidp_jax.parallel.layouts import Layout
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
@@ -101,15 +100,7 @@ class ModelRunner:
 
     def _ffn(self, mode: str):
         """The FFN strategy of this layout and mode ("local" where the FFN is not pooled)."""
-        lay = self.layout
-        tp_axes = ("tp",) if lay.tp > 1 else ()
-        if not lay.pooled:
-            return functools.partial(dense_ffn, split_axes=tp_axes)
-        if lay.placement == "striped":
-            first = ffn_leaves(lay.stored_specs(self.cfg)["layers"][0])
-            gather_axes = {k: s.axes.index("ffn") if "ffn" in s.axes else None for k, s in first.items()}
-            return pool_ffn.make_striped_ffns(gather_axes, tp_axes)[mode]
-        return pool_ffn.make_owner_ffns(lay.num_replicas, lay.platform, tp_axes)[mode]
+        return pool_ffn.ffn_strategy(self.layout, self.cfg, mode)
 
     def _build(self, mode: str, flags: SamplerFlags, attn: str):
         cfg, lay = self.cfg, self.layout

@@ -18,6 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import cache_root
 from sidp_jax.engine.timing import median_seconds
+from sidp_jax.models.modules import ffn_leaves
+from sidp_jax.models.params import init_params
 from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.pool.replica_was import ffn_chain_seconds
 
@@ -30,31 +32,29 @@ def _cache_path(layout, cfg, dtype, replicas: bool) -> str:
     root = cache_root()
     kind = layout.mesh.devices.flat[0].device_kind.replace(" ", "_")
     name = (f"crossover-{kind}-dp{layout.num_replicas}-tp{layout.tp}-{layout.placement}-"
-            f"{cfg.hidden_size}x{cfg.intermediate_size}-{jnp.dtype(dtype).name}{'-replicas' if replicas else ''}.json")
+            f"{cfg.hidden_size}x{cfg.intermediate_size}-{jnp.dtype(dtype).name}{'-fp8' if cfg.quantization else ''}"
+            f"{'-replicas' if replicas else ''}.json")
     return os.path.join(root, name)
 
 
 def measure(layout, cfg, dtype, replicas: bool = False) -> dict:
     """Seconds per FFN layer for each mode at each size in TOKENS (tokens per replica), on LAYERS
     layers of the model's FFN shape stored as the layout stores them and walked in a Python loop."""
-    mesh, D, H, I = layout.mesh, layout.num_replicas, cfg.hidden_size, cfg.intermediate_size
+    mesh, D, H = layout.mesh, layout.num_replicas, cfg.hidden_size
     owner = layout.placement == "owner"
     L = -(-LAYERS // D) * D  # owner: whole groups (which layer sits where does not matter here)
+    specs, pspecs = layout.stored_specs(cfg), layout.partition_specs(cfg)
     if owner:  # groups of D layers stacked over "dp"
-        w_spec = {"gate_up": P("dp", None, None, "tp"), "down": P("dp", "tp", None)}
-        shape = {"gate_up": (D, H, 2, I), "down": (D, I, H)}
-        n = L // D
+        leaf_specs, w_spec, n = specs["ffn_groups"][0], pspecs["ffn_groups"][0], L // D
     else:
-        w_spec = {"gate_up": P(None, None, ("dp", "tp")), "down": P(("dp", "tp"), None)}
-        shape = {"gate_up": (H, 2, I), "down": (I, H)}
-        n = L
-    make = lambda k: jax.jit(lambda: jnp.full(shape[k], 0.01, dtype), out_shardings=NamedSharding(mesh, w_spec[k]))()
-    ws = [{k: make(k) for k in shape} for _ in range(n)]
+        leaf_specs, w_spec, n = ffn_leaves(specs["layers"][0]), ffn_leaves(pspecs["layers"][0]), L
+    shardings = {k: NamedSharding(mesh, p) for k, p in w_spec.items()}
+    # the model's FFN leaves as the layout stores them (FP8 ones too), n distinct copies
+    ws = [init_params(leaf_specs, jax.random.key(i), dtype, shardings) for i in range(n)]
     tp_axis = "tp" if layout.tp > 1 else None
 
     def body(mode):
-        fn = pool_ffn.make_owner_ffns(D, layout.platform)[mode] if owner else {"was": pool_ffn.striped_was,
-                                                              "cas": pool_ffn.striped_cas}[mode]
+        fn = pool_ffn.ffn_strategy(layout, cfg, mode)
 
         def local(x, ws):
             for l in range(L):

@@ -19,6 +19,7 @@ collectives (the paper's dummy skipping).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -66,6 +67,20 @@ def make_striped_ffns(gather_axes: dict[str, int | None], tp_axes: tuple[str, ..
         return jax.lax.psum_scatter(partial, "dp", scatter_dimension=0, tiled=True)
 
     return {"was": striped_was, "cas": striped_cas}
+
+
+def ffn_strategy(layout, cfg, mode: str):
+    """The FFN function of a layout (sidp_jax.parallel.layouts.Layout) and mode: the dense local
+    FFN where the FFN is not pooled, else the placement's WaS or CaS, built for how the layout
+    stores the model's FFN leaves (FP8 ones included)."""
+    tp_axes = ("tp",) if layout.tp > 1 else ()
+    if not layout.pooled:
+        return functools.partial(dense_ffn, split_axes=tp_axes)
+    if layout.placement == "striped":
+        first = ffn_leaves(layout.stored_specs(cfg)["layers"][0])
+        gather_axes = {k: s.axes.index("ffn") if "ffn" in s.axes else None for k, s in first.items()}
+        return make_striped_ffns(gather_axes, tp_axes)[mode]
+    return make_owner_ffns(layout.num_replicas, layout.platform, tp_axes)[mode]
 
 
 def _own_row(group: dict) -> dict:
