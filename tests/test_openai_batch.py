@@ -234,7 +234,7 @@ def test_bad_lines_give_error_records_and_the_job_goes_on(tmp_path, capsys):
         {"custom_id": "nobody", "method": "POST", "url": CHAT},                      # 10 no body
         chat("parts", [{"type": "image_url", "image_url": {"url": "x"}}]),           # 11 non-text part
         chat("toplp", "x", top_logprobs=2),                                          # 12 top_logprobs alone
-        completion("plist", ["a", "b"]),                                             # 13 a list of prompts
+        completion("plist", ["a", ""]),                                              # 13 an empty prompt in a list
         completion("msgs", "x", messages=[]),                                        # 14 chat field, completions url
         chat("temp", "x", temperature=-1),                                           # 15 bad sampling value
         {**chat("extra", "x"), "priority": 1},                                       # 16 unknown line field
@@ -244,6 +244,8 @@ def test_bad_lines_give_error_records_and_the_job_goes_on(tmp_path, capsys):
         chat("explode", "x") | {"body": {"messages": [{"role": "explode", "content": "x"}]}},  # 20 template fails
         chat("both", "x", max_tokens=2, max_completion_tokens=3),                    # 21 both max fields
         completion("ok2", "also fine", stream=False, logit_bias={}),                 # 22 "off" values are fine
+        completion("plong", ["fine", "y" * 100]),                                    # 23 one prompt too long
+        completion("many", ["x"] * 129),                                             # 24 too many prompts
     ]
     rc, out, fac = run(tmp_path, lines)
     assert rc == 0
@@ -255,16 +257,18 @@ def test_bad_lines_give_error_records_and_the_job_goes_on(tmp_path, capsys):
         6: ("url", ["'url'", "/v1/embeddings"]), 7: ("method", ["'method'", "GET"]),
         8: (None, ["line 8", "simple", "OpenAI batch", "mix"]), 9: (None, ["duplicate custom_id 'ok'", "line 1"]),
         10: ("nobody", ["missing 'body'"]), 11: ("parts", ["image_url", "only text"]),
-        12: ("toplp", ["top_logprobs", "logprobs"]), 13: ("plist", ["2 prompts", "one prompt per line"]),
+        12: ("toplp", ["top_logprobs", "logprobs"]), 13: ("plist", ["'body.prompt'[1]", "non-empty"]),
         14: ("msgs", ["messages", "/v1/chat/completions"]), 15: ("temp", ["temperature"]),
         16: ("extra", ["unknown field", "priority"]), 17: (None, ["custom_id"]),
         18: ("logit", ["unsupported", "logit_bias"]), 19: ("long", ["max_model_len"]),
         20: ("explode", ["template"]), 21: ("both", ["max_tokens", "max_completion_tokens"]),
+        23: ("plong", ["prompt 1 of 2", "max_model_len"]), 24: ("many", ["129 prompts", "several lines"]),
     }
     assert set(errors) == set(expect)
     for line, (cid, words) in expect.items():
         check_error(errors[line], line, cid, *words)
     assert errors[19]["error"]["code"] == "request_failed" and errors[20]["error"]["code"] == "invalid_prompt"
+    assert errors[23]["error"]["code"] == "request_failed"  # one record for the line, though "fine" ran
     results = by_custom_id([r for r in records if r["error"] is None])
     assert set(results) == {"ok", "ok2"}
     check_result(results["ok"], "ok", CHAT)
@@ -448,6 +452,8 @@ def test_real_engine_batch_job(tmp_path):
                    max_tokens=3, temperature=0, ignore_eos=True),
         completion("compl-list", ["The capital of France is"], max_tokens=3, temperature=0, ignore_eos=True),
         completion("bad-id", [5, 10 ** 9], max_tokens=2),
+        completion("compl-multi", ["The capital of France is", [5, 6, 7]], max_tokens=3, n=2, temperature=0,
+                   ignore_eos=True),
     ]
     inp = write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "results.jsonl"
@@ -456,9 +462,15 @@ def test_real_engine_batch_job(tmp_path):
     bad = next(r for r in records if r["custom_id"] == "bad-id")
     assert bad["response"] is None and "outside the tokenizer's vocabulary" in bad["error"]["message"]
     got = by_custom_id([r for r in records if r["custom_id"] != "bad-id"])
-    assert set(got) == {"chat-1", "chat-2", "compl-1", "compl-2", "compl-ids", "compl-list"}
+    assert set(got) == {"chat-1", "chat-2", "compl-1", "compl-2", "compl-ids", "compl-list", "compl-multi"}
     same = [check_result(got[c], c, COMPLETIONS)["choices"][0]["text"] for c in ("compl-1", "compl-ids", "compl-list")]
     assert same[0] == same[1] == same[2]
+    # a prompt list: choices run prompt by prompt, n each (index = prompt * n + sample), usage summed
+    multi = check_result(got["compl-multi"], "compl-multi", COMPLETIONS, n=4)
+    assert [c["index"] for c in multi["choices"]] == [0, 1, 2, 3]
+    assert multi["choices"][0]["text"] == multi["choices"][1]["text"] == same[0]
+    first = got["compl-ids"]["response"]["body"]["usage"]["prompt_tokens"]
+    assert multi["usage"]["prompt_tokens"] == first + 3 and multi["usage"]["completion_tokens"] == 12
     c1 = check_result(got["chat-1"], "chat-1", CHAT)
     assert c1["model"] == "qwen3-test"
     steps = c1["choices"][0]["logprobs"]["content"]

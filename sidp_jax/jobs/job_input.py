@@ -90,12 +90,21 @@ class JobRequest:
     prompt: str | None
     messages: list[dict] | None  # contents are strings (text parts joined)
     params: SamplingParams
-    prompt_ids: list[int] | None = None  # filled in by tokenize()
+    prompt_ids: list[int] | None = None  # filled in by tokenize_into()
     fmt: str = FORMAT_SIMPLE  # the format of its line, and so of its record
     chat_template_kwargs: dict | None = None  # more apply_chat_template arguments (messages only)
     endpoint: str | None = None  # batch format: "chat" or "completions"
     model: str | None = None  # batch format: the body's "model" (only echoed in the response)
     given: frozenset = frozenset()  # SamplingParams fields the command line or the line set
+    # batch format /v1/completions with a list of prompts: each a string or token ids; the line's
+    # one record answers them all (choices index = prompt * n + sample, as OpenAI numbers them)
+    prompt_list: list | None = None
+    prompt_ids_list: list[list[int]] | None = None  # filled in by tokenize_into()
+
+    @property
+    def prompts_ids(self) -> list[list[int]]:
+        """The token ids of every prompt the line runs (one, or each of its prompt list)."""
+        return self.prompt_ids_list if self.prompt_ids_list is not None else [self.prompt_ids]
 
     def with_defaults(self, defaults: dict) -> None:
         """Fill the fields nobody set from the checkpoint's generation_config.json (LLM.generation_defaults)."""
@@ -324,15 +333,32 @@ def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: se
         yield item
 
 
+def _completion_ids(prompt: str | list[int], tokenizer) -> list[int]:
+    """A completions prompt's token ids: text encoded with special tokens, or ids checked."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
+    size = tokenizer.vocab_size
+    bad = next((t for t in prompt if t >= size), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the tokenizer's vocabulary of {size}")
+    return list(prompt)
+
+
 def tokenize(req: JobRequest, tokenizer) -> list[int]:
-    if req.prompt is None and req.messages is None:  # given as token ids (batch format /v1/completions)
-        size = tokenizer.vocab_size
-        bad = next((t for t in req.prompt_ids if t >= size), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the tokenizer's vocabulary of {size}")
-        return list(req.prompt_ids)
+    """The request's prompt token ids (a line of several prompts: its first; see tokenize_into)."""
     if req.messages is not None:
         text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False,
                                              **(req.chat_template_kwargs or {}))
         return list(tokenizer.encode(text, add_special_tokens=False))
-    return list(tokenizer.encode(req.prompt, add_special_tokens=True))
+    if req.prompt_list is not None:
+        return _completion_ids(req.prompt_list[0], tokenizer)
+    return _completion_ids(req.prompt if req.prompt is not None else req.prompt_ids, tokenizer)
+
+
+def tokenize_into(req: JobRequest, tokenizer) -> None:
+    """Fill in prompt_ids (and, for a line of several prompts, prompt_ids_list)."""
+    if req.prompt_list is not None:
+        req.prompt_ids_list = [_completion_ids(p, tokenizer) for p in req.prompt_list]
+        req.prompt_ids = req.prompt_ids_list[0]
+    else:
+        req.prompt_ids = tokenize(req, tokenizer)

@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from sidp_jax.jobs.job_input import (FORMAT_SIMPLE, InputFormat, LineError, PlanCounts, JobRequest, detect_format,
-                                     plan_items, reader_for, tokenize)
+                                     plan_items, reader_for, tokenize_into)
 from sidp_jax.jobs.job_output import JobOutput, record_tokens, result_record
 from sidp_jax.jobs.openai_batch import model_name
 
@@ -226,7 +226,7 @@ def tokenized(requests: Iterable[JobRequest], tokenizer, defaults: dict | None =
                 yield LineError(req.line, f"generation_config.json defaults: {e}", id=req.id, fmt=req.fmt)
                 continue
         try:
-            req.prompt_ids = tokenize(req, tokenizer)
+            tokenize_into(req, tokenizer)
         except Exception as e:
             yield LineError(req.line, f"could not render/encode the prompt: {e}", id=req.id, fmt=req.fmt,
                             code="invalid_prompt")
@@ -236,21 +236,36 @@ def tokenized(requests: Iterable[JobRequest], tokenizer, defaults: dict | None =
 
 def stream_records(llm, runnable: Iterable[JobRequest], *, use_tqdm: bool = False) -> Iterator[tuple[JobRequest, dict | LineError]]:
     """Run tokenized requests (a list, or an iterator the engine reads as it makes room); yield
-    (request, result record or LineError) as each finishes."""
-    pending: dict[int, JobRequest] = {}
+    (request, result record or LineError) as each finishes. A line of several prompts runs each
+    as its own engine request and gets one record when the last finishes (an error if any failed)."""
+    pending: dict[int, tuple[JobRequest, int]] = {}  # engine index -> (request, its prompt number)
+    outputs: dict[int, list] = {}  # id(request) -> its prompts' outputs so far
     model = model_name(llm)
 
     def feed():
-        for i, req in enumerate(runnable):
-            pending[i] = req
-            yield {"prompt_token_ids": req.prompt_ids, "sampling_params": req.params}
+        i = 0
+        for req in runnable:
+            parts = req.prompts_ids
+            outputs[id(req)] = [None] * len(parts)
+            for j, ids in enumerate(parts):
+                pending[i] = (req, j)
+                i += 1
+                yield {"prompt_token_ids": ids, "sampling_params": req.params}
 
     for i, out in llm.stream(feed(), None, use_tqdm=use_tqdm):
-        req = pending.pop(i)
-        if out.error is not None:
-            yield req, LineError(req.line, out.error, id=req.id, fmt=req.fmt, code="request_failed")
+        req, j = pending.pop(i)
+        outs = outputs[id(req)]
+        outs[j] = out
+        if any(o is None for o in outs):
+            continue
+        del outputs[id(req)]
+        failed = [(k, o) for k, o in enumerate(outs) if o.error is not None]
+        if failed:
+            k, o = failed[0]
+            msg = o.error if len(outs) == 1 else f"prompt {k} of {len(outs)}: {o.error}"
+            yield req, LineError(req.line, msg, id=req.id, fmt=req.fmt, code="request_failed")
         else:
-            yield req, result_record(req, out, llm.tokenizer, model)
+            yield req, result_record(req, outs if req.prompt_list is not None else outs[0], llm.tokenizer, model)
 
 
 class ModelLoadError(Exception):

@@ -6,8 +6,9 @@ A line in::
     {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "qwen3", "messages": [...], "max_completion_tokens": 64, "temperature": 0}}
 
-"url" is "/v1/chat/completions" (body "messages") or "/v1/completions" (body "prompt": a string
-or token ids, or a list holding one of either; one prompt per line). Body fields map to SamplingParams (vLLM's names: max_tokens, temperature, top_p, top_k,
+"url" is "/v1/chat/completions" (body "messages") or "/v1/completions" (body "prompt": a string,
+token ids, or a list of either: a line of several prompts gets one record whose choices run over
+its prompts, index = prompt * n + sample, as OpenAI's). Body fields map to SamplingParams (vLLM's names: max_tokens, temperature, top_p, top_k,
 min_p, n, stop, seed, presence_penalty, frequency_penalty, repetition_penalty, stop_token_ids,
 ignore_eos, min_tokens); chat also takes max_completion_tokens (= max_tokens), "logprobs": true
 with "top_logprobs": k (SamplingParams.logprobs=k, 0 without top_logprobs) and
@@ -134,10 +135,12 @@ def _parse(line: int, rid, obj: dict, base_sampling: dict) -> JobRequest:
         if "logprobs" in body:
             overrides["logprobs"] = body["logprobs"]
     params = make_sampling_params(base_sampling, overrides)
-    text, ids = (None, prompt) if isinstance(prompt, list) else (prompt, None)
+    several = isinstance(prompt, tuple)
+    text, ids = (None, prompt) if isinstance(prompt, list) else (None if several else prompt, None)
     return JobRequest(line, rid, text, messages, params, prompt_ids=ids, fmt=FORMAT_BATCH,
                       chat_template_kwargs=template_kwargs, endpoint=endpoint, model=model,
-                      given=frozenset(base_sampling) | frozenset(overrides))
+                      given=frozenset(base_sampling) | frozenset(overrides),
+                      prompt_list=list(prompt) if several else None)
 
 
 def _is_token_ids(x) -> bool:
@@ -145,20 +148,28 @@ def _is_token_ids(x) -> bool:
                                                    for t in x)
 
 
-def completion_prompt(prompt) -> str | list[int]:
-    """/v1/completions' body.prompt: a string, or token ids (as OpenAI allows); a list holding one
-    of either is that prompt. Several prompts in one line are refused: each result line answers
-    one custom_id, so give each prompt its own line."""
+MAX_PROMPTS_PER_LINE = 128  # a line's record waits for all of its prompts
+
+
+def completion_prompt(prompt) -> str | list[int] | tuple:
+    """/v1/completions' body.prompt, as OpenAI allows it: a string, token ids, or a list of
+    either (a tuple of them here; a list holding one is that prompt)."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
         return prompt
     if _is_token_ids(prompt):
         return list(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
-        raise ValueError(f"'body.prompt' holds {len(prompt)} prompts; this job takes one prompt per line "
-                         f"(give each its own line and custom_id)")
-    raise ValueError("'body.prompt' must be a non-empty string or a non-empty list of token ids (integers >= 0)")
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, list) or isinstance(p, str) for p in prompt):
+        bad = next((i for i, p in enumerate(prompt) if not (p if isinstance(p, str) else _is_token_ids(p))), None)
+        if bad is not None:
+            raise ValueError(f"'body.prompt'[{bad}] must be a non-empty string or a non-empty list of token ids")
+        if len(prompt) > MAX_PROMPTS_PER_LINE:
+            raise ValueError(f"'body.prompt' holds {len(prompt)} prompts, more than {MAX_PROMPTS_PER_LINE} per line: "
+                             f"split them over several lines")
+        return tuple(p if isinstance(p, str) else list(p) for p in prompt)
+    raise ValueError("'body.prompt' must be a non-empty string, a non-empty list of token ids (integers >= 0), "
+                     "or a list of those")
 
 
 def _check_body_fields(body: dict, endpoint: str) -> None:
@@ -250,21 +261,26 @@ def _completion_logprobs(c, token_str) -> dict:
 
 
 def result_record(req: JobRequest, out, tokenizer=None, model: str | None = None) -> dict:
-    """The batch output line of a finished request: a chat.completion or text_completion body."""
-    completions = sorted(out.outputs, key=lambda c: c.index)
+    """The batch output line of a finished request: a chat.completion or text_completion body.
+    out: its RequestOutput, or a list of them for a line of several prompts (choice index =
+    prompt * n + sample, and usage summed, as OpenAI reports a prompt list)."""
+    outs = out if isinstance(out, list) else [out]
+    n = req.params.n
+    completions = [(j * n + c.index, c) for j, o in enumerate(outs) for c in sorted(o.outputs, key=lambda c: c.index)]
     token_str = token_decoder(tokenizer)
     k = req.params.logprobs or 0
     choices = []
-    for c in completions:
+    for index, c in completions:
         if req.endpoint == "chat":
             lp = None if c.logprobs is None else _chat_logprobs(c, k, token_str)
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+            choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
                             "logprobs": lp, "finish_reason": c.finish_reason})
         else:
             lp = None if c.logprobs is None else _completion_logprobs(c, token_str)
-            choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-    prompt_tokens = len(req.prompt_ids)
-    completion_tokens = sum(len(c.token_ids) for c in completions)
+            choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+    prompt_tokens = sum(map(len, req.prompts_ids))
+    completion_tokens = sum(len(c.token_ids) for _, c in completions)
+    cached = sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outs)
     h = _hash(req.id)
     body = {
         "id": f"chatcmpl-{h}" if req.endpoint == "chat" else f"cmpl-{h}",
@@ -274,7 +290,7 @@ def result_record(req: JobRequest, out, tokenizer=None, model: str | None = None
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens,
-                  "prompt_tokens_details": {"cached_tokens": int(getattr(out, "num_cached_tokens", 0) or 0)}},
+                  "prompt_tokens_details": {"cached_tokens": cached}},
     }
     return {"id": f"batch_req_{h}", "custom_id": req.id,
             "response": {"status_code": 200, "request_id": f"req_{h}", "body": body}, "error": None}
