@@ -12,8 +12,8 @@ from sidp_jax.engine.engine import Engine, Request
 from sidp_jax.engine.startup import build_runner, precompile_steps, report_kv
 from sidp_jax.engine_config import EngineConfig, KvCacheDtype
 from sidp_jax.loading.placed_checkpoint import is_placed_checkpoint, placed_quantization
-from sidp_jax.models.fp8 import E4M3
 from sidp_jax.models.config import PRESETS, ModelConfig, dtype_from_name, load_config
+from sidp_jax.models.fp8 import E4M3
 from sidp_jax.outputs import RequestOutput
 from sidp_jax.parallel.layouts import make_layout
 from sidp_jax.sampling_params import SamplingParams
@@ -29,9 +29,10 @@ class LLM:
         """model: a checkpoint directory, a preset name or a ModelConfig (random weights); default:
         the bundled tiny model. engine_kwargs: the fields of sidp_jax.engine_config.EngineConfig
         (mesh or data_parallel_size / tensor_parallel_size, parallel, placement, ffn_mode, dtype,
-        quantization, kv_cache_dtype, gpu_memory_utilization, max_model_len, max_num_seqs, max_num_batched_tokens, kv_block_size,
-        seed, kv_cache_tokens, ffn_crossover_tokens, attention, was_runner, was_prefetch_depth,
-        precompile, async_scheduling, enable_prefix_caching), each checked there. devices: the devices the mesh is built from
+        quantization, kv_cache_dtype, gpu_memory_utilization, max_model_len, max_num_seqs,
+        max_num_batched_tokens, kv_block_size, seed, kv_cache_tokens, ffn_crossover_tokens,
+        attention, was_runner, was_prefetch_depth, precompile, async_scheduling,
+        enable_prefix_caching), each checked there. devices: the devices the mesh is built from
         (default: all of the default backend's).
 
         quantization="fp8": W8A8 in e4m3 for the projections (qkv, o, gate_up, down), quantized at

@@ -8,8 +8,8 @@ A line in::
 
 "url" is "/v1/chat/completions" (body "messages") or "/v1/completions" (body "prompt": a string,
 token ids, or a list of either: a line of several prompts gets one record whose choices run over
-its prompts, index = prompt * n + sample, as OpenAI's). Body fields map to SamplingParams (vLLM's names: max_tokens, temperature, top_p, top_k,
-min_p, n, stop, seed, presence_penalty, frequency_penalty, repetition_penalty, stop_token_ids,
+its prompts, index = prompt * n + sample, as OpenAI's). Body fields map to SamplingParams
+(vLLM's names: max_tokens, temperature, top_p, top_k, min_p, n, stop, seed, presence_penalty, frequency_penalty, repetition_penalty, stop_token_ids,
 ignore_eos, min_tokens); chat also takes max_completion_tokens (= max_tokens), "logprobs": true
 with "top_logprobs": k (SamplingParams.logprobs=k, 0 without top_logprobs) and
 "chat_template_kwargs"; completions take "logprobs": k. "model" (and "user") are accepted and
