@@ -30,10 +30,14 @@ def scale_name(name: str) -> str:
     return f"{name}_scale"
 
 
-def quantize(w: jax.Array, num_out: int) -> tuple[jax.Array, jax.Array]:
-    """w [*out, *in] (num_out leading axes) -> (e4m3 values, float32 scale per output channel [*out])."""
+def quantize(w: jax.Array, num_out: int, reduce_amax=None) -> tuple[jax.Array, jax.Array]:
+    """w [*out, *in] (num_out leading axes) -> (e4m3 values, float32 scale per output channel [*out]).
+
+    reduce_amax: applied to the amax [*out] before it becomes the scale (see quantize_tokens)."""
     wf = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(wf), axis=tuple(range(num_out, w.ndim)))
+    if reduce_amax is not None:
+        amax = reduce_amax(amax)
     scale = jnp.maximum(amax, _TINY) / E4M3_MAX
     q = jnp.clip(wf / scale.reshape(*scale.shape, *[1] * (w.ndim - num_out)), -E4M3_MAX, E4M3_MAX)
     return q.astype(E4M3), scale
@@ -44,13 +48,7 @@ def quantize_tokens(x: jax.Array, reduce_amax=None) -> tuple[jax.Array, jax.Arra
 
     reduce_amax: where the contracted axes are split over devices (tp, a striped pool), the
     collective that makes each token's amax the whole row's, so that every layout rounds alike."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=tuple(range(1, x.ndim)))
-    if reduce_amax is not None:
-        amax = reduce_amax(amax)
-    scale = jnp.maximum(amax, _TINY) / E4M3_MAX
-    q = jnp.clip(xf / scale.reshape(-1, *[1] * (x.ndim - 1)), -E4M3_MAX, E4M3_MAX)
-    return q.astype(E4M3), scale
+    return quantize(x, 1, reduce_amax)
 
 
 def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, out_dtype=None, reduce_amax=None):

@@ -90,7 +90,7 @@ class JobRequest:
     prompt: str | None
     messages: list[dict] | None  # contents are strings (text parts joined)
     params: SamplingParams
-    prompt_ids: list[int] | None = None  # filled in by tokenize_into()
+    prompt_ids: list[int] | None = None  # filled in by tokenize_into() (a one-prompt line)
     fmt: str = FORMAT_SIMPLE  # the format of its line, and so of its record
     chat_template_kwargs: dict | None = None  # more apply_chat_template arguments (messages only)
     endpoint: str | None = None  # batch format: "chat" or "completions"
@@ -345,20 +345,17 @@ def _completion_ids(prompt: str | list[int], tokenizer) -> list[int]:
 
 
 def tokenize(req: JobRequest, tokenizer) -> list[int]:
-    """The request's prompt token ids (a line of several prompts: its first; see tokenize_into)."""
+    """The token ids of a request of one prompt (chat messages, text, or ids given)."""
     if req.messages is not None:
         text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False,
                                              **(req.chat_template_kwargs or {}))
         return list(tokenizer.encode(text, add_special_tokens=False))
-    if req.prompt_list is not None:
-        return _completion_ids(req.prompt_list[0], tokenizer)
     return _completion_ids(req.prompt if req.prompt is not None else req.prompt_ids, tokenizer)
 
 
 def tokenize_into(req: JobRequest, tokenizer) -> None:
-    """Fill in prompt_ids (and, for a line of several prompts, prompt_ids_list)."""
+    """Fill in prompt_ids, or for a line of several prompts prompt_ids_list (see prompts_ids)."""
     if req.prompt_list is not None:
         req.prompt_ids_list = [_completion_ids(p, tokenizer) for p in req.prompt_list]
-        req.prompt_ids = req.prompt_ids_list[0]
     else:
         req.prompt_ids = tokenize(req, tokenizer)

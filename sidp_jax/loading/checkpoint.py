@@ -50,17 +50,15 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype, layout) -> dict:
     ckpt = open_checkpoint(model_dir)
     validate(ckpt, cfg)
     specs = layout.stored_specs(cfg)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
+    flat, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
     shardings = jax.tree.leaves(layout.param_shardings(cfg))
-    # An FP8 weight and its scales come from the same tensors: read and quantize them once.
+    # Leaves made from the same tensors (an FP8 weight and its scales) are read once together.
     groups: dict[tuple, list[int]] = {}
-    for i, (path, spec) in enumerate(flat):
-        name = str(getattr(path[-1], "key", path[-1]))
-        base = name.removesuffix("_scale") if spec.quant is not None else name
-        groups.setdefault((tuple(map(str, path[:-1])), base), []).append(i)
+    for i, spec in enumerate(flat):
+        groups.setdefault((spec.hf, spec.layer, spec.rows), []).append(i)
     arrays: list = [None] * len(flat)
     for members in groups.values():
-        loaded = _load_leaves(ckpt, [flat[i][1] for i in members], [shardings[i] for i in members], dtype)
+        loaded = _load_leaves(ckpt, [flat[i] for i in members], [shardings[i] for i in members], dtype)
         for i, a in zip(members, loaded):
             arrays[i] = a
     return jax.tree.unflatten(treedef, arrays)
