@@ -15,9 +15,18 @@ def report(result: dict) -> None:
     print(PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(argv: list[str], error_chars: int = 3000) -> tuple[dict, str]:
-    """In the parent: run `python argv...`; (its result or {"error": stderr tail}, its stdout)."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith(PREFIX)), None)
-    result = json.loads(line[len(PREFIX):]) if line else {"error": proc.stderr[-error_chars:]}
-    return result, proc.stdout
+def run_child(argv: list[str], error_chars: int = 3000, echo: str = "[sidp_jax]") -> tuple[dict, str]:
+    """In the parent: run `python argv...`; (its result or {"error": output tail}, its output).
+
+    The child's lines that start with `echo` (the engine's start-up and progress lines) are printed
+    as they come, so a run cut by an outer timeout still shows how far it got."""
+    lines = []
+    with subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if echo and line.startswith(echo):
+                print(line, end="", flush=True)
+    output = "".join(lines)
+    result = next((json.loads(l[len(PREFIX):]) for l in lines if l.startswith(PREFIX)), None)
+    return (result if result is not None else {"error": output[-error_chars:]}), output

@@ -32,7 +32,7 @@ def make_prompts(args, vocab: int, rng) -> list[list[int]]:
 
 
 def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, quantization: str = "none",
-            kv_cache_dtype: str = "auto") -> dict:
+            kv_cache_dtype: str = "auto", max_num_seqs: int = 512, max_num_batched_tokens: int = 4096) -> dict:
     import numpy as np
 
     from sidp_jax import LLM, SamplingParams
@@ -43,7 +43,7 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, q
               gpu_memory_utilization=args.gpu_memory_utilization,
               max_model_len=args.max_model_len or (args.input_len + args.output_len
                                                    + (args.prefix_len if args.workload == "fewshot" else 0)),
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, verbose=True,
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, verbose=True,
               async_scheduling=async_scheduling, enable_prefix_caching=prefix_caching,
               quantization=None if quantization == "none" else quantization, kv_cache_dtype=kv_cache_dtype)
     startup_s = time.perf_counter() - t_start
@@ -95,7 +95,8 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, q
             "steps_per_mode": stats["steps_per_mode"], "num_preemptions": stats["num_preemptions"],
             "async_scheduling": async_scheduling, **window, "steps_in_window": steps,
             "workload": args.workload, "prefix_caching": prefix_caching, "quantization": quantization,
-            "kv_cache_dtype": kv_cache_dtype, "weights": llm.cfg.quantization or str(__import__("numpy").dtype(llm.dtype)),
+            "kv_cache_dtype": kv_cache_dtype, "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens, "weights": llm.cfg.quantization or str(__import__("numpy").dtype(llm.dtype)),
             **{k: stats[k] for k in ("prefill_tokens_requested", "prefill_tokens_computed", "prefix_cache_hit_rate",
                                      "prefix_cache_evictions")},
             "steps_found_ready": stats["steps_found_ready"], "device_fed_tokens": stats["device_fed_tokens"],
@@ -104,6 +105,17 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, q
             "startup_s": startup_s, "first_call_seconds": stats.get("first_call_seconds"),
             "compile_cache": getattr(llm, "compile_cache", None), "device": llm.layout.mesh.devices.flat[0].device_kind,
             "jax": __import__("jax").__version__}
+
+
+def batch_limits(args) -> list[tuple[int, int]]:
+    """(max_num_seqs, max_num_batched_tokens) pairs: the two comma lists side by side."""
+    seqs = [int(v) for v in str(args.max_num_seqs).split(",")]
+    tokens = [int(v) for v in str(args.max_num_batched_tokens).split(",")]
+    if len(seqs) != len(tokens) and 1 not in (len(seqs), len(tokens)):
+        raise SystemExit(f"--max-num-seqs has {len(seqs)} values and --max-num-batched-tokens {len(tokens)}: "
+                         "give both the same number, or one of them a single value")
+    n = max(len(seqs), len(tokens))
+    return list(zip(seqs * n if len(seqs) == 1 else seqs, tokens * n if len(tokens) == 1 else tokens))
 
 
 def main():
@@ -117,8 +129,9 @@ def main():
     ap.add_argument("--output-len", type=int, default=2048)
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--max-num-seqs", type=int, default=512)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", default="512",
+                    help="comma list, paired with --max-num-batched-tokens's (one value pairs with every other)")
+    ap.add_argument("--max-num-batched-tokens", default="4096", help="comma list, paired with --max-num-seqs's")
     ap.add_argument("--time-limit", type=float, default=150.0)
     ap.add_argument("--warmup", type=float, default=40.0)
     ap.add_argument("--out", default=None)
@@ -135,27 +148,25 @@ def main():
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        parallel, scheduling, caching, quant, kv = args.one.split(":")
-        report(run_one(args, parallel, scheduling == "async", caching == "on", quant, kv))
+        parallel, scheduling, caching, quant, kv, seqs, tokens = args.one.split(":")
+        report(run_one(args, parallel, scheduling == "async", caching == "on", quant, kv, int(seqs), int(tokens)))
         return
     rows = []
-    runs = [(p, sch, c, q, kv) for p in args.compare.split(",") for sch in args.scheduling.split(",")
+    runs = [(p, sch, c, q, kv, *limits) for p in args.compare.split(",") for sch in args.scheduling.split(",")
             for c in args.prefix_caching.split(",") for q in args.quantization.split(",")
-            for kv in args.kv_cache_dtype.split(",")]
-    if any(sch not in ("async", "sync") or c not in ("on", "off") for _, sch, c, _, _ in runs):
+            for kv in args.kv_cache_dtype.split(",") for limits in batch_limits(args)]
+    if any(sch not in ("async", "sync") or c not in ("on", "off") for _, sch, c, *_ in runs):
         raise SystemExit("--scheduling takes async and/or sync, --prefix-caching on and/or off")
-    for parallel, scheduling, caching, quant, kv in runs:
-        res, stdout = run_child([__file__, *sys.argv[1:], "--one", f"{parallel}:{scheduling}:{caching}:{quant}:{kv}"])
-        res.setdefault("parallel", parallel)
-        res.setdefault("async_scheduling", scheduling == "async")
-        res.setdefault("prefix_caching", caching == "on")
-        res.setdefault("quantization", quant)
-        res.setdefault("kv_cache_dtype", kv)
-        print("\n".join(l for l in stdout.splitlines() if l.startswith("[sidp_jax]")))
+    for run in runs:
+        parallel, scheduling, caching, quant, kv, seqs, tokens = run
+        res, _ = run_child([__file__, *sys.argv[1:], "--one", ":".join(map(str, run))])
+        res.update({k: v for k, v in dict(parallel=parallel, async_scheduling=scheduling == "async",
+                                          prefix_caching=caching == "on", quantization=quant, kv_cache_dtype=kv,
+                                          max_num_seqs=seqs, max_num_batched_tokens=tokens).items() if k not in res})
         rows.append(res)
         print(json.dumps(res), flush=True)
-    if args.out:
-        write_result(args.out, {"args": vars(args), "rows": rows})
+        if args.out:  # after every run: an outer timeout still leaves the finished rows
+            write_result(args.out, {"args": vars(args), "rows": rows, "complete": len(rows) == len(runs)})
     for r in rows:
         if "error" in r:
             print(f"{r['parallel']}: error {r['error'][-300:]}")
@@ -164,13 +175,15 @@ def main():
         print(f"Total num prompt tokens:  {r.get('total_num_prompt_tokens', 0):,}")
         print(f"Total num output tokens:  {r.get('total_num_output_tokens', 0):,}")
         print(f"{r['parallel']:>5} {'async' if r['async_scheduling'] else 'sync':>5} "
+              f"seqs {r.get('max_num_seqs')} tokens {r.get('max_num_batched_tokens')} "
               f"weights {r.get('quantization', 'none'):>4} kv {r.get('kv_cache_dtype', 'auto'):>4} "
               f"cache {'on' if r.get('prefix_caching') else 'off':>3}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "
               f"{r['output_tokens_per_s']:.2f} output tokens/s | KV {r['kv_tokens_per_replica']:,}/replica, "
               f"modes {r['steps_per_mode']}, preempt {r['num_preemptions']}, "
               f"wall {r['wall_ms_per_step']:.1f} / host {r['host_ms_per_step']:.1f} / device "
               f"{r['device_ms_per_step']:.1f} ms/step, device idle {r['device_idle_share']:.1%}, "
-              f"prefill computed {r.get('prefill_tokens_computed', 0):,} of {r.get('prefill_tokens_requested', 0):,}")
+              f"prefill computed {r.get('prefill_tokens_computed', 0):,} of {r.get('prefill_tokens_requested', 0):,}, "
+              f"start-up {r.get('startup_s', 0):.0f} s")
 
 
 if __name__ == "__main__":
