@@ -5,7 +5,7 @@
 # FP8 step with SIDP_JAX_TRITON_GEMM=on), then throughput.py windows (each run in its own process).
 #   bash benchmarks/fp8_ab.sh
 # Env: MODEL, PROMPTS, INPUT_LEN, OUTPUT_LEN, TIME_LIMIT, WARMUP, QUANTS, KVS, MAX_SEQS, MAX_TOKENS,
-#      SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1, TRITON_AB=1.
+#      ROOF_KVS (space list: auto fp8), ROOF_QUANTS, SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1, TRITON_AB=1.
 # Results land in $OUT: JSON + logs, tables last. A cold machine's first throughput run spends
 # about 2 minutes precompiling: give the call room (the parent prints only when its runs end).
 set -uo pipefail
@@ -25,8 +25,11 @@ if [ -n "${TRITON_AB:-}" ]; then
     | tail -6 | tee "$OUT/roofline-fp8-triton.log")
 fi
 if [ -z "${SKIP_ROOFLINE:-}" ]; then
-  (cd benchmarks && timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" --batch 64,256 \
-    --context 1024,1024 --reps 10 --quantization none,fp8 --out "$OUT/roofline-fp8.json" 2>&1 | tail -14 | tee "$OUT/roofline-fp8.log")
+  for kv in ${ROOF_KVS:-auto}; do   # one process per KV cache dtype, each with bf16 then FP8 weights
+    (cd benchmarks && timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" --batch 64,256 \
+      --context 1024,1024 --reps 10 --quantization "${ROOF_QUANTS:-none,fp8}" --kv-cache-dtype "$kv" \
+      --out "$OUT/roofline-fp8-kv-$kv.json" 2>&1 | tail -14 | tee "$OUT/roofline-fp8-kv-$kv.log")
+  done
 fi
 if [ -z "${SKIP_THROUGHPUT:-}" ]; then
   timeout "${TP_TIMEOUT:-500}" $now python3 benchmarks/throughput.py --model "${MODEL:-qwen3-32b}" --mesh dp=1 --compare dp \
