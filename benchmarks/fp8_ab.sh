@@ -2,10 +2,11 @@
 # FP8 against bf16 on one GPU, in ONE device call: the FP8 GPU tests, fp8_gemms.py (each
 # projection alone: bf16 / W8A8 / block-scaled, XLA's Triton GEMM off and on), roofline.py
 # (Qwen3-32B shape, B=64 and 256, bf16 then FP8 weights in one process; TRITON_AB=1 repeats the
-# FP8 step with SIDP_JAX_TRITON_GEMM=on), then throughput.py windows (each run in its own process).
+# FP8 step with SIDP_JAX_TRITON_GEMM=on, SWAP_AB=1 with the GEMMs' operands swapped), then throughput.py windows (each run in its own process).
 #   bash benchmarks/fp8_ab.sh
 # Env: MODEL, PROMPTS, INPUT_LEN, OUTPUT_LEN, TIME_LIMIT, WARMUP, QUANTS, KVS, MAX_SEQS, MAX_TOKENS,
-#      ROOF_KVS (space list: auto fp8), ROOF_QUANTS, SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1, TRITON_AB=1.
+#      ROOF_KVS (space list: auto fp8), ROOF_QUANTS, SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1, TRITON_AB=1,
+#      SWAP_AB=1 (roofline FP8 with SIDP_JAX_FP8_SWAP_AB=on, KV SWAP_KV, default fp8).
 # Results land in $OUT: JSON + logs, tables last. A cold machine's first throughput run spends
 # about 2 minutes precompiling: give the call room (the parent prints only when its runs end).
 set -uo pipefail
@@ -23,6 +24,11 @@ if [ -n "${TRITON_AB:-}" ]; then
   (cd benchmarks && SIDP_JAX_TRITON_GEMM=on timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
     --batch 64,256 --context 1024,1024 --reps 10 --quantization fp8 --out "$OUT/roofline-fp8-triton.json" 2>&1 \
     | tail -6 | tee "$OUT/roofline-fp8-triton.log")
+fi
+if [ -n "${SWAP_AB:-}" ]; then   # the FP8 step with each W8A8 GEMM as w x^T (models/fp8.swap_operands)
+  (cd benchmarks && SIDP_JAX_FP8_SWAP_AB=on timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
+    --batch 64,256 --context 1024,1024 --reps 10 --quantization fp8 --kv-cache-dtype "${SWAP_KV:-fp8}" \
+    --out "$OUT/roofline-fp8-swap-ab.json" 2>&1 | tail -6 | tee "$OUT/roofline-fp8-swap-ab.log")
 fi
 if [ -z "${SKIP_ROOFLINE:-}" ]; then
   for kv in ${ROOF_KVS:-auto}; do   # one process per KV cache dtype, each with bf16 then FP8 weights

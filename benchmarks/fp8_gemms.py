@@ -7,10 +7,11 @@ cuBLASLt only) and on (XLA autotunes between Triton and the library):
   fp8          the engine's W8A8 (models/fp8.py): per-token activation quantization, an e4m3 x
                e4m3 GEMM with the weight [N, K], per-channel rescale
   fp8-gemm     the same GEMM on activations quantized beforehand: the GEMM's own cost
+  fp8-swap     fp8 with its operands swapped (SIDP_JAX_FP8_SWAP_AB=on): w x^T, transposed in the rescale
   fp8-block    128 x 128 weight blocks and 1 x 128 activation blocks (Qwen's FP8 checkpoints'
                scheme, DeepSeek-V3 style), emulated as one batched e4m3 GEMM over the K blocks
                with a scaled sum: what keeping block scales would cost without a fused kernel
-fp8 and fp8-block are first checked against the float GEMM (relative RMS within e4m3's
+fp8, fp8-swap and fp8-block are first checked against the float GEMM (relative RMS within e4m3's
 sqrt(2) x 2^-4). Each variant runs over L distinct weights (L layers, at least --min-gib of bf16
 weights, 4 to 32 of them) in ONE jitted program, as the engine's step runs its layers: a single
 call per GEMM would time Python dispatch (~0.1 ms) and, for weights that fit in L2, cache hits.
@@ -86,6 +87,7 @@ def variants(x, layers):
         "fp8-gemm": (lambda xq, q: jax.lax.dot_general(xq, q, (((1,), (1,)), ((), ())),
                                                        preferred_element_type=jnp.bfloat16),
                      xq, [(q,) for _, q, _, _, _ in layers]),
+        "fp8-swap": (lambda x, q, s: linear(x, q, s, swap_ab=True), x, [(q, s) for _, q, s, _, _ in layers]),
     }
     if layers[0][3] is not None:
         out["fp8-block"] = (block_linear, x, [(bq, bs) for *_, bq, bs in layers])
@@ -146,8 +148,8 @@ def main():
             for triton in ((False, True) if backend == "gpu" else (False,)):
                 options = {"xla_gpu_enable_triton_gemm": triton} if backend == "gpu" else None
                 for kind, (fn, first, ws, nbytes) in variants(x, layers).items():
-                    f = over_layers(fn, options, distinct_inputs=kind in ("fp8", "fp8-block"))
-                    if kind in ("fp8", "fp8-block"):  # each W8A8 form against the float GEMM first
+                    f = over_layers(fn, options, distinct_inputs=kind in ("fp8", "fp8-swap", "fp8-block"))
+                    if kind in ("fp8", "fp8-swap", "fp8-block"):  # each W8A8 form against the float GEMM first
                         err = rel_rms(f(first, ws)[0], want)  # layer 0's input is unscaled
                         assert err <= np.sqrt(2) * 2.0 ** -4, (name, kind, err)
                     dt = median_seconds(f, first, ws, reps=a.reps) / L
@@ -156,12 +158,12 @@ def main():
                     print(f"  {name:>7} M={T:<4} triton={'on ' if triton else 'off'} {kind:>9}: {dt * 1e6:9.1f} us "
                           f"{nbytes / dt / 1e12:6.2f} TB/s  (per GEMM, {L} layers in one program)", flush=True)
         del layers, w0
-    print("\n| projection | M | triton GEMM | " + " | ".join(["bf16", "fp8", "fp8-gemm", "fp8-block"]) + " (us) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| projection | M | triton GEMM | " + " | ".join(["bf16", "fp8", "fp8-swap", "fp8-gemm", "fp8-block"]) + " (us) |")
+    print("|---|---|---|---|---|---|---|---|")
     keys = sorted({(r["projection"], r["tokens"], r["triton_gemm"]) for r in rows}, key=str)
     for p, T, tr in keys:
         us = {r["variant"]: r["us"] for r in rows if (r["projection"], r["tokens"], r["triton_gemm"]) == (p, T, tr)}
-        cells = " | ".join(f"{us[v]:.1f}" if v in us else "-" for v in ("bf16", "fp8", "fp8-gemm", "fp8-block"))
+        cells = " | ".join(f"{us[v]:.1f}" if v in us else "-" for v in ("bf16", "fp8", "fp8-swap", "fp8-gemm", "fp8-block"))
         print(f"| {p} | {T} | {'on' if tr else 'off'} | {cells} |")
     if a.out:
         meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, model=a.model, argv=sys.argv[1:])
