@@ -20,7 +20,8 @@ from sidp_jax.models.fp8 import E4M3, E4M3_MAX
 
 def write_kv(cache: jax.Array, new: jax.Array, layer_offset: jax.Array, slots: jax.Array) -> jax.Array:
     """cache[layer_offset*P + slot] = new; slots are flat `page * page_size + offset` indices.
-    An e4m3 cache (kv_cache_dtype="fp8", scale 1) saturates at +-448 instead of turning into NaN."""
+    An e4m3 cache (kv_cache_dtype="fp8"; new is already divided by any KV scale) saturates at
+    +-448 instead of turning into NaN."""
     pages_times_p = cache.shape[0] * cache.shape[1]
     flat = cache.reshape(pages_times_p, *cache.shape[2:])
     if cache.dtype == E4M3:

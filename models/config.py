@@ -39,6 +39,7 @@ class ModelConfig:
     qk_norm: bool
     checkpoint_dtype: str = "bfloat16"
     quantization: str | None = None  # "fp8": W8A8 e4m3 projections (models/fp8.py); None: none
+    kv_cache_scales: str | None = None  # the checkpoint's FP8 KV scales: "tensor" or "attn_head" (per kv head)
 
     def num_params(self) -> int:
         h, i, l = self.hidden_size, self.intermediate_size, self.num_layers
@@ -95,6 +96,9 @@ def _pos_float(raw: dict, key: str, default: float) -> float:
     return float(v)
 
 
+KV_SCALE_STRATEGIES = ("tensor", "attn_head")
+
+
 def config_from_hf_dict(raw: dict) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}")
@@ -124,6 +128,15 @@ def config_from_hf_dict(raw: dict) -> ModelConfig:
     # FP8 checkpoints (sidp_jax/loading/fp8.py checks their form) run in FP8; other methods fail there
     quantization = "fp8" if isinstance(quant, dict) and quant.get("quant_method") in ("fp8", "compressed-tensors") \
         else None
+    kv_scheme = quant.get("kv_cache_scheme") if isinstance(quant, dict) else None
+    kv_cache_scales = None
+    if kv_scheme is not None:  # compressed-tensors' static FP8 KV scales: self_attn.k_scale / v_scale
+        strategy = kv_scheme.get("strategy") if isinstance(kv_scheme, dict) else None
+        if strategy not in KV_SCALE_STRATEGIES or kv_scheme.get("type", "float") != "float" \
+                or kv_scheme.get("num_bits", 8) != 8 or kv_scheme.get("dynamic", False):
+            raise ValueError(f"config quantization_config.kv_cache_scheme {kv_scheme!r} is not supported "
+                             f"(static 8-bit float, strategy one of {', '.join(KV_SCALE_STRATEGIES)})")
+        kv_cache_scales = strategy
     return ModelConfig(
         family=family,
         vocab_size=_pos_int(raw, "vocab_size"),
@@ -142,6 +155,7 @@ def config_from_hf_dict(raw: dict) -> ModelConfig:
         qk_norm=family == "qwen3",
         checkpoint_dtype=str(dtype).replace("torch.", ""),
         quantization=quantization,
+        kv_cache_scales=kv_cache_scales,
     )
 
 

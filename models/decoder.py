@@ -89,6 +89,19 @@ def qkv_projection(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+def with_kv_scales(attend, k_scale: jax.Array, v_scale: jax.Array):
+    """attend() with static KV scales [Nkv] (local kv heads): the cache holds k / k_scale and
+    v / v_scale (an e4m3 cache then spans each head's range), and the scales are folded into the
+    queries and the output, since q . (k / s) * s = q . k and p . (v / s) * s = p . v. So every
+    attention kernel reads the cache unchanged; with a float cache the result is the same."""
+    def attend_scaled(q, k, v, kv):
+        per_q_head = lambda s: jnp.repeat(s, q.shape[1] // s.shape[0])[:, None]  # q head h = kv * G + g
+        ks, vs = k_scale[:, None], v_scale[:, None]
+        o, kv = attend((q * per_q_head(k_scale)).astype(q.dtype), (k / ks).astype(k.dtype), (v / vs).astype(v.dtype), kv)
+        return (o * per_q_head(v_scale)).astype(o.dtype), kv
+    return attend_scaled
+
+
 def layer(cfg: ModelConfig, w: dict, h: jax.Array, kv, cos, sin, *, attend, ffn, tp_axis: str | None = None,
           active=None):
     """h + attention(norm(h)), then + ffn(norm(h)): one decoder layer for one replica.
@@ -99,7 +112,7 @@ def layer(cfg: ModelConfig, w: dict, h: jax.Array, kv, cos, sin, *, attend, ffn,
     the FFN decides for itself)."""
     def attention(h, kv):
         q, k, v = qkv_projection(cfg, w, rms_norm(h, w["attn_norm"], cfg.rms_norm_eps), cos, sin)
-        o, kv = attend(q, k, v, kv)
+        o, kv = (with_kv_scales(attend, w["k_scale"], w["v_scale"]) if "k_scale" in w else attend)(q, k, v, kv)
         out = _proj(o, w, "o", out_dtype=jnp.float32, reduce_amax=amax_over((tp_axis,) if tp_axis else ()))
         if tp_axis is not None:
             out = jax.lax.psum(out, tp_axis)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 class Convert:
     """Hugging Face tensors -> our layout. Hashable by value, so one jitted converter serves
     every layer. dims: the shape parameters the kind needs (see __call__)."""
-    kind: str  # "copy" | "T" | "o" | "qkv" | "qkv_bias" | "gate_up"
+    kind: str  # "copy" | "T" | "o" | "qkv" | "qkv_bias" | "gate_up" | "per_kv_head"
     dims: tuple[int, ...] = ()
 
     def __call__(self, ws):
@@ -36,6 +36,8 @@ class Convert:
         if self.kind == "o":  # [H, Nq*D] -> [Nq, D, H]
             nq, d = self.dims
             return ws[0].T.reshape(nq, d, -1)
+        if self.kind == "per_kv_head":  # one value per tensor ([] or [1]) or per kv head -> [Nkv]
+            return jnp.broadcast_to(jnp.reshape(ws[0], (-1,)), self.dims).astype(jnp.float32)
         if self.kind == "gate_up":  # gate, up [I, H] -> [H, 2, I]
             return jnp.stack([ws[0].T, ws[1].T], axis=1)
         nkv, g, d = self.dims

@@ -38,7 +38,9 @@ class LLM:
         quantization="fp8": W8A8 in e4m3 for the projections (qkv, o, gate_up, down), quantized at
         load time (per-output-channel weight scales, per-token dynamic activation scales; see
         models/fp8.py); FP8 checkpoints (both published forms) run this way by default.
-        kv_cache_dtype="fp8": the KV cache in e4m3, twice the tokens per GPU.
+        kv_cache_dtype="fp8": the KV cache in e4m3, twice the tokens per GPU; scaled per kv head
+        where the checkpoint carries static KV scales (compressed-tensors kv_cache_scheme,
+        "tensor" or "attn_head"), else with scale 1.
 
         was_runner: how sidp runs Weight-as-a-Service steps: "replicas" (per-replica programs, the
         next layer's FFN slices copied by async device_put while this layer computes; striped

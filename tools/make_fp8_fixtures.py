@@ -5,7 +5,9 @@
 writes tests/fixtures/checkpoints/tiny-qwen3-fp8-block (Qwen's -FP8 form: quant_method "fp8",
 e4m3, weight_block_size [128, 128], F8_E4M3 weights with a float32 `weight_scale_inv` per
 block) and tiny-qwen3-fp8-channel (compressed-tensors "float-quantized": F8_E4M3 weights with
-a per-output-channel float32 `weight_scale`, dynamic per-token activations). Every linear layer
+a per-output-channel float32 `weight_scale`, dynamic per-token activations); tiny-qwen3-fp8-channel-kv is that one plus compressed-tensors'
+static FP8 KV cache scales per kv head (`kv_cache_scheme` "attn_head", `self_attn.k_scale` and
+`v_scale` [Nkv] per layer; see kv_scales for how they are set). Every linear layer
 of the decoder is quantized (q/k/v/o, gate/up/down); embeddings, norms and lm_head stay as they
 are, as in the published checkpoints. The safetensors files are written by hand (header + raw
 bytes) so that F8_E4M3 is spelled exactly as the format defines it. Needs numpy and ml_dtypes only.
@@ -58,7 +60,7 @@ def quantize_channels(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     header, offset, blobs = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.ascontiguousarray(tensors[name]).reshape(np.shape(tensors[name]))  # keeps a 0-d shape
         header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         blobs.append(a.tobytes())
         offset += a.nbytes
@@ -68,6 +70,24 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for b in blobs:
             f.write(b)
+
+
+def kv_scales(src: SafetensorsCheckpoint, config: dict) -> dict[str, np.ndarray]:
+    """Per-kv-head static scales (float32 [Nkv]) for every layer's K and V, as compressed-tensors'
+    kv_cache_scheme "attn_head" stores them: a head's amax over 448. No calibration data here, so
+    the amax is the bound the weights guarantee: k is RMS-normed (qwen3's k_norm) and rotated,
+    so |k_i| <= sqrt(D) max|k_norm|; v_j = x_n . Wv[j] with |x_n| <= sqrt(H) max|input_layernorm|."""
+    H, D = config["hidden_size"], config["head_dim"]
+    nkv = config["num_key_value_heads"]
+    out = {}
+    for l in range(config["num_hidden_layers"]):
+        at = lambda n: np.asarray(src.get(f"model.layers.{l}.{n}"), np.float32)
+        k_amax = np.full(nkv, np.sqrt(D) * np.abs(at("self_attn.k_norm.weight")).max())
+        wv = at("self_attn.v_proj.weight").reshape(nkv, D, H)
+        v_amax = np.sqrt(H) * np.abs(at("input_layernorm.weight")).max() * np.linalg.norm(wv, axis=2).max(axis=1)
+        out[f"model.layers.{l}.self_attn.k_scale"] = (k_amax / E4M3_MAX).astype(np.float32)
+        out[f"model.layers.{l}.self_attn.v_scale"] = (v_amax / E4M3_MAX).astype(np.float32)
+    return out
 
 
 def make(form: str) -> Path:
@@ -86,8 +106,10 @@ def make(form: str) -> Path:
                 tensors[name], tensors[name[:-len("weight")] + "weight_scale"] = quantize_channels(w)
         else:
             tensors[name] = w
-    write_safetensors(out / "model.safetensors", tensors)
     config = json.loads((SOURCE / "config.json").read_text())
+    if form == "channel-kv":
+        tensors.update(kv_scales(src, config))
+    write_safetensors(out / "model.safetensors", tensors)
     if form == "block":
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}
@@ -100,6 +122,9 @@ def make(form: str) -> Path:
                 "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
                 "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
                                       "dynamic": True}}}}
+        if form == "channel-kv":
+            config["quantization_config"]["kv_cache_scheme"] = {
+                "num_bits": 8, "type": "float", "strategy": "attn_head", "symmetric": True, "dynamic": False}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         shutil.copy(SOURCE / f, out / f)
@@ -107,5 +132,5 @@ def make(form: str) -> Path:
 
 
 if __name__ == "__main__":
-    for form in ("block", "channel"):
+    for form in ("block", "channel", "channel-kv"):
         print("wrote", make(form))

@@ -6,12 +6,16 @@ The two common forms, from config.json's `quantization_config`:
   `*.weight_scale_inv` of one scale per block of the weight [out, in];
 - compressed-tensors, `"format": "float-quantized"` (e.g. RedHatAI's Llama-3.x FP8): each quantized
   `*.weight` beside a `*.weight_scale`, per output channel [out, 1] or per tensor (one value);
-  with static activation scales an `*.input_scale` too (not needed here: activations stay in
-  the compute dtype).
+  with static activation scales an `*.input_scale` too (not needed here: activations are scaled
+  per token on the fly); with a `kv_cache_scheme`, `self_attn.k_scale` / `v_scale` (static FP8
+  KV cache scales, per tensor or per kv head), which the model reads as parameters
+  (models/modules.py) rather than this module.
 
 In both the real weight is the FP8 value times its scale. This module turns such a checkpoint
-into the float weights the engine loads (FP8 compute, W8A8, is a separate step: not built yet);
-the scale tensors are consumed here, so the loader's "nothing unexpected" check still holds.
+into the float weights the engine loads, which an FP8 model then requantizes per output channel
+for W8A8 (models/fp8.py: block scales cost more than they save without a fused kernel, see
+benchmarks/RESULTS.md); the weight scale tensors are consumed here, so the loader's "nothing
+unexpected" check still holds.
 """
 
 from __future__ import annotations
