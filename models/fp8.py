@@ -68,7 +68,7 @@ def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, out_dt
     x_axes, w_axes = tuple(range(1, x.ndim)), tuple(range(w.ndim - k, w.ndim))
     if swap_operands() if swap_ab is None else swap_ab:  # y^T = w x^T: the weight's N becomes the GEMM's M
         y_t = jax.lax.dot_general(w, xq, ((w_axes, x_axes), ((), ())), preferred_element_type=jnp.float32)
-        y = jnp.moveaxis(y_t, -1, 0)  # fuses into the rescale below
+        y = jnp.moveaxis(y_t, -1, 0)  # a [T, N] transpose, which XLA may fuse into the rescale
     else:
         y = jax.lax.dot_general(xq, w, ((x_axes, w_axes), ((), ())), preferred_element_type=jnp.float32)
     return (y * x_scale.reshape(-1, *[1] * scale.ndim) * scale).astype(out_dtype)
