@@ -38,6 +38,8 @@ from sidp_jax.models.fp8 import E4M3, E4M3_MAX, linear, quantize, quantize_token
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 BLOCK = 128
+VARIANTS = ("bf16", "fp8", "fp8-swap", "fp8-gemm", "fp8-block")  # the table's column order
+W8A8 = ("fp8", "fp8-swap", "fp8-block")  # the forms checked against the float GEMM, on per-layer inputs
 
 
 def projections(cfg) -> dict[str, tuple[int, int]]:
@@ -148,8 +150,8 @@ def main():
             for triton in ((False, True) if backend == "gpu" else (False,)):
                 options = {"xla_gpu_enable_triton_gemm": triton} if backend == "gpu" else None
                 for kind, (fn, first, ws, nbytes) in variants(x, layers).items():
-                    f = over_layers(fn, options, distinct_inputs=kind in ("fp8", "fp8-swap", "fp8-block"))
-                    if kind in ("fp8", "fp8-swap", "fp8-block"):  # each W8A8 form against the float GEMM first
+                    f = over_layers(fn, options, distinct_inputs=kind in W8A8)
+                    if kind in W8A8:  # each W8A8 form against the float GEMM first
                         err = rel_rms(f(first, ws)[0], want)  # layer 0's input is unscaled
                         assert err <= np.sqrt(2) * 2.0 ** -4, (name, kind, err)
                     dt = median_seconds(f, first, ws, reps=a.reps) / L
@@ -158,12 +160,12 @@ def main():
                     print(f"  {name:>7} M={T:<4} triton={'on ' if triton else 'off'} {kind:>9}: {dt * 1e6:9.1f} us "
                           f"{nbytes / dt / 1e12:6.2f} TB/s  (per GEMM, {L} layers in one program)", flush=True)
         del layers, w0
-    print("\n| projection | M | triton GEMM | " + " | ".join(["bf16", "fp8", "fp8-swap", "fp8-gemm", "fp8-block"]) + " (us) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| projection | M | triton GEMM | " + " | ".join(VARIANTS) + " (us) |")
+    print("|---|---|---|" + "---|" * len(VARIANTS))
     keys = sorted({(r["projection"], r["tokens"], r["triton_gemm"]) for r in rows}, key=str)
     for p, T, tr in keys:
         us = {r["variant"]: r["us"] for r in rows if (r["projection"], r["tokens"], r["triton_gemm"]) == (p, T, tr)}
-        cells = " | ".join(f"{us[v]:.1f}" if v in us else "-" for v in ("bf16", "fp8", "fp8-swap", "fp8-gemm", "fp8-block"))
+        cells = " | ".join(f"{us[v]:.1f}" if v in us else "-" for v in VARIANTS)
         print(f"| {p} | {T} | {'on' if tr else 'off'} | {cells} |")
     if a.out:
         meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, model=a.model, argv=sys.argv[1:])

@@ -29,10 +29,12 @@ from sidp_jax.models.params import Convert, ParamSpec, initial_value
 _LAYER = "model.layers.{l}"
 
 
-def _param(rngs: nnx.Rngs, dtype, shape, axes, init, hf=(), hf_shapes=(), convert=Convert("copy")) -> nnx.Param:
-    value = initial_value(init, rngs.params(), shape, axes, dtype)
+def _param(rngs: nnx.Rngs, dtype, shape, axes, init, hf=(), hf_shapes=(), convert=Convert("copy"),
+           stored_dtype: str | None = None) -> nnx.Param:
+    """stored_dtype: the leaf's dtype whatever the engine's compute dtype (None: the compute dtype)."""
+    value = initial_value(init, rngs.params(), shape, axes, stored_dtype or dtype)
     return nnx.Param(value, logical_axes=tuple(axes), init=init, hf=tuple(hf), hf_shapes=tuple(hf_shapes),
-                     convert=convert)
+                     convert=convert, stored_dtype=stored_dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -58,8 +60,9 @@ class DecoderLayer(nnx.Module):
             self.k_norm = p((D,), ("head_dim",), "ones", [attn("k_norm.weight")], [(D,)])
         if cfg.kv_cache_scales:  # static FP8 KV scales (compressed-tensors kv_cache_scheme), per kv head
             shape = [()] if cfg.kv_cache_scales == "tensor" else [(Nkv,)]
-            self.k_scale = p((Nkv,), ("kv_heads",), "ones", [attn("k_scale")], shape, Convert("per_kv_head", (Nkv,)))
-            self.v_scale = p((Nkv,), ("kv_heads",), "ones", [attn("v_scale")], shape, Convert("per_kv_head", (Nkv,)))
+            scale = lambda name: p((Nkv,), ("kv_heads",), "ones", [attn(name)], shape, Convert("per_kv_head", (Nkv,)),
+                                   stored_dtype="float32")
+            self.k_scale, self.v_scale = scale("k_scale"), scale("v_scale")
         self.o = p((Nq, D, H), ("q_heads", "head_dim", "embed"), "normal", [attn("o_proj.weight")], [(H, Nq * D)],
                    Convert("o", (Nq, D)))
         self.ffn_norm = p((H,), ("embed",), "ones", [f"{_LAYER}.post_attention_layernorm.weight"], [(H,)])
@@ -69,8 +72,6 @@ class DecoderLayer(nnx.Module):
                          Convert("gate_up"))
         self.down = p((I, H), ("ffn", "embed"), "normal", [f"{_LAYER}.mlp.down_proj.weight"], [(H, I)], Convert("T"))
 
-
-KV_SCALES = ("k_scale", "v_scale")  # kept in float32 whatever the compute dtype
 
 # What SiDP pools (an FP8 model's FFN also has its scales); a layer holds the ones that apply.
 FFN_LEAVES = ("gate_up", "down", scale_name("gate_up"), scale_name("down"))
@@ -125,8 +126,7 @@ def model_specs(cfg: ModelConfig) -> dict:
         meta = var.get_metadata()
         layer = int(keys[1]) if keys[0] == "layers" else None
         leaf = ParamSpec(tuple(var.shape), meta["logical_axes"], meta["init"], meta["hf"], meta["hf_shapes"],
-                         meta["convert"], layer=layer, name=str(keys[-1]),
-                         dtype="float32" if str(keys[-1]) in KV_SCALES else None)
+                         meta["convert"], layer=layer, name=str(keys[-1]), dtype=meta.get("stored_dtype"))
         (specs["layers"][layer] if layer is not None else specs)[str(keys[-1])] = leaf
     if cfg.quantization == "fp8":
         specs["layers"] = [fp8_specs(w) for w in specs["layers"]]

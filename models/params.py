@@ -37,7 +37,7 @@ class Convert:
             nq, d = self.dims
             return ws[0].T.reshape(nq, d, -1)
         if self.kind == "per_kv_head":  # one value per tensor ([] or [1]) or per kv head -> [Nkv]
-            return jnp.broadcast_to(jnp.reshape(ws[0], (-1,)), self.dims).astype(jnp.float32)
+            return jnp.broadcast_to(jnp.reshape(ws[0], (-1,)), self.dims)
         if self.kind == "gate_up":  # gate, up [I, H] -> [H, 2, I]
             return jnp.stack([ws[0].T, ws[1].T], axis=1)
         nkv, g, d = self.dims

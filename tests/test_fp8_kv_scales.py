@@ -17,22 +17,17 @@ from sidp_jax.loading.safetensors_io import SafetensorsCheckpoint
 from sidp_jax.models.config import load_config
 from sidp_jax.models.decoder import with_kv_scales
 from sidp_jax.models.fp8 import E4M3, E4M3_MAX
+from test_fp8 import GEMM_REL_RMS as E4M3_REL_RMS, _rel_rms  # two operands each rounded by at most 2^-4
 
 CPU = jax.devices("cpu")
 SCALED = checkpoint("tiny-qwen3-fp8-channel-kv")  # per kv head scales (tools/make_fp8_fixtures.py)
 UNSCALED = checkpoint("tiny-qwen3-fp8-channel")  # the same weights without them
-E4M3_REL_RMS = np.sqrt(2) * 2.0 ** -4  # two operands each rounded by at most 2^-4 (as test_fp8.py)
 # Measured 2026-12-02 (CPU, float32 compute, 44 prompt positions of the reference prompts): prompt
 # logprobs with an FP8 KV cache against a float cache, mean |difference| 0.074 (tiny-qwen3, scale
 # 1) and 0.178 (tiny-qwen3-fp8-channel-kv, W8A8, its checkpoint's scales), top-1 agreement 0.86
 # and 0.80 (benchmarks/RESULTS.md, "FP8"). The tiny random models' near-flat logits make top-1 fragile.
 KV_LOGPROB_MEAN_ABS = 0.35
 KV_TOP1_AGREEMENT = 0.6
-
-
-def _rel_rms(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
 
 
 def _paged_attend(T: int, P: int = 4):
