@@ -6,7 +6,8 @@
 #   bash benchmarks/fp8_ab.sh
 # Env: MODEL, PROMPTS, INPUT_LEN, OUTPUT_LEN, TIME_LIMIT, WARMUP, QUANTS, KVS, MAX_SEQS, MAX_TOKENS,
 #      ROOF_KVS (space list: auto fp8), ROOF_QUANTS, SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1, TRITON_AB=1,
-#      SWAP_AB=1 (roofline FP8 with SIDP_JAX_FP8_SWAP_AB=on, KV SWAP_KV, default fp8).
+#      SWAP_AB=1 (roofline FP8 with SIDP_JAX_FP8_SWAP_AB=on, KV SWAP_KV, default fp8),
+#      PROFILE="fp8:fp8 none:auto" (step_profile.py per weights:kv pair, B=PROFILE_BATCH, default 64).
 # Results land in $OUT: JSON + logs, tables last. A cold machine's first throughput run spends
 # about 2 minutes precompiling: give the call room (the parent prints only when its runs end).
 set -uo pipefail
@@ -30,6 +31,11 @@ if [ -n "${SWAP_AB:-}" ]; then   # the FP8 step with each W8A8 GEMM as w x^T (mo
     --batch 64,256 --context 1024,1024 --reps 10 --quantization fp8 --kv-cache-dtype "${SWAP_KV:-fp8}" \
     --out "$OUT/roofline-fp8-swap-ab.json" 2>&1 | tail -6 | tee "$OUT/roofline-fp8-swap-ab.log")
 fi
+for pair in ${PROFILE:-}; do   # kernel time per step by kind, one process per weights:kv pair
+  (cd benchmarks && timeout "${PROF_TIMEOUT:-200}" $now python3 step_profile.py --model "${MODEL:-qwen3-32b}" \
+    --batch "${PROFILE_BATCH:-64}" --context 1024 --quantization "${pair%%:*}" --kv-cache-dtype "${pair##*:}" \
+    --out "$OUT/step-profile-${pair%%:*}-kv-${pair##*:}.json" 2>&1 | tail -40 | tee "$OUT/step-profile-${pair%%:*}-kv-${pair##*:}.log")
+done
 if [ -z "${SKIP_ROOFLINE:-}" ]; then
   for kv in ${ROOF_KVS:-auto}; do   # one process per KV cache dtype, each with bf16 then FP8 weights
     (cd benchmarks && timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" --batch 64,256 \
