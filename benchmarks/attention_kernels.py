@@ -43,7 +43,7 @@ from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 L_CACHE = 2  # layers' pools in the cache; the timed layer is the last (non-zero page offset)
 
 
-def make_inputs(S, ctx, *, Nq, Nkv, D, P, dtype, ragged, min_pages, seed):
+def make_inputs(S, ctx, *, Nq, Nkv, D, P, dtype, kv_dtype, ragged, min_pages, seed):
     rng = np.random.default_rng(seed)
     MB = ctx // P
     num_pages = max(min_pages, S * MB + 1)  # distinct pages per sequence: no L2 reuse across rows
@@ -55,8 +55,8 @@ def make_inputs(S, ctx, *, Nq, Nkv, D, P, dtype, ragged, min_pages, seed):
     key = jax.random.key(seed)
     kq, kk, kv = jax.random.split(key, 3)
     shape = (L_CACHE * num_pages, P, Nkv, D)
-    k = jax.random.normal(kk, shape, jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, shape, jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, shape, jnp.float32).astype(kv_dtype)
+    v = jax.random.normal(kv, shape, jnp.float32).astype(kv_dtype)
     q = (2.0 * jax.random.normal(kq, (S, Nq, D), jnp.float32)).astype(dtype)
     layer = L_CACHE - 1
     return dict(q=q, k=k, v=v, off=jnp.int32(layer * num_pages), layer=layer, num_pages=num_pages,
@@ -74,7 +74,7 @@ def err(out, ref) -> float:
 def pallas_variants(sweep: bool, P: int):
     if sweep:
         for pf, hf, block_tokens, w, st, r in itertools.product(
-                (True, False), (True, False), (32, 64, 128), (2, 4), (2, 3, 4, 5), (16, 8)):
+                (True, False), (True, False), (32, 64, 128, 256), (2, 4, 8), (2, 3, 4, 5), (16, 8)):
             yield (f"pallas_{'pf' if pf else 'np'}_{'hf' if hf else 'sf'}_bt{block_tokens}_w{w}_s{st}_r{r}",
                    dict(pages_per_block=max(1, block_tokens // P), num_warps=w, num_stages=st, min_rows=r,
                         heads_fastest=hf, prefetch_table=pf))
@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-dtype", default=None, help="the cache's dtype (default --dtype; float8_e4m3fn: an FP8 cache)")
     ap.add_argument("--min-pages", type=int, default=4096, help="pages per layer pool, at least")
     ap.add_argument("--ragged", action="store_true", help="lengths uniform in [ctx/2, ctx] (default: all ctx)")
     ap.add_argument("--reps", type=int, default=30)
@@ -106,15 +107,16 @@ def main():
     a = ap.parse_args()
 
     dtype = jnp.dtype(a.dtype)
+    kv_dtype = jnp.dtype(a.kv_dtype or a.dtype)
     Nq, Nkv, D, P = a.q_heads, a.kv_heads, a.head_dim, a.page_size
     scale = D ** -0.5
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  Nq={Nq} Nkv={Nkv} D={D} P={P} "
-          f"{dtype.name}", flush=True)
+          f"{dtype.name}, cache {kv_dtype.name}", flush=True)
     rows = []
     for S, ctx in itertools.product([int(x) for x in a.batch.split(",")], [int(x) for x in a.context.split(",")]):
-        x = make_inputs(S, ctx, Nq=Nq, Nkv=Nkv, D=D, P=P, dtype=dtype, ragged=a.ragged,
+        x = make_inputs(S, ctx, Nq=Nq, Nkv=Nkv, D=D, P=P, dtype=dtype, kv_dtype=kv_dtype, ragged=a.ragged,
                         min_pages=a.min_pages, seed=S * 100003 + ctx)
-        kv_bytes = int(np.asarray(x["lengths"]).sum()) * Nkv * D * 2 * dtype.itemsize
+        kv_bytes = int(np.asarray(x["lengths"]).sum()) * Nkv * D * 2 * kv_dtype.itemsize
         token_seq, positions = jnp.arange(S, dtype=jnp.int32), x["lengths"] - 1
         common = (x["q"], x["k"], x["v"], x["off"], x["bt"])
 
@@ -179,7 +181,7 @@ def main():
                   f"{r['GB_s']:.0f} | {r['err_vs_ref']:.2e} | {r['err_vs_f32']:.2e} |")
     if a.out:
         meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, Nq=Nq, Nkv=Nkv, D=D, P=P,
-                    dtype=dtype.name, ragged=a.ragged, reps=a.reps, burst=a.burst, argv=sys.argv[1:])
+                    dtype=dtype.name, kv_dtype=kv_dtype.name, ragged=a.ragged, reps=a.reps, burst=a.burst, argv=sys.argv[1:])
         write_result(a.out, dict(meta=meta, rows=rows))
         print(f"wrote {a.out}")
 
