@@ -99,6 +99,8 @@ def main():
     ap.add_argument("--ragged", action="store_true", help="lengths uniform in [ctx/2, ctx] (default: all ctx)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--burst", type=int, default=10)
+    ap.add_argument("--widen", default="q", help="comma list, an FP8 cache's dot dtype per variant: q (the "
+                    "queries' dtype) and/or float16 (suffix _f16)")
     ap.add_argument("--sweep", action="store_true", help="time a grid of kernel configurations")
     ap.add_argument("--only", default=None, help="regex: keep the kernel variants whose name matches")
     ap.add_argument("--no-jax-paged", action="store_true")
@@ -128,7 +130,9 @@ def main():
                                                  token_seq, positions))
 
         cands = [("reference", ref_fn, (*common, token_seq, positions))]
-        for name, kw in pallas_variants(a.sweep, P):
+        widen = [(w, "" if w == "q" else "_f16" if w == "float16" else f"_{w}") for w in a.widen.split(",")]
+        for (name, kw), (w, suffix) in itertools.product(pallas_variants(a.sweep, P), widen):
+            name, kw = name + suffix, kw if w == "q" else dict(kw, widen_to=w)
             if a.only and not re.search(a.only, name):
                 continue
             fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, interpret=a.interpret, **kw))

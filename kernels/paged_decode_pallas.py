@@ -123,7 +123,7 @@ def online_softmax_step(acc, m_prev, l_prev, logits, v, precision):
 
 def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
                    scale: float, page_size: int, pages_per_block: int, rows: int, precision, seq_axis: int,
-                   prefetch_table: bool):
+                   prefetch_table: bool, compute_dtype):
     # off_ref [1]; len_ref [S]; bt_ref [MBp] (this sequence's row); q_ref/o_ref [G, D];
     # k_ref/v_ref [L*num_pages, P, D] (this kv head, squeezed).
     s = pl.program_id(seq_axis)
@@ -134,7 +134,7 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
     block_k = ppb * P
     reps = rows // G
 
-    q = q_ref[...]
+    q = q_ref[...].astype(compute_dtype)
     if reps > 1:  # pad the group to `rows` rows with zeros, in registers
         q3 = jnp.broadcast_to(q[None], (reps, G, D))
         first = lax.broadcasted_iota(jnp.int32, (reps, G, D), 0) == 0
@@ -155,7 +155,7 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
             page_ids, ids = ids, table_block(i + 1)
         else:
             page_ids = table_block(i)
-        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, q_ref.dtype)
+        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, compute_dtype)
         logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
         valid_k = jnp.broadcast_to(valid.reshape(1, block_k), (rows, block_k))
@@ -184,7 +184,7 @@ def default_pages_per_block(page_size: int, block_tokens: int = 64) -> int:
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "heads_fastest",
-                     "prefetch_table", "interpret"),
+                     "prefetch_table", "widen_to", "interpret"),
 )
 def paged_decode_attention(
     q: jax.Array,  # [S, Nq, D]
@@ -201,6 +201,7 @@ def paged_decode_attention(
     num_stages: int | None = None,
     heads_fastest: bool = True,
     prefetch_table: bool = True,
+    widen_to=None,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention of q (one token per sequence row) over its paged K/V. Returns [S, Nq, D].
@@ -216,6 +217,8 @@ def paged_decode_attention(
     sequence run side by side and read the same pages (the [P, Nkv, D] page rows) together.
     prefetch_table: load the next block's page ids one iteration ahead (in the loop carry), so
     the K/V gather does not wait on the block-table load.
+    widen_to: the dtype both dots run in when the cache is FP8 (its blocks widen to it, q is cast
+    to it); default q's dtype. float16 widens e4m3 in one conversion per pair on Hopper.
     """
     S, Nq, D = q.shape
     NP, P, Nkv, Dk = k_cache.shape
@@ -229,7 +232,7 @@ def paged_decode_attention(
                                      block_tables, lengths, scale=scale, pages_per_block=pages_per_block,
                                      min_rows=min_rows, num_warps=num_warps, num_stages=num_stages,
                                      heads_fastest=heads_fastest, prefetch_table=prefetch_table,
-                                     interpret=interpret)
+                                     widen_to=widen_to, interpret=interpret)
         return unpad_group(out, Nkv, G)
     ppb = pages_per_block or default_pages_per_block(P)
     num_stages = num_stages or (4 if jnp.dtype(q.dtype).itemsize <= 2 else 2)
@@ -257,7 +260,8 @@ def paged_decode_attention(
 
     kernel = functools.partial(_decode_kernel, scale=float(scale), page_size=P, pages_per_block=ppb,
                                rows=rows, precision=precision, seq_axis=1 if heads_fastest else 0,
-                               prefetch_table=prefetch_table)
+                               prefetch_table=prefetch_table,
+                               compute_dtype=jnp.dtype(widen_to or q.dtype) if k_cache.dtype.itemsize == 1 else q.dtype)
     if heads_fastest:  # Triton launches program_id(0) fastest: grid (Nkv, S)
         grid, sh = (Nkv, S), (lambda f: (lambda h, s: f(s, h)))
     else:

@@ -201,6 +201,27 @@ def test_fp8_kv_cache_in_the_reference_and_the_decode_kernel():
     assert np.asarray(big.astype(jnp.float32)).reshape(-1, Nkv, D)[3:5].max() == E4M3_MAX
 
 
+def test_decode_kernel_widens_an_fp8_cache_to_float16_when_asked():
+    """widen_to=float16 (both dots in f16: e4m3 -> f16 is one conversion on Hopper) reads an e4m3
+    cache as the reference does, within bf16 output rounding; a cache that is not FP8 ignores it."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    S, Nq, Nkv, D, P, MB, pages = 4, 8, 2, 32, 8, 4, 20
+    q = _random_cache(rng, (S, Nq, D), 1.0).astype(jnp.bfloat16)
+    k8, v8 = (_random_cache(rng, (pages, P, Nkv, D), 1.0).astype(E4M3) for _ in range(2))
+    bt = jnp.asarray(1 + rng.permutation(pages - 1)[:S * MB].reshape(S, MB), jnp.int32)
+    lengths = jnp.asarray([1, 9, 17, MB * P], jnp.int32)
+    kw = dict(scale=D ** -0.5, interpret=True)
+    ref = paged_attention_reference(q.astype(jnp.float32), k8, v8, jnp.int32(0), bt, jnp.arange(S), lengths - 1,
+                                    scale=D ** -0.5)
+    f16 = paged_decode_attention(q, k8, v8, jnp.int32(0), bt, lengths, widen_to=jnp.float16, **kw)
+    assert f16.dtype == jnp.bfloat16
+    assert _rel_rms(f16.astype(jnp.float32), ref) < 2 ** -8  # bf16 output rounding
+    kb, vb = k8.astype(jnp.bfloat16), v8.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(paged_decode_attention(q, kb, vb, jnp.int32(0), bt, lengths, widen_to=jnp.float16, **kw)),
+        np.asarray(paged_decode_attention(q, kb, vb, jnp.int32(0), bt, lengths, **kw)))
+
+
 def test_fp8_kv_cache_halves_the_bytes_per_token_and_keeps_greedy_across_kernels():
     bf16 = LLM(verbose=False, devices=CPU[:1], kv_cache_tokens=256, dtype="bfloat16")
     fp8 = LLM(verbose=False, devices=CPU[:1], kv_cache_tokens=256, dtype="bfloat16", kv_cache_dtype="fp8")
