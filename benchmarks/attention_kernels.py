@@ -71,7 +71,11 @@ def err(out, ref) -> float:
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 
-def pallas_variants(sweep: bool, P: int):
+def pallas_variants(sweep: bool, P: int, probes: bool = False):
+    if probes:  # stages left out (outputs are not attention): time differences place the cost
+        for probe in ("qk_only", "pv_only", "loads_only"):
+            yield f"probe_{probe}", dict(probe=probe)
+        yield "probe_loads_only_unmasked", dict(probe="loads_only", masked_loads=False)
     if sweep:
         for pf, hf, block_tokens, w, st, r in itertools.product(
                 (True, False), (True, False), (32, 64, 128, 256), (2, 4, 8), (2, 3, 4, 5), (16, 8)):
@@ -83,6 +87,7 @@ def pallas_variants(sweep: bool, P: int):
     yield "pallas_r16", dict(min_rows=16)  # group zero-padded to 16 rows in-kernel
     yield "pallas_noprefetch", dict(prefetch_table=False)
     yield "pallas_bt128_w4_s2", dict(pages_per_block=max(1, 128 // P), num_warps=4, num_stages=2)
+    yield "pallas_unmasked", dict(masked_loads=False)  # unpredicated loads, V's stale rows selected away
 
 
 def main():
@@ -101,6 +106,8 @@ def main():
     ap.add_argument("--burst", type=int, default=10)
     ap.add_argument("--widen", default="q", help="comma list, an FP8 cache's dot dtype per variant: q (the "
                     "queries' dtype) and/or float16 (suffix _f16)")
+    ap.add_argument("--probes", action="store_true", help="add the timing probes (QK dot, PV dot or both "
+                    "left out: their errors are meaningless)")
     ap.add_argument("--sweep", action="store_true", help="time a grid of kernel configurations")
     ap.add_argument("--only", default=None, help="regex: keep the kernel variants whose name matches")
     ap.add_argument("--no-jax-paged", action="store_true")
@@ -131,7 +138,7 @@ def main():
 
         cands = [("reference", ref_fn, (*common, token_seq, positions))]
         widen = [(w, "" if w == "q" else "_f16" if w == "float16" else f"_{w}") for w in a.widen.split(",")]
-        for (name, kw), (w, suffix) in itertools.product(pallas_variants(a.sweep, P), widen):
+        for (name, kw), (w, suffix) in itertools.product(pallas_variants(a.sweep, P, a.probes), widen):
             name, kw = name + suffix, kw if w == "q" else dict(kw, widen_to=w)
             if a.only and not re.search(a.only, name):
                 continue

@@ -79,16 +79,22 @@ def unpad_group(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
 def _load(ref, mask, other):
     """Masked gather load; plain indexing where the masked form is unavailable."""
     if plgpu is not None and hasattr(plgpu, "load"):
-        return plgpu.load(ref, mask=mask, other=other)
+        return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=other)
+    if mask is None:  # pragma: no cover
+        return ref[...]
     return jnp.where(mask, ref[...], other)  # pragma: no cover
 
 
-def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size: int, dtype=None):
+def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size: int, dtype=None,
+                  masked: bool = True):
     """K/V block i ([ppb * P, D] each, in `dtype`: an FP8 cache is widened to the queries')
     of one sequence, and its valid mask [ppb, P] (token < length).
 
     page_ids: the block's ppb layer-local ids from the block table. Pages past the sequence's end
-    may hold any table value: a safe page is read there instead (the load is masked off anyway)."""
+    may hold any table value: a safe page is read there instead (the load is masked off anyway).
+    masked=False: every address is in bounds (the safe page, or the tail of the last page), so
+    the loads run unpredicated and V's invalid rows are zeroed after the load (a select: stale
+    bytes, NaN included, never reach the output); K's must then be masked in the logits."""
     ppb, P, D = page_ids.shape[0], page_size, k_ref.shape[-1]
     page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
     page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
@@ -103,19 +109,26 @@ def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size:
            lax.broadcasted_iota(jnp.int32, shape3, 1),
            lax.broadcasted_iota(jnp.int32, shape3, 2))
     lmask = jnp.broadcast_to(valid[:, :, None], shape3)
-    k = _load(k_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
-    v = _load(v_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
+    if masked:
+        k = _load(k_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
+        v = _load(v_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
+    else:
+        k = _load(k_ref.at[idx], None, None).reshape(ppb * P, D)
+        v = jnp.where(lmask, _load(v_ref.at[idx], None, None), 0.0).reshape(ppb * P, D)
     if dtype is not None and k.dtype != dtype:
         k, v = k.astype(dtype), v.astype(dtype)
     return k, v, valid
 
 
-def online_softmax_step(acc, m_prev, l_prev, logits, v, precision):
-    """Fold one block of masked log2-unit logits [rows, block_k] and its V into (acc, max, sum)."""
+def online_softmax_step(acc, m_prev, l_prev, logits, v, precision, skip_pv: bool = False):
+    """Fold one block of masked log2-unit logits [rows, block_k] and its V into (acc, max, sum).
+    skip_pv: a timing probe's, the softmax without its PV dot (acc only rescaled)."""
     m_next = jnp.maximum(m_prev, logits.max(axis=-1))
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(logits - m_next[:, None])  # masked: exp2(-inf) = 0
     l_next = alpha * l_prev + p.sum(axis=-1)
+    if skip_pv:
+        return alpha[:, None] * acc + p.sum(axis=-1, keepdims=True), m_next, l_next
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)
     return alpha[:, None] * acc + pv, m_next, l_next
@@ -123,7 +136,7 @@ def online_softmax_step(acc, m_prev, l_prev, logits, v, precision):
 
 def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
                    scale: float, page_size: int, pages_per_block: int, rows: int, precision, seq_axis: int,
-                   prefetch_table: bool, compute_dtype):
+                   prefetch_table: bool, compute_dtype, masked_loads: bool, probe: str | None):
     # off_ref [1]; len_ref [S]; bt_ref [MBp] (this sequence's row); q_ref/o_ref [G, D];
     # k_ref/v_ref [L*num_pages, P, D] (this kv head, squeezed).
     s = pl.program_id(seq_axis)
@@ -155,11 +168,19 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
             page_ids, ids = ids, table_block(i + 1)
         else:
             page_ids = table_block(i)
-        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, compute_dtype)
-        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                 preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
+        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, compute_dtype,
+                                    masked=masked_loads)
+        if probe in ("pv_only", "loads_only"):  # timing probe: K feeds a row sum, not the QK dot
+            logits = jnp.broadcast_to(k.astype(jnp.float32).sum(axis=1)[None, :], (rows, block_k))
+        else:
+            logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                     preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
         valid_k = jnp.broadcast_to(valid.reshape(1, block_k), (rows, block_k))
         logits = jnp.where(valid_k, logits, -jnp.inf)
+        if probe in ("qk_only", "loads_only"):  # timing probe: V is summed, not multiplied by p
+            acc, m_next, l_next = online_softmax_step(acc, m_prev, l_prev, logits, v, precision, skip_pv=True)
+            v_sum = v.astype(jnp.float32).reshape(block_k // rows, rows, D).sum(axis=0)
+            return acc + v_sum, m_next, l_next, ids
         return (*online_softmax_step(acc, m_prev, l_prev, logits, v, precision), ids)
 
     acc = jnp.zeros((rows, D), jnp.float32)
@@ -184,7 +205,7 @@ def default_pages_per_block(page_size: int, block_tokens: int = 64) -> int:
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "heads_fastest",
-                     "prefetch_table", "widen_to", "interpret"),
+                     "prefetch_table", "widen_to", "masked_loads", "probe", "interpret"),
 )
 def paged_decode_attention(
     q: jax.Array,  # [S, Nq, D]
@@ -202,6 +223,8 @@ def paged_decode_attention(
     heads_fastest: bool = True,
     prefetch_table: bool = True,
     widen_to=None,
+    masked_loads: bool = True,
+    probe: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention of q (one token per sequence row) over its paged K/V. Returns [S, Nq, D].
@@ -221,7 +244,13 @@ def paged_decode_attention(
     to it); default q's dtype. float16 widens e4m3 in one conversion per pair on Hopper: 3-9%
     faster at 64 sequences on an H200, 0-5% at 256 (benchmarks/RESULTS.md), not the default
     since q must then fit float16's range.
+    masked_loads: predicated K/V loads (True), or unpredicated loads of in-bounds addresses with
+    V's invalid rows zeroed by a select (False; see load_kv_block).
+    probe: timing probes for benchmarks/attention_kernels.py, whose outputs are NOT attention:
+    "qk_only" (no PV dot), "pv_only" (no QK dot), "loads_only" (neither); the loads stay.
     """
+    if probe not in (None, "qk_only", "pv_only", "loads_only"):
+        raise ValueError(f"probe must be None, qk_only, pv_only or loads_only; got {probe!r}")
     S, Nq, D = q.shape
     NP, P, Nkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:
@@ -234,7 +263,8 @@ def paged_decode_attention(
                                      block_tables, lengths, scale=scale, pages_per_block=pages_per_block,
                                      min_rows=min_rows, num_warps=num_warps, num_stages=num_stages,
                                      heads_fastest=heads_fastest, prefetch_table=prefetch_table,
-                                     widen_to=widen_to, interpret=interpret)
+                                     widen_to=widen_to, masked_loads=masked_loads, probe=probe,
+                                     interpret=interpret)
         return unpad_group(out, Nkv, G)
     ppb = pages_per_block or default_pages_per_block(P)
     num_stages = num_stages or (4 if jnp.dtype(q.dtype).itemsize <= 2 else 2)
@@ -263,7 +293,8 @@ def paged_decode_attention(
     kernel = functools.partial(_decode_kernel, scale=float(scale), page_size=P, pages_per_block=ppb,
                                rows=rows, precision=precision, seq_axis=1 if heads_fastest else 0,
                                prefetch_table=prefetch_table,
-                               compute_dtype=jnp.dtype(widen_to or q.dtype) if k_cache.dtype.itemsize == 1 else q.dtype)
+                               compute_dtype=jnp.dtype(widen_to or q.dtype) if k_cache.dtype.itemsize == 1 else q.dtype,
+                               masked_loads=masked_loads, probe=probe)
     if heads_fastest:  # Triton launches program_id(0) fastest: grid (Nkv, S)
         grid, sh = (Nkv, S), (lambda f: (lambda h, s: f(s, h)))
     else:
@@ -285,7 +316,7 @@ def paged_decode_attention(
         out_specs=pl.BlockSpec((None, None, G, D), sh(lambda s, h: (s, h, 0, 0))),
         out_shape=jax.ShapeDtypeStruct((S, Nkv, G, D), q.dtype),
         interpret=interpret,
-        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}",
+        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}" + ("" if masked_loads else "_unmasked") + (f"_{probe}" if probe else ""),
         **kw,
     )(off, lengths, bt, q4, k_cache, v_cache)
     return out.reshape(S, Nq, D)

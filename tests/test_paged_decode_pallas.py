@@ -100,8 +100,10 @@ def test_layer_offset_is_traced_and_selects_the_layer():
     assert not np.allclose(outs[0], outs[1])
 
 
-def test_stale_cache_past_length_is_ignored():
-    """NaN in cache slots past each row's length (same page or pages past the end) never leaks in."""
+@pytest.mark.parametrize("masked_loads", [True, False])
+def test_stale_cache_past_length_is_ignored(masked_loads):
+    """NaN in cache slots past each row's length (same page or pages past the end) never leaks in,
+    whether the loads are predicated or the stale rows are read and then selected away."""
     lengths = [3, 9, 16]
     S, Nq, Nkv, D, P, MB, L = 3, 4, 1, 16, 4, 4, 1
     q, k, v, off, bt, lengths = make_case(S=S, Nq=Nq, Nkv=Nkv, D=D, P=P, MB=MB, L=L, num_pages=S * MB + 1,
@@ -115,8 +117,29 @@ def test_stale_cache_past_length_is_ignored():
             vn[btn[s, t // P], t % P] = np.nan
     kn[0], vn[0] = np.nan, np.nan  # the scratch page too
     out = paged_decode_attention(q, jnp.asarray(kn), jnp.asarray(vn), off, bt, lengths, scale=0.25,
-                                 pages_per_block=2, interpret=True)
+                                 pages_per_block=2, masked_loads=masked_loads, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_unmasked_loads_match_the_reference_on_ragged_rows():
+    """masked_loads=False on the ragged case of the main test (a padding row, partial pages, a
+    full table, MB not a multiple of the block): the same answer as the reference."""
+    P, MB = 4, 7
+    lengths = [1, P, 0, MB * P, 2 * P + 1, MB * P - 1]
+    args = make_case(S=len(lengths), Nq=4, Nkv=2, D=16, P=P, MB=MB, L=2, num_pages=len(lengths) * MB + 3,
+                     layer=1, lengths=lengths, dtype=jnp.float32)
+    out = paged_decode_attention(*args, scale=0.25, pages_per_block=2, masked_loads=False, interpret=True)
+    check(out, reference(*args, 0.25), args[5], jnp.float32)
+
+
+def test_timing_probes_are_named_and_checked():
+    args = make_case(S=2, Nq=8, Nkv=1, D=16, P=8, MB=2, L=1, num_pages=5, layer=0, lengths=[3, 16],
+                     dtype=jnp.float32)
+    with pytest.raises(ValueError, match="probe"):
+        paged_decode_attention(*args, scale=0.25, probe="no_such", interpret=True)
+    for probe in ("qk_only", "pv_only", "loads_only"):  # they run; their outputs are not attention
+        out = paged_decode_attention(*args, scale=0.25, probe=probe, interpret=True)
+        assert out.shape == args[0].shape and np.isfinite(np.asarray(out)).all()
 
 
 @pytest.mark.gpu
@@ -134,8 +157,9 @@ def test_matches_reference_on_gpu(P, max_len):
     args = make_case(S=S, Nq=Nq, Nkv=Nkv, D=D, P=P, MB=MB, L=L, num_pages=num_pages, layer=1,
                      lengths=lengths, dtype=jnp.bfloat16)
     scale = D ** -0.5
-    out = paged_decode_attention(*args, scale=scale)
-    check(out, reference(*args, scale), args[5], jnp.bfloat16)
+    ref = reference(*args, scale)
+    check(paged_decode_attention(*args, scale=scale), ref, args[5], jnp.bfloat16)
+    check(paged_decode_attention(*args, scale=scale, masked_loads=False), ref, args[5], jnp.bfloat16)
 
 
 @pytest.mark.gpu
