@@ -75,7 +75,6 @@ def pallas_variants(sweep: bool, P: int, probes: bool = False):
     if probes:  # stages left out (outputs are not attention): time differences place the cost
         for probe in ("qk_only", "pv_only", "loads_only"):
             yield f"probe_{probe}", dict(probe=probe)
-        yield "probe_loads_only_unmasked", dict(probe="loads_only", masked_loads=False)
     if sweep:
         for pf, hf, block_tokens, w, st, r in itertools.product(
                 (True, False), (True, False), (32, 64, 128, 256), (2, 4, 8), (2, 3, 4, 5), (16, 8)):
@@ -87,7 +86,6 @@ def pallas_variants(sweep: bool, P: int, probes: bool = False):
     yield "pallas_r16", dict(min_rows=16)  # group zero-padded to 16 rows in-kernel
     yield "pallas_noprefetch", dict(prefetch_table=False)
     yield "pallas_bt128_w4_s2", dict(pages_per_block=max(1, 128 // P), num_warps=4, num_stages=2)
-    yield "pallas_unmasked", dict(masked_loads=False)  # unpredicated loads, V's stale rows selected away
 
 
 def main():

@@ -79,22 +79,18 @@ def unpad_group(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
 def _load(ref, mask, other):
     """Masked gather load; plain indexing where the masked form is unavailable."""
     if plgpu is not None and hasattr(plgpu, "load"):
-        return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=other)
-    if mask is None:  # pragma: no cover
-        return ref[...]
+        return plgpu.load(ref, mask=mask, other=other)
     return jnp.where(mask, ref[...], other)  # pragma: no cover
 
 
-def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size: int, dtype=None,
-                  masked: bool = True):
+def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size: int, dtype=None):
     """K/V block i ([ppb * P, D] each, in `dtype`: an FP8 cache is widened to the queries')
     of one sequence, and its valid mask [ppb, P] (token < length).
 
     page_ids: the block's ppb layer-local ids from the block table. Pages past the sequence's end
     may hold any table value: a safe page is read there instead (the load is masked off anyway).
-    masked=False: every address is in bounds (the safe page, or the tail of the last page), so
-    the loads run unpredicated and V's invalid rows are zeroed after the load (a select: stale
-    bytes, NaN included, never reach the output); K's must then be masked in the logits."""
+    Predicated loads measured faster than unpredicated ones with the stale rows selected away
+    (H200: 6-28% slower; benchmarks/RESULTS.md)."""
     ppb, P, D = page_ids.shape[0], page_size, k_ref.shape[-1]
     page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
     page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
@@ -109,12 +105,8 @@ def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size:
            lax.broadcasted_iota(jnp.int32, shape3, 1),
            lax.broadcasted_iota(jnp.int32, shape3, 2))
     lmask = jnp.broadcast_to(valid[:, :, None], shape3)
-    if masked:
-        k = _load(k_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
-        v = _load(v_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
-    else:
-        k = _load(k_ref.at[idx], None, None).reshape(ppb * P, D)
-        v = jnp.where(lmask, _load(v_ref.at[idx], None, None), 0.0).reshape(ppb * P, D)
+    k = _load(k_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
+    v = _load(v_ref.at[idx], lmask, 0.0).reshape(ppb * P, D)
     if dtype is not None and k.dtype != dtype:
         k, v = k.astype(dtype), v.astype(dtype)
     return k, v, valid
@@ -136,7 +128,7 @@ def online_softmax_step(acc, m_prev, l_prev, logits, v, precision, skip_pv: bool
 
 def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
                    scale: float, page_size: int, pages_per_block: int, rows: int, precision, seq_axis: int,
-                   prefetch_table: bool, compute_dtype, masked_loads: bool, probe: str | None):
+                   prefetch_table: bool, compute_dtype, probe: str | None):
     # off_ref [1]; len_ref [S]; bt_ref [MBp] (this sequence's row); q_ref/o_ref [G, D];
     # k_ref/v_ref [L*num_pages, P, D] (this kv head, squeezed).
     s = pl.program_id(seq_axis)
@@ -168,8 +160,7 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
             page_ids, ids = ids, table_block(i + 1)
         else:
             page_ids = table_block(i)
-        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, compute_dtype,
-                                    masked=masked_loads)
+        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, compute_dtype)
         if probe in ("pv_only", "loads_only"):  # timing probe: K feeds a row sum, not the QK dot
             logits = jnp.broadcast_to(k.astype(jnp.float32).sum(axis=1)[None, :], (rows, block_k))
         else:
@@ -205,7 +196,7 @@ def default_pages_per_block(page_size: int, block_tokens: int = 64) -> int:
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "heads_fastest",
-                     "prefetch_table", "widen_to", "masked_loads", "probe", "interpret"),
+                     "prefetch_table", "widen_to", "probe", "interpret"),
 )
 def paged_decode_attention(
     q: jax.Array,  # [S, Nq, D]
@@ -223,7 +214,6 @@ def paged_decode_attention(
     heads_fastest: bool = True,
     prefetch_table: bool = True,
     widen_to=None,
-    masked_loads: bool = True,
     probe: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -244,8 +234,6 @@ def paged_decode_attention(
     to it); default q's dtype. float16 widens e4m3 in one conversion per pair on Hopper: 3-9%
     faster at 64 sequences on an H200, 0-5% at 256 (benchmarks/RESULTS.md), not the default
     since q must then fit float16's range.
-    masked_loads: predicated K/V loads (True), or unpredicated loads of in-bounds addresses with
-    V's invalid rows zeroed by a select (False; see load_kv_block).
     probe: timing probes for benchmarks/attention_kernels.py, whose outputs are NOT attention:
     "qk_only" (no PV dot), "pv_only" (no QK dot), "loads_only" (neither); the loads stay.
     """
@@ -263,7 +251,7 @@ def paged_decode_attention(
                                      block_tables, lengths, scale=scale, pages_per_block=pages_per_block,
                                      min_rows=min_rows, num_warps=num_warps, num_stages=num_stages,
                                      heads_fastest=heads_fastest, prefetch_table=prefetch_table,
-                                     widen_to=widen_to, masked_loads=masked_loads, probe=probe,
+                                     widen_to=widen_to, probe=probe,
                                      interpret=interpret)
         return unpad_group(out, Nkv, G)
     ppb = pages_per_block or default_pages_per_block(P)
@@ -294,7 +282,7 @@ def paged_decode_attention(
                                rows=rows, precision=precision, seq_axis=1 if heads_fastest else 0,
                                prefetch_table=prefetch_table,
                                compute_dtype=jnp.dtype(widen_to or q.dtype) if k_cache.dtype.itemsize == 1 else q.dtype,
-                               masked_loads=masked_loads, probe=probe)
+                               probe=probe)
     if heads_fastest:  # Triton launches program_id(0) fastest: grid (Nkv, S)
         grid, sh = (Nkv, S), (lambda f: (lambda h, s: f(s, h)))
     else:
@@ -316,7 +304,7 @@ def paged_decode_attention(
         out_specs=pl.BlockSpec((None, None, G, D), sh(lambda s, h: (s, h, 0, 0))),
         out_shape=jax.ShapeDtypeStruct((S, Nkv, G, D), q.dtype),
         interpret=interpret,
-        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}" + ("" if masked_loads else "_unmasked") + (f"_{probe}" if probe else ""),
+        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}" + (f"_{probe}" if probe else ""),
         **kw,
     )(off, lengths, bt, q4, k_cache, v_cache)
     return out.reshape(S, Nq, D)

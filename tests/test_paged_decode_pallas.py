@@ -100,10 +100,8 @@ def test_layer_offset_is_traced_and_selects_the_layer():
     assert not np.allclose(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("masked_loads", [True, False])
-def test_stale_cache_past_length_is_ignored(masked_loads):
-    """NaN in cache slots past each row's length (same page or pages past the end) never leaks in,
-    whether the loads are predicated or the stale rows are read and then selected away."""
+def test_stale_cache_past_length_is_ignored():
+    """NaN in cache slots past each row's length (same page or pages past the end) never leaks in."""
     lengths = [3, 9, 16]
     S, Nq, Nkv, D, P, MB, L = 3, 4, 1, 16, 4, 4, 1
     q, k, v, off, bt, lengths = make_case(S=S, Nq=Nq, Nkv=Nkv, D=D, P=P, MB=MB, L=L, num_pages=S * MB + 1,
@@ -117,19 +115,8 @@ def test_stale_cache_past_length_is_ignored(masked_loads):
             vn[btn[s, t // P], t % P] = np.nan
     kn[0], vn[0] = np.nan, np.nan  # the scratch page too
     out = paged_decode_attention(q, jnp.asarray(kn), jnp.asarray(vn), off, bt, lengths, scale=0.25,
-                                 pages_per_block=2, masked_loads=masked_loads, interpret=True)
+                                 pages_per_block=2, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
-
-
-def test_unmasked_loads_match_the_reference_on_ragged_rows():
-    """masked_loads=False on the ragged case of the main test (a padding row, partial pages, a
-    full table, MB not a multiple of the block): the same answer as the reference."""
-    P, MB = 4, 7
-    lengths = [1, P, 0, MB * P, 2 * P + 1, MB * P - 1]
-    args = make_case(S=len(lengths), Nq=4, Nkv=2, D=16, P=P, MB=MB, L=2, num_pages=len(lengths) * MB + 3,
-                     layer=1, lengths=lengths, dtype=jnp.float32)
-    out = paged_decode_attention(*args, scale=0.25, pages_per_block=2, masked_loads=False, interpret=True)
-    check(out, reference(*args, 0.25), args[5], jnp.float32)
 
 
 def test_timing_probes_are_named_and_checked():
@@ -159,7 +146,6 @@ def test_matches_reference_on_gpu(P, max_len):
     scale = D ** -0.5
     ref = reference(*args, scale)
     check(paged_decode_attention(*args, scale=scale), ref, args[5], jnp.bfloat16)
-    check(paged_decode_attention(*args, scale=scale, masked_loads=False), ref, args[5], jnp.bfloat16)
 
 
 @pytest.mark.gpu
