@@ -127,6 +127,20 @@ def decode_batch(S: int, context: int, page_size: int, vocab: int, seed: int):
     return batch, samp, S * MB
 
 
+def engine_decode_step(runner, S: int, context: int, page_size: int, vocab: int):
+    """The engine's compiled decode-only step on decode_batch(S, context): (step, fn, batch,
+    sampling), where step() runs it once and carries the KV cache in runner.kv."""
+    batch, samp, _ = decode_batch(S, context, page_size, vocab, seed=S + context)
+    fn = runner.step_fn("local", SamplerFlags(), decode_only=True)
+    b, s = jax.device_put((batch, samp), runner.batch_sharding)
+
+    def step():
+        out, runner.kv = fn(runner.params, runner.kv, b, s)
+        return out
+
+    return step, fn, b, s
+
+
 def step_cost(cfg, params: dict, S: int, context: int, kv_bytes: int) -> tuple[float, float, float, float]:
     """(weight bytes read, KV bytes read, FLOPs of the e4m3 GEMMs, other FLOPs) of one decode step
     of S sequences; kv_bytes: per cached element."""
@@ -174,14 +188,7 @@ def main():
                   kv_cache_dtype=a.kv_cache_dtype, precompile=False)
         runner = llm.engine.runner
         for S, ctx in cases:
-            batch, samp, _ = decode_batch(S, ctx, P, llm.cfg.vocab_size, seed=S + ctx)
-            fn = runner.step_fn("local", SamplerFlags(), decode_only=True)
-            b, s = jax.device_put((batch, samp), runner.batch_sharding)
-
-            def step():
-                out, runner.kv = fn(runner.params, runner.kv, b, s)
-                return out
-
+            step, fn, b, s = engine_decode_step(runner, S, ctx, P, llm.cfg.vocab_size)
             if quant not in census:
                 census[quant] = hlo_gemm_census(fn.lower(runner.params, runner.kv, b, s).compile().as_text(),
                                                 llm.cfg.num_layers)

@@ -23,10 +23,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax  # noqa: E402
 
-from sidp_jax.engine.sampler import SamplerFlags  # noqa: E402
 from sidp_jax.engine.timing import median_seconds  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
-from roofline import decode_batch  # noqa: E402
+from roofline import engine_decode_step  # noqa: E402
 
 KINDS = [  # first match wins; kernel names as CUDA reports them
     ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|gemv|splitk", re.I)),
@@ -76,15 +75,7 @@ def main():
               kv_cache_tokens=(S * -(-(ctx + 1) // P) + 1) * P, max_num_seqs=S, max_num_batched_tokens=S,
               kv_block_size=P, verbose=False, quantization=None if a.quantization == "none" else a.quantization,
               kv_cache_dtype=a.kv_cache_dtype, precompile=False)
-    runner = llm.engine.runner
-    batch, samp, _ = decode_batch(S, ctx, P, llm.cfg.vocab_size, seed=S + ctx)
-    fn = runner.step_fn("local", SamplerFlags(), decode_only=True)
-    b, s = jax.device_put((batch, samp), runner.batch_sharding)
-
-    def step():
-        out, runner.kv = fn(runner.params, runner.kv, b, s)
-        return out
-
+    step = engine_decode_step(llm.engine.runner, S, ctx, P, llm.cfg.vocab_size)[0]
     jax.block_until_ready(step())
     step_ms = median_seconds(step, reps=max(a.reps, 5)) * 1e3
     with tempfile.TemporaryDirectory() as d:
