@@ -86,6 +86,8 @@ def pallas_variants(sweep: bool, P: int, probes: bool = False):
     yield "pallas_r16", dict(min_rows=16)  # group zero-padded to 16 rows in-kernel
     yield "pallas_noprefetch", dict(prefetch_table=False)
     yield "pallas_bt128_w4_s2", dict(pages_per_block=max(1, 128 // P), num_warps=4, num_stages=2)
+    yield "pallas_flat", dict(flat_loads=True)  # [block_k, D] gathers from per-token page ids, no reshape
+    yield "pallas_flat_bt128_w4", dict(flat_loads=True, pages_per_block=max(1, 128 // P), num_warps=4)
 
 
 def main():

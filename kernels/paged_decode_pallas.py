@@ -76,10 +76,12 @@ def unpad_group(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
     return x.reshape(T, num_kv_heads, Nq // num_kv_heads, D)[:, :, :group].reshape(T, num_kv_heads * group, D)
 
 
-def _load(ref, mask, other):
+def _load(ref, mask=None, other=None):
     """Masked gather load; plain indexing where the masked form is unavailable."""
     if plgpu is not None and hasattr(plgpu, "load"):
-        return plgpu.load(ref, mask=mask, other=other)
+        return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=other)
+    if mask is None:  # pragma: no cover
+        return ref[...]
     return jnp.where(mask, ref[...], other)  # pragma: no cover
 
 
@@ -112,6 +114,24 @@ def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size:
     return k, v, valid
 
 
+def load_kv_tokens(k_ref, v_ref, token_pages, i, n_pages, length, offset, page_size: int, dtype=None):
+    """load_kv_block's [block_k, D] K/V made by one 2-D gather, with no reshape between the loads
+    and the dots: token_pages [block_k] holds each token's layer-local page id (block i's tokens
+    i * block_k + 0..block_k-1). Returns (k, v, valid [block_k])."""
+    block_k, P, D = token_pages.shape[0], page_size, k_ref.shape[-1]
+    tok = i * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    valid = tok < length
+    pages = jnp.where(tok // P < n_pages, token_pages, 0) + offset  # past the end: the safe page
+    shape2 = (block_k, D)
+    idx = (jnp.broadcast_to(pages[:, None], shape2), jnp.broadcast_to((tok % P)[:, None], shape2),
+           lax.broadcasted_iota(jnp.int32, shape2, 1))
+    mask = jnp.broadcast_to(valid[:, None], shape2)
+    k, v = _load(k_ref.at[idx], mask, 0.0), _load(v_ref.at[idx], mask, 0.0)
+    if dtype is not None and k.dtype != dtype:
+        k, v = k.astype(dtype), v.astype(dtype)
+    return k, v, valid
+
+
 def online_softmax_step(acc, m_prev, l_prev, logits, v, precision, skip_pv: bool = False):
     """Fold one block of masked log2-unit logits [rows, block_k] and its V into (acc, max, sum).
     skip_pv: a timing probe's, the softmax without its PV dot (acc only rescaled)."""
@@ -128,7 +148,7 @@ def online_softmax_step(acc, m_prev, l_prev, logits, v, precision, skip_pv: bool
 
 def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
                    scale: float, page_size: int, pages_per_block: int, rows: int, precision, seq_axis: int,
-                   prefetch_table: bool, compute_dtype, probe: str | None):
+                   prefetch_table: bool, compute_dtype, probe: str | None, flat_loads: bool):
     # off_ref [1]; len_ref [S]; bt_ref [MBp] (this sequence's row); q_ref/o_ref [G, D];
     # k_ref/v_ref [L*num_pages, P, D] (this kv head, squeezed).
     s = pl.program_id(seq_axis)
@@ -152,6 +172,9 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
     last_block = jnp.maximum(n_blocks - 1, 0)
 
     def table_block(i):  # block i's page ids (clamped to the last block: always in the row)
+        if flat_loads:  # one id per token: a gather from the row (clamped into it)
+            pos = jnp.minimum(i, last_block) * ppb + lax.broadcasted_iota(jnp.int32, (block_k,), 0) // P
+            return _load(bt_ref.at[jnp.minimum(pos, bt_ref.shape[0] - 1)])
         return bt_ref[pl.ds(jnp.minimum(i, last_block) * ppb, ppb)]
 
     def body(i, carry):
@@ -160,7 +183,8 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
             page_ids, ids = ids, table_block(i + 1)
         else:
             page_ids = table_block(i)
-        k, v, valid = load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, compute_dtype)
+        load = load_kv_tokens if flat_loads else load_kv_block
+        k, v, valid = load(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, compute_dtype)
         if probe in ("pv_only", "loads_only"):  # timing probe: K feeds a row sum, not the QK dot
             logits = jnp.broadcast_to(k.astype(jnp.float32).sum(axis=1)[None, :], (rows, block_k))
         else:
@@ -177,7 +201,7 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
     acc = jnp.zeros((rows, D), jnp.float32)
     m = jnp.full((rows,), NEG_INIT, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
-    ids = table_block(0) if prefetch_table else jnp.zeros((ppb,), jnp.int32)
+    ids = table_block(0) if prefetch_table else jnp.zeros((block_k if flat_loads else ppb,), jnp.int32)
     acc, m, l, _ = lax.fori_loop(0, n_blocks, body, (acc, m, l, ids))
 
     l = jnp.where(l > 0, l, 1.0)  # length 0: acc is 0, store zeros (not 0/0)
@@ -196,7 +220,7 @@ def default_pages_per_block(page_size: int, block_tokens: int = 64) -> int:
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "heads_fastest",
-                     "prefetch_table", "widen_to", "probe", "interpret"),
+                     "prefetch_table", "widen_to", "probe", "flat_loads", "interpret"),
 )
 def paged_decode_attention(
     q: jax.Array,  # [S, Nq, D]
@@ -215,6 +239,7 @@ def paged_decode_attention(
     prefetch_table: bool = True,
     widen_to=None,
     probe: str | None = None,
+    flat_loads: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention of q (one token per sequence row) over its paged K/V. Returns [S, Nq, D].
@@ -236,6 +261,8 @@ def paged_decode_attention(
     since q must then fit float16's range.
     probe: timing probes for benchmarks/attention_kernels.py, whose outputs are NOT attention:
     "qk_only" (no PV dot), "pv_only" (no QK dot), "loads_only" (neither); the loads stay.
+    flat_loads: gather each block as [block_k, D] rows from per-token page ids (load_kv_tokens)
+    instead of [ppb, P, D] reshaped.
     """
     if probe not in (None, "qk_only", "pv_only", "loads_only"):
         raise ValueError(f"probe must be None, qk_only, pv_only or loads_only; got {probe!r}")
@@ -251,7 +278,7 @@ def paged_decode_attention(
                                      block_tables, lengths, scale=scale, pages_per_block=pages_per_block,
                                      min_rows=min_rows, num_warps=num_warps, num_stages=num_stages,
                                      heads_fastest=heads_fastest, prefetch_table=prefetch_table,
-                                     widen_to=widen_to, probe=probe,
+                                     widen_to=widen_to, probe=probe, flat_loads=flat_loads,
                                      interpret=interpret)
         return unpad_group(out, Nkv, G)
     ppb = pages_per_block or default_pages_per_block(P)
@@ -282,7 +309,7 @@ def paged_decode_attention(
                                rows=rows, precision=precision, seq_axis=1 if heads_fastest else 0,
                                prefetch_table=prefetch_table,
                                compute_dtype=jnp.dtype(widen_to or q.dtype) if k_cache.dtype.itemsize == 1 else q.dtype,
-                               probe=probe)
+                               probe=probe, flat_loads=flat_loads)
     if heads_fastest:  # Triton launches program_id(0) fastest: grid (Nkv, S)
         grid, sh = (Nkv, S), (lambda f: (lambda h, s: f(s, h)))
     else:
@@ -304,7 +331,7 @@ def paged_decode_attention(
         out_specs=pl.BlockSpec((None, None, G, D), sh(lambda s, h: (s, h, 0, 0))),
         out_shape=jax.ShapeDtypeStruct((S, Nkv, G, D), q.dtype),
         interpret=interpret,
-        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}" + (f"_{probe}" if probe else ""),
+        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}" + ("_flat" if flat_loads else "") + (f"_{probe}" if probe else ""),
         **kw,
     )(off, lengths, bt, q4, k_cache, v_cache)
     return out.reshape(S, Nq, D)

@@ -194,8 +194,10 @@ def test_fp8_kv_cache_in_the_reference_and_the_decode_kernel():
     lengths = jnp.asarray([1, 9, 17, MB * P], jnp.int32)
     scale = D ** -0.5
     ref = lambda k, v: paged_attention_reference(q, k, v, jnp.int32(0), bt, jnp.arange(S), lengths - 1, scale=scale)
-    got = paged_decode_attention(q, k8, v8, jnp.int32(0), bt, lengths, scale=scale, interpret=True)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref(k8, v8)), rtol=1e-5, atol=1e-5)
+    for flat_loads in (False, True):
+        got = paged_decode_attention(q, k8, v8, jnp.int32(0), bt, lengths, scale=scale, flat_loads=flat_loads,
+                                     interpret=True)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref(k8, v8)), rtol=1e-5, atol=1e-5)
     assert _rel_rms(ref(k8, v8), ref(k32, v32)) <= GEMM_REL_RMS
     big = write_kv(k8, jnp.full((2, Nkv, D), 1e4), jnp.int32(0), jnp.asarray([3, 4]))
     assert np.asarray(big.astype(jnp.float32)).reshape(-1, Nkv, D)[3:5].max() == E4M3_MAX

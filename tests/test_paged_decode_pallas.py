@@ -68,8 +68,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("flat_loads", [False, True])
 @pytest.mark.parametrize("Nq,Nkv,D,P,MB,ppb,min_rows,dtype", CASES)
-def test_matches_reference_interpret(Nq, Nkv, D, P, MB, ppb, min_rows, dtype):
+def test_matches_reference_interpret(Nq, Nkv, D, P, MB, ppb, min_rows, dtype, flat_loads):
     cap = MB * P
     # ragged: 1 token, a full last page, a length-0 padding row, a full table, odd lengths
     lengths = [1, P, 0, cap, 2 * P + 1, cap - 1, P - 1 if P > 1 else 1, max(1, cap // 2)]
@@ -78,7 +79,8 @@ def test_matches_reference_interpret(Nq, Nkv, D, P, MB, ppb, min_rows, dtype):
     args = make_case(S=S, Nq=Nq, Nkv=Nkv, D=D, P=P, MB=MB, L=L, num_pages=num_pages, layer=layer,
                      lengths=lengths, dtype=dtype)
     scale = D ** -0.5
-    out = paged_decode_attention(*args, scale=scale, pages_per_block=ppb, min_rows=min_rows, interpret=True)
+    out = paged_decode_attention(*args, scale=scale, pages_per_block=ppb, min_rows=min_rows, flat_loads=flat_loads,
+                                 interpret=True)
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
     check(out, reference(*args, scale), args[5], dtype)
 
@@ -100,7 +102,8 @@ def test_layer_offset_is_traced_and_selects_the_layer():
     assert not np.allclose(outs[0], outs[1])
 
 
-def test_stale_cache_past_length_is_ignored():
+@pytest.mark.parametrize("flat_loads", [False, True])
+def test_stale_cache_past_length_is_ignored(flat_loads):
     """NaN in cache slots past each row's length (same page or pages past the end) never leaks in."""
     lengths = [3, 9, 16]
     S, Nq, Nkv, D, P, MB, L = 3, 4, 1, 16, 4, 4, 1
@@ -115,7 +118,7 @@ def test_stale_cache_past_length_is_ignored():
             vn[btn[s, t // P], t % P] = np.nan
     kn[0], vn[0] = np.nan, np.nan  # the scratch page too
     out = paged_decode_attention(q, jnp.asarray(kn), jnp.asarray(vn), off, bt, lengths, scale=0.25,
-                                 pages_per_block=2, interpret=True)
+                                 pages_per_block=2, flat_loads=flat_loads, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
@@ -146,8 +149,9 @@ def test_matches_reference_on_gpu(P, max_len):
     args = make_case(S=S, Nq=Nq, Nkv=Nkv, D=D, P=P, MB=MB, L=L, num_pages=num_pages, layer=1,
                      lengths=lengths, dtype=jnp.bfloat16)
     scale = D ** -0.5
-    out = paged_decode_attention(*args, scale=scale)
-    check(out, reference(*args, scale), args[5], jnp.bfloat16)
+    ref = reference(*args, scale)
+    for flat_loads in (False, True):
+        check(paged_decode_attention(*args, scale=scale, flat_loads=flat_loads), ref, args[5], jnp.bfloat16)
 
 
 @pytest.mark.gpu
