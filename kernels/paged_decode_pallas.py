@@ -33,8 +33,8 @@ pages_per_block * P powers of 2 (block tokens >= 16 for the dot's K), D >= 16. `
 runs anywhere (the CPU tests) with the same code path.
 
 Timings against the reference and jax's own `pallas.ops.gpu.paged_attention`:
-`benchmarks/attention_kernels.py` (`bash benchmarks/gpu_kernels.sh`). No results file of it is
-committed yet, so this docstring quotes no numbers.
+`benchmarks/attention_kernels.py` (`bash benchmarks/gpu_kernels.sh`); committed results:
+`benchmarks/results/2026-12-02-h200-attn-decode-*.json`, read in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
