@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sidp_jax.engine.step_inputs import mixed_step_layout
+from sidp_jax.kernels.paged_prefill_pallas import paged_prefill_attention
 from sidp_jax.kernels.attention import mixed_attention
 from sidp_jax.kernels.paged_attention import paged_attention_reference
 
@@ -85,6 +86,39 @@ def test_mixed_attention_matches_reference(Nq, Nkv, D, P, ppb):
 def test_prefill_only_long_chunks_bf16():
     run_case(jnp.bfloat16, True, tile_tokens=8, chunks=[(40, 0), (17, 30), (3, 61)], T=64, S=4,
              Nq=8, Nkv=2, D=32, P=8, MB=8, L=3, num_pages=40, layer=2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunk_kernel_flat_loads_give_the_same_answer(dtype):
+    """flat_loads=True (per-token page ids, [block tokens, D] gathers) computes exactly what the
+    reshaped loads do (held to the reference above), on chunks that span pages and blocks."""
+    q, k, v, off, bt, _, _, _, tiles, real = make_mixed_case(
+        dtype=dtype, tile_tokens=4, chunks=MIXED, T=32, S=8, Nq=8, Nkv=2, D=16, P=4, MB=8, L=2,
+        num_pages=8 * 8 + 3, layer=1)
+    kw = dict(scale=0.25, tile_tokens=4, pages_per_block=2, interpret=True)
+    init = jnp.zeros_like(q)
+    want = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, **kw).astype(jnp.float32))
+    got = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, flat_loads=True, **kw)
+                     .astype(jnp.float32))
+    assert np.abs(want[real]).max() > 0
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_chunk_kernel_flat_loads_on_gpu():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    rng = np.random.default_rng(11)
+    chunks = [(300, 0), (200, 700), (33, 100)] + [(1, int(p)) for p in rng.integers(0, 900, 8)]
+    q, k, v, off, bt, _, _, _, tiles, real = make_mixed_case(
+        dtype=jnp.bfloat16, tile_tokens=16, chunks=chunks, T=1024, S=16, Nq=64, Nkv=8, D=128, P=16, MB=64, L=2,
+        num_pages=16 * 64 + 1, layer=1)
+    kw = dict(scale=128 ** -0.5, tile_tokens=16)
+    init = jnp.zeros_like(q)
+    want = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, **kw).astype(jnp.float32))[real]
+    got = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, flat_loads=True, **kw)
+                     .astype(jnp.float32))[real]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
 @pytest.mark.gpu
