@@ -18,10 +18,10 @@ measured 4-15% slower at G=8 (benchmarks/attention_kernels.py, `pallas_r16`).
 Per program: loop over the sequence's pages `pages_per_block` at a time (a dynamic trip count
 `cdiv(length, pages_per_block * P)`: ragged lengths stop at their own length), gathering the
 page id of each of the block's tokens from the block-table row, loading K/V as one masked 2-D
-gather of [block tokens, D] (no reshape stands between the loads and the dots: with one,
-measured 1.2-1.6x slower; tokens at or past
-`length` and pages past the sequence's last page are neither read nor used: unused block-table
-entries may hold any value), and an online softmax with float32 logits, max, sum and accumulator.
+gather of [block tokens, D], and an online softmax with float32 logits, max, sum and
+accumulator. Tokens at or past `length` and pages past the sequence's last page are neither
+read nor used (unused block-table entries may hold any value). No reshape stands between the
+loads and the dots: gathering [pages, P, D] and reshaping it was 1.2-1.6x slower on an H200.
 Rows with length 0 (padding rows) run no iteration and store zeros.
 
 A group that is not a power of 2 (Qwen2.5-7B: 28 / 4 = 7, Qwen2.5-14B: 40 / 8 = 5) gets zero query
@@ -93,8 +93,8 @@ def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size:
 
     page_ids: the block's ppb layer-local ids from the block table. Pages past the sequence's end
     may hold any table value: a safe page is read there instead (the load is masked off anyway).
-    Predicated loads measured faster than unpredicated ones with the stale rows selected away
-    (H200: 6-28% slower; benchmarks/RESULTS.md)."""
+    Predicated loads stay: unpredicated ones with the stale rows selected away were 6-28%
+    slower on an H200 (benchmarks/RESULTS.md)."""
     ppb, P, D = page_ids.shape[0], page_size, k_ref.shape[-1]
     page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
     page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
