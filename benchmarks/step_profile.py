@@ -51,7 +51,7 @@ def device_kernels(trace_dir: str) -> tuple[list[tuple[str, int]], list[str]]:
             continue
         for line in plane.lines:
             lines.append(f"{plane.name} :: {line.name}")
-            if line.name.startswith("Stream") or plane.name.startswith("/device:CPU"):
+            if line.name.startswith("Stream"):  # CUDA streams: one event per kernel
                 events += [(e.name, e.duration_ns) for e in line.events]
     return events, lines
 
