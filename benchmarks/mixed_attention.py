@@ -74,7 +74,7 @@ def build(decode_rows, ctx_range, chunks, *, Nq, Nkv, D, P, dtype, tile_tokens, 
 
 def chunk_variants(sweep: bool):
     yield "chunk_t16_w4_s2", dict(tile_tokens=16, num_warps=4, num_stages=2)
-    yield "chunk_t16_w4_s2_flat", dict(tile_tokens=16, num_warps=4, num_stages=2, flat_loads=True)
+    yield "chunk_t16_w4_s2_reshaped", dict(tile_tokens=16, num_warps=4, num_stages=2, flat_loads=False)
     if sweep:
         for tt, w, st in ((8, 4, 2), (32, 4, 2), (16, 8, 2), (32, 8, 2), (16, 4, 3), (64, 8, 2)):
             yield f"chunk_t{tt}_w{w}_s{st}", dict(tile_tokens=tt, num_warps=w, num_stages=st)

@@ -90,14 +90,16 @@ def test_prefill_only_long_chunks_bf16():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_chunk_kernel_flat_loads_give_the_same_answer(dtype):
-    """flat_loads=True (per-token page ids, [block tokens, D] gathers) computes exactly what the
-    reshaped loads do (held to the reference above), on chunks that span pages and blocks."""
+    """flat_loads (per-token page ids, [block tokens, D] gathers; the default) computes exactly what
+    the reshaped loads (flat_loads=False) do (held to the reference above), on chunks that span
+    pages and blocks."""
     q, k, v, off, bt, _, _, _, tiles, real = make_mixed_case(
         dtype=dtype, tile_tokens=4, chunks=MIXED, T=32, S=8, Nq=8, Nkv=2, D=16, P=4, MB=8, L=2,
         num_pages=8 * 8 + 3, layer=1)
     kw = dict(scale=0.25, tile_tokens=4, pages_per_block=2, interpret=True)
     init = jnp.zeros_like(q)
-    want = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, **kw).astype(jnp.float32))
+    want = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, flat_loads=False, **kw)
+                      .astype(jnp.float32))
     got = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, flat_loads=True, **kw)
                      .astype(jnp.float32))
     assert np.abs(want[real]).max() > 0
@@ -115,7 +117,8 @@ def test_chunk_kernel_flat_loads_on_gpu():
         num_pages=16 * 64 + 1, layer=1)
     kw = dict(scale=128 ** -0.5, tile_tokens=16)
     init = jnp.zeros_like(q)
-    want = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, **kw).astype(jnp.float32))[real]
+    want = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, flat_loads=False, **kw)
+                      .astype(jnp.float32))[real]
     got = np.asarray(paged_prefill_attention(q, k, v, off, bt, tiles, init, flat_loads=True, **kw)
                      .astype(jnp.float32))[real]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
