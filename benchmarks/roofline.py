@@ -2,9 +2,11 @@
 
 floor = max((bytes of weights read + KV bytes read) / measured HBM bandwidth,
             FLOPs / measured bf16 matmul rate)
-measured on the same GPU in the same process:
-  HBM bandwidth  a jitted elementwise pass over a 4 GiB bf16 array (read + write bytes / time)
-  matmul rate    a jitted 8192^3 bf16 matmul with float32 accumulation
+measured on the same GPU in the same process, before the models and again after them (each rate
+the better of the two; a GPU's clocks can still be ramping up at the first probe: on 2026-12-03 the
+first probes read 2.5 TB/s while the step's own GEMMs moved 3.5):
+  HBM bandwidth  a jitted scale pass (read + write) and a sum (read) over a 4 GiB bf16 array
+  matmul rate    a jitted 8192^3 bf16 matmul with bf16 and with float32 outputs
   decode step    the engine's own compiled step (ModelRunner, dp=1, the model's preset shape with
                  random weights) on a decode-only batch: S sequences, each with `context` cached
                  tokens on distinct pages, decode attention kernel where the engine uses it, greedy
@@ -52,6 +54,23 @@ def hbm_bandwidth(gib: float, reps: int) -> float:
     best = max(2 * n * 2 / median_seconds(scale, x, reps=reps), n * 2 / median_seconds(total, x, reps=reps))
     del x
     return best
+
+
+def device_rates(a, when: str) -> dict:
+    """HBM bandwidth and matmul rates (bf16; e4m3 when FP8 is asked for), each after a second of
+    the same work to bring the clocks up."""
+    warm = jax.jit(lambda m: m @ m)
+    m = jnp.ones((a.matmul_n, a.matmul_n), jnp.bfloat16)
+    t = time.perf_counter()
+    while time.perf_counter() - t < 1.0:
+        jax.block_until_ready(warm(m))
+    del m
+    r = dict(hbm_bytes_per_s=hbm_bandwidth(a.hbm_gib, a.reps), matmul_flops_per_s=matmul_rate(a.matmul_n, a.reps),
+             e4m3_matmul_flops_per_s=matmul_rate(a.matmul_n, a.reps, E4M3) if "fp8" in a.quantization else None)
+    print(f"  {when}: HBM {r['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {r['matmul_flops_per_s'] / 1e12:.0f} "
+          "TFLOP/s" + (f", e4m3 matmul {r['e4m3_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s"
+                       if r["e4m3_matmul_flops_per_s"] else ""), flush=True)
+    return dict(r, when=when)
 
 
 def matmul_rate(n: int, reps: int, dtype=jnp.bfloat16) -> float:
@@ -171,12 +190,8 @@ def main():
     from sidp_jax import LLM
 
     dev = jax.devices()[:1]
-    bw = hbm_bandwidth(a.hbm_gib, a.reps)
-    rate = matmul_rate(a.matmul_n, a.reps)
-    fp8_rate = matmul_rate(a.matmul_n, a.reps, E4M3) if "fp8" in a.quantization else None
-    print(f"device: {dev[0].device_kind}  jax {jax.__version__}  HBM {bw / 1e12:.2f} TB/s  "
-          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s" + (f"  e4m3 matmul {fp8_rate / 1e12:.0f} TFLOP/s" if fp8_rate else ""),
-          flush=True)
+    print(f"device: {dev[0].device_kind}  jax {jax.__version__}", flush=True)
+    probes = [device_rates(a, "before the models")]
     cases = list(zip([int(b) for b in a.batch.split(",")], [int(c) for c in a.context.split(",")]))
     P = 16
     max_pages = max(S * -(-(c + 1) // P) for S, c in cases) + 1
@@ -199,24 +214,27 @@ def main():
             dt = median_seconds(step, reps=a.reps)
             w_bytes, kv_bytes, fp8_flops, flops = step_cost(llm.cfg, runner.params, S, ctx,
                                                             jnp.dtype(llm.kv_dtype).itemsize)
-            mem_floor = (w_bytes + kv_bytes) / bw
-            compute_floor = flops / rate + (fp8_flops / fp8_rate if fp8_flops else 0)
-            floor = max(mem_floor, compute_floor)
             gemm_ms = layer_gemms_ms(runner.params, S, a.reps)
             gemm_tbps = gemm_weight_bytes(runner.params) * llm.cfg.num_layers / (gemm_ms / 1e3) / 1e12
-            row = dict(quantization=quant, kv_cache_dtype=a.kv_cache_dtype, batch=S, context=ctx,
-                       step_ms=dt * 1e3, floor_ms=floor * 1e3, ratio=dt / floor,
-                       layer_gemms_alone_ms=gemm_ms, layer_gemms_weight_TB_per_s=gemm_tbps,
-                       memory_floor_ms=mem_floor * 1e3, compute_floor_ms=compute_floor * 1e3,
-                       weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9, TFLOP=(flops + fp8_flops) / 1e12,
-                       attention=runner.attention_kind(True), first_call_s=first_s,
-                       startup_s=llm.startup_seconds)
-            rows.append(row)
-            print(f"  {quant} S={S} ctx={ctx}: step {dt * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
-                  f"(memory {mem_floor * 1e3:.2f}, compute {compute_floor * 1e3:.2f}) -> {dt / floor:.2f}x; "
-                  f"the layers' GEMMs alone {gemm_ms:.2f} ms ({gemm_tbps:.2f} TB/s of weights)", flush=True)
+            rows.append(dict(quantization=quant, kv_cache_dtype=a.kv_cache_dtype, batch=S, context=ctx,
+                             step_ms=dt * 1e3, layer_gemms_alone_ms=gemm_ms, layer_gemms_weight_TB_per_s=gemm_tbps,
+                             weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9, TFLOP=(flops + fp8_flops) / 1e12,
+                             bf16_TFLOP=flops / 1e12, e4m3_TFLOP=fp8_flops / 1e12,
+                             attention=runner.attention_kind(True), first_call_s=first_s,
+                             startup_s=llm.startup_seconds))
+            print(f"  {quant} S={S} ctx={ctx}: step {dt * 1e3:.2f} ms; the layers' GEMMs alone {gemm_ms:.2f} ms "
+                  f"({gemm_tbps:.2f} TB/s of weights)", flush=True)
         llm = runner = fn = step = None  # free this model's weights before the next one loads
         gc.collect()
+    probes.append(device_rates(a, "after the models"))
+    best = {k: max((p[k] for p in probes if p[k]), default=None) for k in probes[0] if k != "when"}
+    for r in rows:
+        mem_floor = (r["weight_GB"] + r["kv_GB"]) * 1e9 / best["hbm_bytes_per_s"]
+        compute_floor = r["bf16_TFLOP"] * 1e12 / best["matmul_flops_per_s"] + (
+            r["e4m3_TFLOP"] * 1e12 / best["e4m3_matmul_flops_per_s"] if r["e4m3_TFLOP"] else 0)
+        r.update(floor_ms=max(mem_floor, compute_floor) * 1e3, memory_floor_ms=mem_floor * 1e3,
+                 compute_floor_ms=compute_floor * 1e3)
+        r["ratio"] = r["step_ms"] / r["floor_ms"]
 
     base = {(r["batch"], r["context"]): r["step_ms"] for r in rows if r["quantization"] == rows[0]["quantization"]}
     print("\n| weights | batch | context | step ms | floor ms (memory / compute) | step / floor | "
@@ -229,8 +247,8 @@ def main():
               f"{r['step_vs_first_quantization']:.2f}x | "
               f"{r['layer_gemms_alone_ms']:.2f} ({r['layer_gemms_weight_TB_per_s']:.2f}) |")
     if a.out:
-        meta = dict(device=dev[0].device_kind, jax=jax.__version__, model=a.model, hbm_bytes_per_s=bw,
-                    matmul_flops_per_s=rate, e4m3_matmul_flops_per_s=fp8_rate, argv=sys.argv[1:], hlo=census)
+        meta = dict(device=dev[0].device_kind, jax=jax.__version__, model=a.model, **best, probes=probes,
+                    argv=sys.argv[1:], hlo=census)
         write_result(a.out, dict(meta=meta, rows=rows))
 
 
