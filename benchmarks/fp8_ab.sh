@@ -7,7 +7,11 @@
 # Env: MODEL, PROMPTS, INPUT_LEN, OUTPUT_LEN, TIME_LIMIT, WARMUP, QUANTS, KVS, MAX_SEQS, MAX_TOKENS,
 #      ROOF_KVS (space list: auto fp8), ROOF_QUANTS, SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1, TRITON_AB=1,
 #      SWAP_AB=1 (roofline FP8 with SIDP_JAX_FP8_SWAP_AB=on, KV SWAP_KV, default fp8),
-#      PROFILE="fp8:fp8 none:auto" (step_profile.py per weights:kv pair, B=PROFILE_BATCH, default 64).
+#      PROFILE="fp8:fp8 none:auto" (step_profile.py per weights:kv pair, B=PROFILE_BATCH, default 64),
+#      PROFILE_XLA_FLAGS (XLA_FLAGS for the profiles: XLA runs op by op while a profiler is active
+#        unless --xla_enable_command_buffers_during_profiling=true),
+#      XLA_AB="--xla_gpu_enable_command_buffer=" (after the rooflines, roofline.py again with
+#        these XLA_FLAGS, weights ROOF_QUANTS, KV XLA_AB_KV, default fp8).
 # Results land in $OUT: JSON + logs, tables last. A cold machine's first throughput run spends
 # about 2 minutes precompiling: give the call room (the parent prints only when its runs end).
 set -uo pipefail
@@ -32,7 +36,7 @@ if [ -n "${SWAP_AB:-}" ]; then   # the FP8 step with each W8A8 GEMM as w x^T (mo
     --out "$OUT/roofline-fp8-swap-ab.json" 2>&1 | tail -6 | tee "$OUT/roofline-fp8-swap-ab.log")
 fi
 for pair in ${PROFILE:-}; do   # kernel time per step by kind, one process per weights:kv pair
-  (cd benchmarks && timeout "${PROF_TIMEOUT:-200}" $now python3 step_profile.py --model "${MODEL:-qwen3-32b}" \
+  (cd benchmarks && XLA_FLAGS="${PROFILE_XLA_FLAGS:-${XLA_FLAGS:-}}" timeout "${PROF_TIMEOUT:-200}" $now python3 step_profile.py --model "${MODEL:-qwen3-32b}" \
     --batch "${PROFILE_BATCH:-64}" --context 1024 --quantization "${pair%%:*}" --kv-cache-dtype "${pair##*:}" \
     --out "$OUT/step-profile-${pair%%:*}-kv-${pair##*:}.json" 2>&1 | tail -40 | tee "$OUT/step-profile-${pair%%:*}-kv-${pair##*:}.log")
 done
@@ -42,6 +46,11 @@ if [ -z "${SKIP_ROOFLINE:-}" ]; then
       --context 1024,1024 --reps 10 --quantization "${ROOF_QUANTS:-none,fp8}" --kv-cache-dtype "$kv" \
       --out "$OUT/roofline-fp8-kv-$kv.json" 2>&1 | tail -14 | tee "$OUT/roofline-fp8-kv-$kv.log")
   done
+fi
+if [ -n "${XLA_AB:-}" ]; then   # the same step under other XLA flags (e.g. no command buffers)
+  (cd benchmarks && XLA_FLAGS="${XLA_FLAGS:-} $XLA_AB" timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
+    --batch 64,256 --context 1024,1024 --reps 10 --quantization "${ROOF_QUANTS:-none,fp8}" \
+    --kv-cache-dtype "${XLA_AB_KV:-fp8}" --out "$OUT/roofline-xla-ab.json" 2>&1 | tail -8 | tee "$OUT/roofline-xla-ab.log")
 fi
 if [ -z "${SKIP_THROUGHPUT:-}" ]; then
   timeout "${TP_TIMEOUT:-500}" $now python3 benchmarks/throughput.py --model "${MODEL:-qwen3-32b}" --mesh dp=1 --compare dp \

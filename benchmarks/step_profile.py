@@ -1,7 +1,9 @@
 """Where one decode step's time goes on the GPU: the engine's compiled step (as roofline.py builds
 it) traced with jax.profiler, its kernels summed per step by kind (GEMM library calls, Pallas
-kernels, XLA fusions, copies) and by name, beside the wall-clock step. Busy time below the wall
-time is launch gaps and idle streams.
+kernels, XLA fusions, copies) and by name, beside the wall-clock step (timed without the
+profiler). Busy time below the wall time is launch gaps and idle streams. While a profiler is
+active XLA runs the step op by op instead of as CUDA graphs (command buffers), unless
+XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true: the traced gaps are op-by-op's.
 
   python benchmarks/step_profile.py --model qwen3-32b --batch 64 --context 1024 --quantization fp8 \
       --kv-cache-dtype fp8 --out profile.json
