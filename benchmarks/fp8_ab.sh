@@ -11,7 +11,9 @@
 #      PROFILE_XLA_FLAGS (XLA_FLAGS for the profiles: XLA runs op by op while a profiler is active
 #        unless --xla_enable_command_buffers_during_profiling=true),
 #      XLA_AB="--xla_gpu_enable_command_buffer=" (after the rooflines, roofline.py again with
-#        these XLA_FLAGS, weights ROOF_QUANTS, KV XLA_AB_KV, default fp8).
+#        these XLA_FLAGS, weights ROOF_QUANTS, KV XLA_AB_KV, default fp8),
+#      NORM8=1 (norm_kernels.py at decode sizes: XLA's residual add + RMSNorm + per-token e4m3
+#        quantization against the fused kernel's quantize=True, and the bf16 norm beside them).
 # Results land in $OUT: JSON + logs, tables last. A cold machine's first throughput run spends
 # about 2 minutes precompiling: give the call room (the parent prints only when its runs end).
 set -uo pipefail
@@ -34,6 +36,10 @@ if [ -n "${SWAP_AB:-}" ]; then   # the FP8 step with each W8A8 GEMM as w x^T (mo
   (cd benchmarks && SIDP_JAX_FP8_SWAP_AB=on timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
     --batch 64,256 --context 1024,1024 --reps 10 --quantization fp8 --kv-cache-dtype "${SWAP_KV:-fp8}" \
     --out "$OUT/roofline-fp8-swap-ab.json" 2>&1 | tail -6 | tee "$OUT/roofline-fp8-swap-ab.log")
+fi
+if [ -n "${NORM8:-}" ]; then   # the norm + activation quantization the FP8 step runs before qkv and gate_up
+  (cd benchmarks && timeout "${NORM_TIMEOUT:-200}" $now python3 norm_kernels.py --tokens 64,256 --hidden 5120 \
+    --modes add,add8 --chain 20 --out "$OUT/norm-kernels-fp8.json" 2>&1 | tail -22 | tee "$OUT/norm-kernels-fp8.log")
 fi
 for pair in ${PROFILE:-}; do   # kernel time per step by kind, one process per weights:kv pair
   (cd benchmarks && XLA_FLAGS="${PROFILE_XLA_FLAGS:-${XLA_FLAGS:-}}" timeout "${PROF_TIMEOUT:-200}" $now python3 step_profile.py --model "${MODEL:-qwen3-32b}" \

@@ -4,6 +4,9 @@ For activations x [T, H] (T tokens of a step, H = 5120 Qwen3-32B / 8192 Llama-70
 in two modes:
   norm  y = rms_norm(x, w, eps)                               (first layer, final norm)
   add   h = x + r; y = rms_norm(h, w, eps); returns (y, h)   (the decoder's attn/ffn norms)
+  norm8 / add8  the same, y then quantized per token to e4m3 as the FP8 GEMMs take it
+                (models/fp8.py::quantize_tokens after the norm under jit, against the kernel's
+                quantize=True: the row's amax in the same pass); err / y_diff on the dequantized y
 each as
   reference      kernels/rms_norm_pallas.py::rms_norm_reference under jax.jit (XLA fuses it)
   pallas         kernels/rms_norm_pallas.py::fused_rms_norm, default block_rows / num_warps
@@ -26,6 +29,7 @@ H200's L2, so small-T GB/s can exceed HBM bandwidth.
   python benchmarks/norm_kernels.py                       # defaults: T 256,2048,8192 x H 5120,8192
   python benchmarks/norm_kernels.py --tokens 8192 --hidden 5120 --modes add --chain 10
   python benchmarks/norm_kernels.py --tokens 2048 --modes add --sweep      # tune block_rows / num_warps
+  python benchmarks/norm_kernels.py --tokens 64,256 --hidden 5120 --modes add,add8 --chain 20  # FP8 decode
   python benchmarks/norm_kernels.py --interpret --tokens 8,13 --hidden 80,128 --reps 2 --burst 2 \\
       --out /tmp/norm.json                                # CPU smoke test of the script itself
 """
@@ -54,12 +58,16 @@ from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 EPS = 1e-6
 
 
-def chained(step, k: int, add: bool):
+def chained(step, k: int, add: bool, quant: bool = False):
     """One jitted program of k dependent applications of `step` (the next call's input is this
-    call's output; an optimisation barrier keeps XLA from fusing one call into the next)."""
+    call's output; an optimisation barrier keeps XLA from fusing one call into the next). quant:
+    the next call reads the same inputs, passed through a barrier with this call's outputs (an
+    e4m3 y is no bf16 input; a convert would add a kernel to every call)."""
     def run(x, w, r):
         for _ in range(k):
-            if add:
+            if quant:
+                x, r, _ = lax.optimization_barrier((x, r, step(x, w, r)))
+            elif add:
                 y, h = lax.optimization_barrier(step(x, w, r))
                 x, r = y.astype(x.dtype), h
             else:
@@ -80,6 +88,13 @@ def pallas_variants(H: int, sweep: bool):
 
 def pl_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+@jax.jit
+def dequantized(y):
+    """(e4m3 values [T, H], scale [T]) -> float32 [T, H]."""
+    q, scale = y
+    return q.astype(jnp.float32) * scale[:, None]
 
 
 @jax.jit
@@ -114,8 +129,8 @@ def main():
     if not modes:
         raise SystemExit("--modes: give norm, add or both")
     for m in modes:
-        if m not in ("norm", "add"):
-            raise SystemExit(f"unknown mode {m!r} (norm, add)")
+        if m not in ("norm", "add", "norm8", "add8"):
+            raise SystemExit(f"unknown mode {m!r} (norm, add, norm8, add8)")
     print(f"device: {device}  jax {jax.__version__}  {dtype.name}  eps={EPS}", flush=True)
     rows = []
     for T, H in itertools.product([int(t) for t in a.tokens.split(",")], [int(h) for h in a.hidden.split(",")]):
@@ -124,12 +139,12 @@ def main():
         r = (2.0 * jax.random.normal(kr, (T, H), jnp.float32)).astype(dtype)
         w = (1.0 + 0.1 * jax.random.normal(kw, (H,), jnp.float32)).astype(dtype)
         for mode in modes:
-            add = mode == "add"
-            n_arrays = 4 if add else 2
-            nbytes = n_arrays * T * H * dtype.itemsize + H * dtype.itemsize
+            add, quant = mode.startswith("add"), mode.endswith("8")
+            y_bytes = T * H + 4 * T if quant else T * H * dtype.itemsize  # e4m3 values + a scale per row
+            nbytes = (3 if add else 1) * T * H * dtype.itemsize + y_bytes + H * dtype.itemsize
 
-            def ref_step(x, w, r, add=add):
-                return rms_norm_reference(x, w, EPS, r if add else None)
+            def ref_step(x, w, r, add=add, quant=quant):
+                return rms_norm_reference(x, w, EPS, r if add else None, quantize=quant)
 
             # Ground truth: the reference run op by op (every intermediate rounded to its dtype, as
             # written). Under jit XLA may keep excess precision inside its fusion (add mode: the norm
@@ -137,11 +152,12 @@ def main():
             # err / y_diff then show.
             ref = jax.block_until_ready(ref_step(x, w, r))
             ry, rh = ref if add else (ref, None)
+            ry = dequantized(ry) if quant else ry
             cands = [("reference", ref_step)]
             for name, br, nw in pallas_variants(H, a.sweep):
-                def step(x, w, r, br=br, nw=nw, add=add):
-                    return fused_rms_norm(x, w, EPS, r if add else None, block_rows=br, num_warps=nw,
-                                          interpret=a.interpret)
+                def step(x, w, r, br=br, nw=nw, add=add, quant=quant):
+                    return fused_rms_norm(x, w, EPS, r if add else None, quantize=quant, block_rows=br,
+                                          num_warps=nw, interpret=a.interpret)
                 cands.append((name, step))
             for name, step in cands:
                 if a.only and name != "reference" and not re.search(a.only, name):
@@ -156,12 +172,13 @@ def main():
                     fn = jax.jit(step)
                     out = jax.block_until_ready(fn(x, w, r))
                     y, h = out if add else (out, None)
+                    y = dequantized(y) if quant else y
                     e, yd, hd = (v.item() for v in err_stats(y, h, ry, rh))
                     row.update(err=e, y_diff=int(yd), h_diff=int(hd))
                     row["us"], row["us_burst"] = single_and_burst_us(fn, x, w, r, reps=a.reps, burst=a.burst)
                     row["GB_s"] = nbytes / (row["us_burst"] * 1e-6) / 1e9
                     if a.chain:
-                        cfn = chained(step, a.chain, add)
+                        cfn = chained(step, a.chain, add, quant)
                         jax.block_until_ready(cfn(x, w, r))
                         us_c, _ = single_and_burst_us(cfn, x, w, r, reps=max(3, a.reps // 2), burst=1)
                         row["us_chain"] = us_c / a.chain

@@ -5,6 +5,9 @@ to x's dtype, then multiplied by the weight in the promoted dtype), optionally p
 decoder's residual add: with `residual`, the kernel computes `h = x + residual` (rounded to x's
 dtype, as `h = h + a` in the decoder is written), normalises *that rounded h*, and returns both
 `(rms_norm(h, w, eps), h)`, in one pass: one read of x and residual, one write of y and h.
+With `quantize=True` y leaves as the FP8 GEMMs take it: e4m3 values and a float32 scale per
+row (models/fp8.py::quantize_tokens of the same y), the row's amax taken in registers, where XLA
+needs a reduction kernel and a convert kernel after the norm's own.
 Note: under jit, XLA's default `--xla_allow_excess_precision` lets its fusion of the same code
 normalise the float32 sum instead of the rounded h, so the *jitted* reference / decoder differ
 from the op-by-op reference (and from this kernel) by one bf16 ulp in ~20% (on CPU) of the
@@ -42,6 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from sidp_jax.models.fp8 import E4M3, E4M3_MAX, TINY_AMAX, quantize_tokens
+
 try:  # the Triton GPU backend's load/store and compiler params; absent on a CPU-only build is fine
     from jax.experimental.pallas import triton as plgpu
 except Exception:  # pragma: no cover
@@ -59,15 +64,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def rms_norm_reference(x: jax.Array, w: jax.Array, eps: float, residual: jax.Array | None = None):
+def rms_norm_reference(x: jax.Array, w: jax.Array, eps: float, residual: jax.Array | None = None, *,
+                       quantize: bool = False):
     """Pure-JAX RMSNorm, `models/decoder.py::rms_norm`; with `residual`, the decoder's add first.
 
     Returns y, or (y, h) with h = x + residual in x's dtype and y = rms_norm(h, w, eps).
+    quantize: y as the FP8 GEMMs take it, (e4m3 values, float32 scale per row) from
+    models/fp8.py::quantize_tokens.
     """
     h = x if residual is None else x + residual
     hf = h.astype(jnp.float32)
     hf = hf * lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + eps)
     y = w * hf.astype(h.dtype)
+    if quantize:
+        y = quantize_tokens(y.reshape(-1, y.shape[-1]))
+        y = (y[0].reshape(x.shape), y[1].reshape(x.shape[:-1]))
     return y if residual is None else (y, h)
 
 
@@ -105,12 +116,14 @@ def _store(ref, val, mask):
 
 
 def _rms_norm_kernel(*refs, eps: float, n_rows: int, n_cols: int, block_rows: int, block_cols: int,
-                     has_residual: bool):
-    # x_ref / r_ref / y_ref / h_ref: the whole [T, H] arrays; w_ref: [H].
-    if has_residual:
-        x_ref, w_ref, r_ref, y_ref, h_ref = refs
-    else:
-        x_ref, w_ref, y_ref = refs
+                     has_residual: bool, out_dtype, quantize: bool):
+    # x_ref / r_ref / y_ref / h_ref: the whole [T, H] arrays; w_ref: [H]; s_ref: [T] (quantize).
+    refs = list(refs)
+    x_ref, w_ref = refs.pop(0), refs.pop(0)
+    r_ref = refs.pop(0) if has_residual else None
+    y_ref = refs.pop(0)
+    h_ref = refs.pop(0) if has_residual else None
+    s_ref = refs.pop(0) if quantize else None
     BR, BH = block_rows, block_cols
     row0 = pl.program_id(0) * BR
     # Whole-tile array indexers [BR, BH] (what interpret mode can discharge with out-of-bounds
@@ -140,16 +153,26 @@ def _rms_norm_kernel(*refs, eps: float, n_rows: int, n_cols: int, block_rows: in
     inv = lax.rsqrt(ms + eps)
     normed = (hf * inv[:, None]).astype(x.dtype).astype(jnp.float32)
     w = _load(w_ref.at[col_vec], col_mask, 0.0).astype(jnp.float32)
-    _store(y_ref.at[tile], (normed * w[None, :]).astype(y_ref.dtype), mask)
+    y = (normed * w[None, :]).astype(out_dtype)
+    if not quantize:
+        _store(y_ref.at[tile], y, mask)
+        return
+    # models/fp8.py::quantize_tokens on the row in registers: masked lanes are 0, below any amax
+    yf = y.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(yf), axis=1), TINY_AMAX) / E4M3_MAX
+    _store(y_ref.at[tile], jnp.clip(yf / scale[:, None], -E4M3_MAX, E4M3_MAX).astype(E4M3), mask)
+    row_vec = row0 + lax.broadcasted_iota(jnp.int32, (BR,), 0)
+    _store(s_ref.at[row_vec], scale, None if n_rows % BR == 0 else row_vec < n_rows)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_rows", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "quantize", "block_rows", "num_warps", "interpret"))
 def fused_rms_norm(
     x: jax.Array,  # [..., H]
     w: jax.Array,  # [H]
     eps: float,
     residual: jax.Array | None = None,  # like x
     *,
+    quantize: bool = False,
     block_rows: int | None = None,
     num_warps: int | None = None,
     interpret: bool = False,
@@ -157,6 +180,9 @@ def fused_rms_norm(
     """RMSNorm of x over its last axis (weight w); with `residual`, of h = x + residual.
 
     Returns y (dtype promote(x, w), like the reference), or (y, h) with h in x's dtype.
+    quantize: y as (e4m3 values [..., H], float32 scale per row [...]), the per-token dynamic
+    quantization of the FP8 GEMMs (models/fp8.py), in the same pass: the row is in registers,
+    so its amax needs no second kernel. Not used by the engine yet (see RESULTS.md, FP8).
     block_rows: rows per program (power of 2; default `default_block_rows(H)`).
     num_warps: Triton warps per program (power of 2; default `default_num_warps(tile)`).
     """
@@ -192,17 +218,20 @@ def fused_rms_norm(
     for d in lead:
         T *= d
     if T == 0:  # nothing to launch
-        y = jnp.zeros(x.shape, out_dtype)
+        y = (jnp.zeros(x.shape, E4M3), jnp.zeros(lead, jnp.float32)) if quantize else jnp.zeros(x.shape, out_dtype)
         return y if residual is None else (y, jnp.zeros(x.shape, xdt))
 
     x2 = x.reshape(T, H)
     args = [x2, w]
-    out_shape = [jax.ShapeDtypeStruct((T, H), out_dtype)]
+    out_shape = [jax.ShapeDtypeStruct((T, H), E4M3 if quantize else out_dtype)]
     if residual is not None:
         args.append(residual.reshape(T, H))
         out_shape.append(jax.ShapeDtypeStruct((T, H), xdt))
+    if quantize:
+        out_shape.append(jax.ShapeDtypeStruct((T,), jnp.float32))
     kernel = functools.partial(_rms_norm_kernel, eps=float(eps), n_rows=T, n_cols=H, block_rows=BR,
-                               block_cols=BH, has_residual=residual is not None)
+                               block_cols=BH, has_residual=residual is not None, out_dtype=out_dtype,
+                               quantize=quantize)
     kw = {}
     if not interpret and plgpu is not None:
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=nw)  # no loop: num_stages moot
@@ -211,8 +240,10 @@ def fused_rms_norm(
         grid=(pl.cdiv(T, BR),),
         out_shape=tuple(out_shape),
         interpret=interpret,
-        name=f"rms_norm{'_add' if residual is not None else ''}_H{H}_br{BR}",
+        name=f"rms_norm{'_add' if residual is not None else ''}{'_fp8' if quantize else ''}_H{H}_br{BR}",
         **kw,
     )(*args)
     y = outs[0].reshape(x.shape)
+    if quantize:
+        y = (y, outs[-1].reshape(lead))
     return y if residual is None else (y, outs[1].reshape(x.shape))

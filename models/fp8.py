@@ -24,7 +24,7 @@ import jax.numpy as jnp
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 QUANTIZED = ("qkv", "o", "gate_up", "down")  # the projections W8A8 covers
-_TINY = 1e-12  # an all-zero row or channel gets this amax (its scale never divides by zero)
+TINY_AMAX = 1e-12  # an all-zero row or channel gets this amax (its scale never divides by zero)
 
 
 def scale_name(name: str) -> str:
@@ -39,7 +39,7 @@ def quantize(w: jax.Array, num_out: int, reduce_amax=None) -> tuple[jax.Array, j
     amax = jnp.max(jnp.abs(wf), axis=tuple(range(num_out, w.ndim)))
     if reduce_amax is not None:
         amax = reduce_amax(amax)
-    scale = jnp.maximum(amax, _TINY) / E4M3_MAX
+    scale = jnp.maximum(amax, TINY_AMAX) / E4M3_MAX
     q = jnp.clip(wf / scale.reshape(*scale.shape, *[1] * (w.ndim - num_out)), -E4M3_MAX, E4M3_MAX)
     return q.astype(E4M3), scale
 

@@ -10,6 +10,7 @@ import pytest
 
 from sidp_jax.kernels.rms_norm_pallas import fused_rms_norm, rms_norm_reference
 from sidp_jax.models.decoder import rms_norm as decoder_rms_norm
+from sidp_jax.models.fp8 import E4M3, E4M3_MAX, quantize_tokens
 
 _seed = itertools.count(2000)
 
@@ -94,6 +95,40 @@ def test_matches_reference_interpret(T, H, block_rows, dtype):
     np.testing.assert_array_equal(f32(h2), f32(rh2))  # the residual sum is elementwise: exact
 
 
+@pytest.mark.parametrize("T,H,block_rows,dtype", [c for c in CASES if c[3] != jnp.float16] + [(4, 80, 2, jnp.bfloat16)])
+def test_quantized_output_is_the_fp8_quantization_of_y_interpret(T, H, block_rows, dtype):
+    """quantize=True gives exactly models/fp8.quantize_tokens of the kernel's own y (with and
+    without the residual add; h unchanged); y itself is held to the reference above. The last
+    case has an all-zero row (its scale is the floor's, its values 0)."""
+    x, r, w = make_case((T, H), dtype)
+    if T == 4:
+        x, r = x.at[1].set(0), r.at[1].set(0)
+    eps = 1e-6
+    kw = dict(block_rows=block_rows, interpret=True)
+    for res in (None, r):
+        plain = fused_rms_norm(x, w, eps, res, **kw)
+        quant = fused_rms_norm(x, w, eps, res, quantize=True, **kw)
+        (y, (q, scale)) = (plain, quant) if res is None else (plain[0], quant[0])
+        if res is not None:
+            np.testing.assert_array_equal(f32(quant[1]), f32(plain[1]))
+        want_q, want_scale = quantize_tokens(y)
+        assert q.dtype == E4M3 and q.shape == (T, H) and scale.shape == (T,) and scale.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(scale), np.asarray(want_scale))
+        np.testing.assert_array_equal(f32(q), f32(want_q))
+        assert np.abs(f32(q)).max() == E4M3_MAX  # each row's largest element maps to the top of e4m3
+        deq = f32(q) * np.asarray(scale)[:, None]
+        assert np.linalg.norm(deq - f32(y)) <= 2.0 ** -4 * np.linalg.norm(f32(y))  # e4m3's rounding bound
+
+
+def test_quantized_reference_is_norm_then_quantize_tokens():
+    x, r, w = make_case((3, 5, 64), jnp.bfloat16)
+    (q, scale), h = rms_norm_reference(x, w, 1e-6, r, quantize=True)
+    want_q, want_scale = quantize_tokens(rms_norm_reference(x, w, 1e-6, r)[0].reshape(15, 64))
+    assert q.shape == (3, 5, 64) and scale.shape == (3, 5)
+    np.testing.assert_array_equal(f32(q).reshape(15, 64), f32(want_q))
+    np.testing.assert_array_equal(np.asarray(scale).reshape(15), np.asarray(want_scale))
+
+
 def test_eps_is_applied_interpret():
     """Inputs of magnitude ~1e-3: mean(x^2) ~ eps, so a dropped or misplaced eps fails."""
     x, r, w = make_case((6, 80), jnp.float32, scale_range=(-3.2, -2.8))
@@ -165,6 +200,24 @@ def test_matches_reference_on_gpu(block_rows, num_warps):
     check_close(y, ry, jnp.bfloat16, ulps=2)
     check_close(y2, ry2, jnp.bfloat16, ulps=2)
     np.testing.assert_array_equal(f32(h2), f32(rh2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
+def test_quantized_output_on_gpu():
+    """quantize=True compiled, decode-sized (T=64 and a partial T=77 at block_rows=2), H=5120
+    bf16, with the residual: against the op-by-op reference. The kernel's y may sit an ulp or two
+    from the reference's (above), which can move an amax or a rounding: so the scales agree to
+    two bf16 ulps and nearly every e4m3 value is identical, the rest one e4m3 step apart."""
+    for T, br in ((64, None), (77, 2)):
+        x, r, w = make_case((T, 5120), jnp.bfloat16)
+        (q, scale), h = fused_rms_norm(x, w, 1e-6, r, quantize=True, block_rows=br)
+        (rq, rscale), rh = rms_norm_reference(x, w, 1e-6, r, quantize=True)
+        np.testing.assert_array_equal(f32(h), f32(rh))
+        np.testing.assert_allclose(np.asarray(scale), np.asarray(rscale), rtol=2 * 2.0 ** -7)
+        qf, rqf = f32(q), f32(rq)
+        assert (qf != rqf).mean() < 0.01, (qf != rqf).mean()
+        np.testing.assert_allclose(qf, rqf, rtol=2.0 ** -3 + 2 * 2.0 ** -7, atol=2.0 ** -9)
 
 
 @pytest.mark.gpu
