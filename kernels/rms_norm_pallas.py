@@ -6,8 +6,8 @@ decoder's residual add: with `residual`, the kernel computes `h = x + residual` 
 dtype, as `h = h + a` in the decoder is written), normalises *that rounded h*, and returns both
 `(rms_norm(h, w, eps), h)`, in one pass: one read of x and residual, one write of y and h.
 With `quantize=True` y leaves as the FP8 GEMMs take it: e4m3 values and a float32 scale per
-row (models/fp8.py::quantize_tokens of the same y), the row's amax taken in registers, where XLA
-needs a reduction kernel and a convert kernel after the norm's own.
+row (models/fp8.py::quantize_tokens of the same y), the row's amax taken in registers in the
+same pass.
 Note: under jit, XLA's default `--xla_allow_excess_precision` lets its fusion of the same code
 normalise the float32 sum instead of the rounded h, so the *jitted* reference / decoder differ
 from the op-by-op reference (and from this kernel) by one bf16 ulp in ~20% (on CPU) of the
