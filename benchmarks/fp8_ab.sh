@@ -27,15 +27,18 @@ if [ -z "${SKIP_GEMMS:-}" ]; then
   (cd benchmarks && timeout "${GEMM_TIMEOUT:-200}" $now python3 fp8_gemms.py --model "${MODEL:-qwen3-32b}" --tokens 64,256 \
     --out "$OUT/fp8-gemms.json" 2>&1 | tail -20 | tee "$OUT/fp8-gemms.log")
 fi
+roofline() {  # roofline NAME WEIGHTS KV [VAR=value ...]: roofline.py at B=64 and 256, context 1024
+  local name=$1 quants=$2 kv=$3
+  shift 3
+  (cd benchmarks && env "$@" timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
+    --batch 64,256 --context 1024,1024 --reps 10 --quantization "$quants" --kv-cache-dtype "$kv" \
+    --out "$OUT/$name.json" 2>&1 | tail -14 | tee "$OUT/$name.log")
+}
 if [ -n "${TRITON_AB:-}" ]; then
-  (cd benchmarks && SIDP_JAX_TRITON_GEMM=on timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
-    --batch 64,256 --context 1024,1024 --reps 10 --quantization fp8 --out "$OUT/roofline-fp8-triton.json" 2>&1 \
-    | tail -6 | tee "$OUT/roofline-fp8-triton.log")
+  roofline roofline-fp8-triton fp8 auto SIDP_JAX_TRITON_GEMM=on
 fi
 if [ -n "${SWAP_AB:-}" ]; then   # the FP8 step with each W8A8 GEMM as w x^T (models/fp8.swap_operands)
-  (cd benchmarks && SIDP_JAX_FP8_SWAP_AB=on timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
-    --batch 64,256 --context 1024,1024 --reps 10 --quantization fp8 --kv-cache-dtype "${SWAP_KV:-fp8}" \
-    --out "$OUT/roofline-fp8-swap-ab.json" 2>&1 | tail -6 | tee "$OUT/roofline-fp8-swap-ab.log")
+  roofline roofline-fp8-swap-ab fp8 "${SWAP_KV:-fp8}" SIDP_JAX_FP8_SWAP_AB=on
 fi
 if [ -n "${NORM8:-}" ]; then   # the norm + activation quantization the FP8 step runs before qkv and gate_up
   (cd benchmarks && timeout "${NORM_TIMEOUT:-200}" $now python3 norm_kernels.py --tokens 64,256 --hidden 5120 \
@@ -48,15 +51,11 @@ for pair in ${PROFILE:-}; do   # kernel time per step by kind, one process per w
 done
 if [ -z "${SKIP_ROOFLINE:-}" ]; then
   for kv in ${ROOF_KVS:-auto}; do   # one process per KV cache dtype, each with bf16 then FP8 weights
-    (cd benchmarks && timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" --batch 64,256 \
-      --context 1024,1024 --reps 10 --quantization "${ROOF_QUANTS:-none,fp8}" --kv-cache-dtype "$kv" \
-      --out "$OUT/roofline-fp8-kv-$kv.json" 2>&1 | tail -14 | tee "$OUT/roofline-fp8-kv-$kv.log")
+    roofline "roofline-fp8-kv-$kv" "${ROOF_QUANTS:-none,fp8}" "$kv"
   done
 fi
 if [ -n "${XLA_AB:-}" ]; then   # the same step under other XLA flags (e.g. no command buffers)
-  (cd benchmarks && XLA_FLAGS="${XLA_FLAGS:-} $XLA_AB" timeout "${ROOF_TIMEOUT:-300}" $now python3 roofline.py --model "${MODEL:-qwen3-32b}" \
-    --batch 64,256 --context 1024,1024 --reps 10 --quantization "${ROOF_QUANTS:-none,fp8}" \
-    --kv-cache-dtype "${XLA_AB_KV:-fp8}" --out "$OUT/roofline-xla-ab.json" 2>&1 | tail -8 | tee "$OUT/roofline-xla-ab.log")
+  roofline roofline-xla-ab "${ROOF_QUANTS:-none,fp8}" "${XLA_AB_KV:-fp8}" XLA_FLAGS="${XLA_FLAGS:-} $XLA_AB"
 fi
 if [ -z "${SKIP_THROUGHPUT:-}" ]; then
   timeout "${TP_TIMEOUT:-500}" $now python3 benchmarks/throughput.py --model "${MODEL:-qwen3-32b}" --mesh dp=1 --compare dp \
