@@ -97,8 +97,8 @@ def test_matches_reference_interpret(T, H, block_rows, dtype):
 
 @pytest.mark.parametrize("T,H,block_rows,dtype", [c for c in CASES if c[3] != jnp.float16] + [(4, 80, 2, jnp.bfloat16)])
 def test_quantized_output_is_the_fp8_quantization_of_y_interpret(T, H, block_rows, dtype):
-    """quantize=True gives exactly models/fp8.quantize_tokens of the kernel's own y (with and
-    without the residual add; h unchanged); y itself is held to the reference above. The last
+    """quantize=True gives models/fp8.quantize_tokens of the kernel's own y (with and without the
+    residual add; h unchanged): the scale within one ulp, the codes exact for that scale; y itself is held to the reference above. The last
     case has an all-zero row (its scale is the floor's, its values 0)."""
     x, r, w = make_case((T, H), dtype)
     if T == 4:
@@ -111,10 +111,14 @@ def test_quantized_output_is_the_fp8_quantization_of_y_interpret(T, H, block_row
         (y, (q, scale)) = (plain, quant) if res is None else (plain[0], quant[0])
         if res is not None:
             np.testing.assert_array_equal(f32(quant[1]), f32(plain[1]))
-        want_q, want_scale = quantize_tokens(y)
+        _, want_scale = quantize_tokens(y)
         assert q.dtype == E4M3 and q.shape == (T, H) and scale.shape == (T,) and scale.dtype == jnp.float32
-        np.testing.assert_array_equal(np.asarray(scale), np.asarray(want_scale))
-        np.testing.assert_array_equal(f32(q), f32(want_q))
+        # The scale is amax / 448, computed by two different programs: XLA may turn the division
+        # into a multiply by the reciprocal, one float32 ulp apart (seen on jax 0.12.1). The codes
+        # are then exactly those quantize_tokens' rounding gives for the kernel's own scale.
+        np.testing.assert_array_max_ulp(np.asarray(scale), np.asarray(want_scale), maxulp=1)
+        codes_for_own_scale = np.clip(f32(y) / np.asarray(scale)[:, None], -E4M3_MAX, E4M3_MAX)
+        np.testing.assert_array_equal(f32(q), f32(jnp.asarray(codes_for_own_scale).astype(E4M3)))
         assert np.abs(f32(q)).max() == E4M3_MAX  # each row's largest element maps to the top of e4m3
         deq = f32(q) * np.asarray(scale)[:, None]
         assert np.linalg.norm(deq - f32(y)) <= 2.0 ** -4 * np.linalg.norm(f32(y))  # e4m3's rounding bound
