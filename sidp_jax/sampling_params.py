@@ -29,8 +29,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's keys may be strings)
 
     MAX_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias value
 
     MAX_INT32 = 2**31 - 1  # the step's int32 arrays (top_k, token ids, lengths)
     MAX_SEED = 2**32 - 1  # seeds travel as uint32
@@ -46,7 +48,26 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = self._token_map("logit_bias", self.logit_bias)
         self._validate()
+
+    def _token_map(self, field: str, value) -> dict[int, float] | None:
+        """{token id: number}, the ids as ints or (JSON) decimal strings."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self._fail(field, "must be an object mapping token ids to numbers")
+        out = {}
+        for key, v in value.items():
+            tid = key if _is_int(key) else int(key) if isinstance(key, str) and key.isdigit() else None
+            if tid is None or not 0 <= tid <= self.MAX_INT32:
+                self._fail(field, f"has a key that is not a token id ({key!r})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or abs(v) > self.MAX_LOGIT_BIAS:
+                self._fail(field, f"must map token ids to numbers in [-{self.MAX_LOGIT_BIAS:g}, "
+                                  f"{self.MAX_LOGIT_BIAS:g}] (token {key!r}: {v!r})")
+            out[tid] = float(v)
+        return out or None
 
     def _fail(self, field: str, why: str):
         raise ValueError(f"SamplingParams.{field} {why}, got {getattr(self, field)!r}")
@@ -89,10 +110,11 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the engine will look up must exist in the model's vocabulary."""
-        bad = [t for t in self.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(f"SamplingParams.stop_token_ids must be below the vocabulary size {vocab_size}, "
-                             f"got {bad[0]}")
+        for field, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {})):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"SamplingParams.{field} token ids must be below the vocabulary size {vocab_size}, "
+                                 f"got {bad[0]}")
 
     @property
     def greedy(self) -> bool:
@@ -101,10 +123,6 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-
-    @property
-    def uses_filters(self) -> bool:
-        return self.top_p < 1 or self.top_k > 0 or self.min_p > 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":

@@ -123,6 +123,42 @@ def test_logprobs_and_penalties(qwen3):
     assert len(set(rep.token_ids)) == len(rep.token_ids)  # a huge penalty forbids repeats
 
 
+def test_logit_bias_steers_greedy_and_bad_keys_name_the_field(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    forced = 7 if want[0][0] != 7 else 8
+    out = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                    logit_bias={str(forced): 100}), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == [forced] * 4
+    banned = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
+                                                       logit_bias={want[0][0]: -100}), use_tqdm=False)[0]
+    assert banned.outputs[0].token_ids != want[0][:1]
+    for bias, why in [({"x": 1}, "token id"), ({1: 101}, "-100"), ({1: float("nan")}, "-100"), ([1], "object")]:
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bias)
+    bad = qwen3.generate(prompts[0], SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)[0]
+    assert bad.error and "logit_bias" in bad.error and "vocabulary" in bad.error
+
+
+def test_every_sampling_mix_runs_the_programs_greedy_compiled():
+    """The sampler's options are runtime arrays: after a greedy run, mixes of temperature, top_k,
+    top_p, min_p, logprobs and logit_bias compile no new step program."""
+    llm = make_llm(max_num_batched_tokens=64, max_num_seqs=4)
+    prompts, _ = fixture_prompts("tiny-qwen3")
+    prompts = (prompts * 2)[:4]
+    llm.generate(prompts, GREEDY16, use_tqdm=False)
+    programs = set(llm.engine.runner._steps)
+    variants = set(llm.engine.runner.first_call_seconds)
+    mixes = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, max_tokens=16, ignore_eos=True, seed=1),
+             SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, ignore_eos=True, seed=2),
+             SamplingParams(temperature=0.7, min_p=0.05, logprobs=5, max_tokens=16, ignore_eos=True, seed=3),
+             SamplingParams(temperature=0.0, logit_bias={3: 2.5}, max_tokens=16, ignore_eos=True)]
+    outs = llm.generate(prompts, mixes, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+    assert all(len(lp) >= 5 for lp in outs[2].outputs[0].logprobs)
+    assert set(llm.engine.runner._steps) == programs
+    assert set(llm.engine.runner.first_call_seconds) == variants
+
+
 def test_overlong_prompt_errors_and_the_rest_goes_on(qwen3):
     prompts, want = fixture_prompts("tiny-qwen3")
     too_long = [5] * (qwen3.max_model_len + 1)

@@ -239,11 +239,11 @@ def test_bad_lines_give_error_records_and_the_job_goes_on(tmp_path, capsys):
         chat("temp", "x", temperature=-1),                                           # 15 bad sampling value
         {**chat("extra", "x"), "priority": 1},                                       # 16 unknown line field
         {"custom_id": "", "method": "POST", "url": CHAT, "body": {}},                # 17 invalid custom_id
-        chat("logit", "x", logit_bias={"1": 5}),                                     # 18 unsupported
+        chat("logit", "x", logit_bias={"x1": 5}),                                    # 18 a bias key not a token id
         chat("long", "y" * 100),                                                     # 19 over max_model_len
         chat("explode", "x") | {"body": {"messages": [{"role": "explode", "content": "x"}]}},  # 20 template fails
         chat("both", "x", max_tokens=2, max_completion_tokens=3),                    # 21 both max fields
-        completion("ok2", "also fine", stream=False, logit_bias={}),                 # 22 "off" values are fine
+        completion("ok2", "also fine", stream=False, logit_bias={"5": -100}),        # 22 "off" values, a bias: fine
         completion("plong", ["fine", "y" * 100]),                                    # 23 one prompt too long
         completion("many", ["x"] * 129),                                             # 24 too many prompts
     ]
@@ -260,7 +260,7 @@ def test_bad_lines_give_error_records_and_the_job_goes_on(tmp_path, capsys):
         12: ("toplp", ["top_logprobs", "logprobs"]), 13: ("plist", ["'body.prompt'[1]", "non-empty"]),
         14: ("msgs", ["messages", "/v1/chat/completions"]), 15: ("temp", ["temperature"]),
         16: ("extra", ["unknown field", "priority"]), 17: (None, ["custom_id"]),
-        18: ("logit", ["unsupported", "logit_bias"]), 19: ("long", ["max_model_len"]),
+        18: ("logit", ["logit_bias", "token id"]), 19: ("long", ["max_model_len"]),
         20: ("explode", ["template"]), 21: ("both", ["max_tokens", "max_completion_tokens"]),
         23: ("plong", ["prompt 1 of 2", "max_model_len"]), 24: ("many", ["129 prompts", "several lines"]),
     }

@@ -1,9 +1,30 @@
 """Batched sampling on device, inside the jitted step (logits never leave the GPU).
 
+Semantics are vLLM's (v1 sampler), in its order:
+  1. raw logprobs (of the logits as the model gave them) for the returned logprobs;
+  2. edits: per-row sparse (token, bias) pairs: logit_bias, and -inf for tokens a row may not
+     sample yet (min_tokens);
+  3. penalties: repetition (prompt and output tokens), frequency and presence (output tokens);
+  4. greedy rows take the argmax here;
+  5. temperature, then min_p (on the temperature-scaled probabilities), then top_k, then top_p
+     over the distribution renormalised after min_p and top_k (transformers agrees);
+  6. a Gumbel-max draw over the kept tokens.
+
+Every filter keeps a *top set* {tokens whose scaled logit >= a row's threshold}, so the sampler
+never sorts the vocabulary: min_p's threshold is closed-form (max + log min_p), and top_k's and
+top_p's are found by a search over the float32 values' bit patterns (`_threshold`): each pass over
+[S, V] counts (top_k) or sums the probability mass (top_p) at 15 pivots at once, so 8 passes pin
+the exact 32-bit threshold. Ties at top_k's k-th value are kept, as vLLM keeps them.
+
+The options are runtime arrays: one compiled program serves every mix of temperature, top_k,
+top_p, min_p, logprobs and logit_bias, so a job never compiles mid-run when a new mix arrives.
+Work that no row of a step needs is skipped by `lax.cond` (top_k search, top_p search, the top-N
+logprobs and ranks), so a greedy batch pays for none of it.
+
 A row's random draw depends only on (its seed, how many tokens it has generated), never on the
 rest of the batch, so seeded requests reproduce across batch compositions and preemptions.
-Static flags select the (rarely needed) sorting filters, penalties and logprobs so the common
-case stays cheap; each combination compiles once.
+Penalties and prompt logprobs stay static flags (`SamplerFlags`): the first sends each row's
+token history, the second needs every token's logits.
 """
 
 from __future__ import annotations
@@ -14,13 +35,14 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+MAX_LOGPROBS = 20  # the top-N width every step returns (SamplingParams.MAX_LOGPROBS)
+PIVOTS = 15  # thresholds tried per pass: 4 of a float32's 32 bits per pass ...
+PASSES = 8  # ... so 8 passes find the exact threshold
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerFlags:
-    filters: bool = False  # any top_k / top_p / min_p in the batch
-    penalties: bool = False  # any presence / frequency / repetition penalty
-    num_logprobs: int = 0  # top-N logprobs to return (0: only the sampled token's)
+    penalties: bool = False  # any presence / frequency / repetition penalty (the rows' token history is sent)
     prompt_logprobs: int = -1  # >= 0: every token's logprob of the next prompt token, and the top-N
 
 
@@ -39,30 +61,80 @@ def _apply_penalties(logits, p):
     return logits - p["presence_penalty"][:, None] * (out_counts > 0)
 
 
-def _filter(scaled, p):
-    """top_k, top_p, min_p on temperature-scaled logits (sorted once)."""
-    V = scaled.shape[-1]
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    rank = jnp.arange(V)[None, :]
-    k = p["top_k"][:, None]
-    keep = (k <= 0) | (rank < k)
-    cum_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= cum_before < p["top_p"][:, None]
-    keep &= probs >= p["min_p"][:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
-    filtered_sorted = jnp.where(keep, sorted_logits, NEG_INF)
-    inverse = jnp.argsort(order, axis=-1)
-    return jnp.take_along_axis(filtered_sorted, inverse, axis=-1)
+def ordered_keys(x: jax.Array) -> jax.Array:
+    """float32 -> int32 with the same order (x < y iff key(x) < key(y); -0.0 sorts just below +0.0)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _pivots(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """[S] int32 bounds (lo < hi) -> [S, PIVOTS] int32 keys in (lo, hi], at most ceil(span / 16)
+    apart, computed in uint32 so that spans beyond int32's range (negative to positive) wrap right."""
+    span = (hi - lo).astype(jnp.uint32)[:, None]  # wraps to the true unsigned span
+    j = jnp.arange(1, PIVOTS + 1, dtype=jnp.uint32)[None, :]
+    step = (span >> 4) * j + (((span & 15) * j + 15) >> 4)  # ceil(span * j / 16) without overflow
+    return (lo.astype(jnp.uint32)[:, None] + step).astype(jnp.int32)
+
+
+def _threshold(keys: jax.Array, weight, target: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Per row, the largest key t with F(t) = sum(weight over keys >= t) >= target, given F(lo) >=
+    target > F(hi). weight: None (a count) or [S, V] non-negative floats. F is non-increasing and
+    only steps at element keys, so t is an element's key: keeping keys >= t keeps exactly the
+    elements whose F reaches the target."""
+    for _ in range(PASSES):
+        piv = _pivots(lo, hi)  # [S, P]
+        above = keys[:, :, None] >= piv[:, None, :]  # [S, V, P], fused into the reduction
+        F = jnp.sum(above, axis=1, dtype=jnp.int32) if weight is None else \
+            jnp.sum(jnp.where(above, weight[:, :, None], 0.0), axis=1)
+        ok = F >= target[:, None]
+        lo = jnp.maximum(lo, jnp.max(jnp.where(ok, piv, jnp.iinfo(jnp.int32).min), axis=1))
+        hi = jnp.min(jnp.where(~ok & (piv > lo[:, None]), piv, hi[:, None]), axis=1)
+    return lo
+
+
+def filter_threshold(scaled: jax.Array, p: dict, sampling: jax.Array, gated: bool = True) -> jax.Array:
+    """Per row, the key of the lowest scaled logit that min_p, top_k and top_p keep ([S] int32).
+
+    scaled [S, V] float32: temperature-scaled logits. sampling [S] bool: rows that draw (the rest
+    are greedy; their thresholds are never read). gated: skip the searches no row needs."""
+    S, V = scaled.shape
+    keys = ordered_keys(scaled)
+    m = jnp.max(scaled, axis=-1)
+    lowest = jnp.full((S,), jnp.iinfo(jnp.int32).min, jnp.int32)
+    top = ordered_keys(m) + 1  # F(top) = 0
+    # min_p: prob >= min_p * max prob  <=>  scaled >= max + log(min_p)
+    tau = jnp.maximum(lowest, ordered_keys(m + jnp.log(p["min_p"])))
+    # top_k: the k-th largest value (ties kept); rows without top_k keep everything
+    k = p["top_k"]
+    wants_k = sampling & (k > 0) & (k < V)
+    search_k = lambda: _threshold(keys, None, jnp.where(wants_k, k, 1), jnp.min(keys, axis=-1), top)
+    tau_k = _when(gated, jnp.any(wants_k), search_k, lowest)
+    tau = jnp.maximum(tau, jnp.where(wants_k, tau_k, lowest))
+    # top_p: over the tokens kept so far, renormalised; keep a token iff the mass strictly above it
+    # is below top_p, i.e. keep keys >= the largest t whose mass at or above reaches top_p * kept mass
+    wants_p = sampling & (p["top_p"] < 1)
+
+    def search_p():
+        e = jnp.exp(scaled - m[:, None])
+        kept_mass = jnp.sum(jnp.where(keys >= tau[:, None], e, 0.0), axis=-1)
+        return _threshold(keys, e, jnp.where(wants_p, p["top_p"], 1.0) * kept_mass, tau, top)
+
+    tau_p = _when(gated, jnp.any(wants_p), search_p, tau)
+    return jnp.where(wants_p, jnp.maximum(tau, tau_p), tau)
+
+
+def _when(gated: bool, pred: jax.Array, fn, default: jax.Array):
+    """fn() where pred holds (a runtime branch, no recompile), else default; ungated: always fn()."""
+    return jax.lax.cond(pred, fn, lambda: default) if gated else fn()
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Sampled:
-    """What a step returns: per row the sampled token, its logprob and, with logprobs requested,
-    the top-k ids and logprobs. Rows are [S] (per replica) or [D, S] (the whole step); tokens may
-    be padded wider (sidp_jax/engine/token_buffer.py)."""
+    """What a step returns: per row the sampled token, its logprob, its rank and the top-N ids and
+    logprobs (MAX_LOGPROBS wide; computed only in steps where a row asked for logprobs, zeros
+    otherwise). Rows are [S] (per replica) or [D, S] (the whole step); tokens may be padded wider
+    (sidp_jax/engine/token_buffer.py)."""
     tokens: jax.Array
     logprob: jax.Array
     rank: jax.Array  # of the sampled token among the vocabulary (1: the most likely)
@@ -97,25 +169,42 @@ def prompt_logprobs(all_logits: jax.Array, next_token: jax.Array, k: int) -> Pro
     return out
 
 
-def sample(logits: jax.Array, p: dict, flags: SamplerFlags) -> Sampled:
-    """logits [S, V] float32 and the rows' sampling arrays -> Sampled [S]."""
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+def _apply_edits(logits: jax.Array, p: dict) -> jax.Array:
+    """Add each row's sparse (token, bias) edits: logit_bias, and -inf for banned tokens."""
+    S, V = logits.shape
+    ids = p["edit_ids"]  # [S, W], -1 padding
+    return logits.at[jnp.arange(S)[:, None], jnp.where(ids >= 0, ids, V)].add(p["edit_bias"], mode="drop")
+
+
+def sample(logits: jax.Array, p: dict, flags: SamplerFlags = SamplerFlags(), gated: bool = True) -> Sampled:
+    """logits [S, V] float32 and the rows' sampling arrays (StepShape.sampling_fields) -> Sampled [S]."""
+    S, V = logits.shape
+    lse = jax.nn.logsumexp(logits, axis=-1)  # raw logprobs = logits - lse
+    raw = logits
+    logits = _apply_edits(logits, p)
     if flags.penalties:
         logits = _apply_penalties(logits, p)
-    banned = p["banned"]  # [S, NB] tokens forbidden this step (min_tokens), -1 padding
-    S, V = logits.shape
-    logits = logits.at[jnp.arange(S)[:, None], jnp.where(banned >= 0, banned, V)].set(NEG_INF, mode="drop")
     greedy = jnp.argmax(logits, axis=-1)
     temp = p["temperature"]
-    scaled = logits / jnp.where(temp > 0, temp, 1.0)[:, None]
-    if flags.filters:
-        scaled = _filter(scaled, p)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(p["seed"], p["step"])
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
-    drawn = jnp.argmax(scaled + gumbel, axis=-1)
-    tokens = jnp.where(temp > 0, drawn, greedy).astype(jnp.int32)
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    out = Sampled(tokens, chosen, _rank(raw_logprobs, chosen))
-    if flags.num_logprobs:
-        out.top_logprobs, out.top_ids = jax.lax.top_k(raw_logprobs, flags.num_logprobs)
-    return out
+    sampling = temp > 0
+    scaled = logits / jnp.where(sampling, temp, 1.0)[:, None]
+
+    def draw():
+        tau = filter_threshold(scaled, p, sampling, gated)
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(p["seed"], p["step"])
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
+        return jnp.argmax(jnp.where(ordered_keys(scaled) >= tau[:, None], scaled + gumbel, NEG_INF), axis=-1)
+
+    drawn = _when(gated, jnp.any(sampling), draw, greedy)
+    tokens = jnp.where(sampling, drawn, greedy).astype(jnp.int32)
+    chosen_logit = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+    wants = p["num_logprobs"] >= 0
+
+    def ranked():
+        top_logits, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+        return _rank(raw, chosen_logit), top_ids.astype(jnp.int32), top_logits - lse[:, None]
+
+    none = (jnp.ones((S,), jnp.int32), jnp.zeros((S, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((S, MAX_LOGPROBS), jnp.float32))
+    rank, top_ids, top_logprobs = _when(gated, jnp.any(wants), ranked, none)
+    return Sampled(tokens, chosen_logit - lse, rank, top_ids, top_logprobs)

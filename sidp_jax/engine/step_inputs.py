@@ -36,6 +36,7 @@ from sidp_jax.engine.scheduler import ScheduledChunk
 # 64-80 layer program costs 10-20 s of compilation on GPU (benchmarks/RESULTS.md).
 MIN_DECODE_ROWS = 64
 MIN_MIXED_TOKENS = 256
+EDIT_WIDTH = 16  # (token, bias) pairs per row that precompiled steps take: logit_bias, min_tokens bans
 
 
 def bucket(n: int, lo: int, hi: int) -> int:
@@ -127,12 +128,15 @@ class StepShape:
             fields["next_token"] = (i32, (T,), -1)
         return fields
 
-    def sampling_fields(self, banned_width: int = 1, history_width: int = 0) -> Fields:
-        """history_width > 0: the penalties' arrays too (SamplerFlags.penalties)."""
+    def sampling_fields(self, edit_width: int = EDIT_WIDTH, history_width: int = 0) -> Fields:
+        """The sampler's runtime options per row (every mix runs the same program). edit_width:
+        the (token, bias) pairs per row (logit_bias, banned tokens); history_width > 0: the
+        penalties' arrays too (SamplerFlags.penalties)."""
         S, f32 = self.S, np.float32
         fields = {"temperature": (f32, (S,), 0.0), "top_p": (f32, (S,), 1.0), "top_k": (np.int32, (S,), 0),
                   "min_p": (f32, (S,), 0.0), "seed": (np.uint32, (S,), 0), "step": (np.int32, (S,), 0),
-                  "banned": (np.int32, (S, banned_width), -1)}
+                  "num_logprobs": (np.int32, (S,), -1),
+                  "edit_ids": (np.int32, (S, edit_width), -1), "edit_bias": (f32, (S, edit_width), 0.0)}
         if history_width:
             fields.update(history=(np.int32, (S, history_width), -1),
                           history_is_output=(np.bool_, (S, history_width), False),
@@ -183,12 +187,9 @@ def wants_prompt_logprobs(c: ScheduledChunk) -> bool:
 
 
 def sampler_flags(chunks: list[ScheduledChunk]) -> SamplerFlags:
-    params = [c.seq.params for c in chunks]
-    num_logprobs = max((p.logprobs or 0 for p in params), default=0)
+    """The sampler's static options: only penalties and prompt logprobs (the rest are arrays)."""
     prompt_k = max((c.seq.params.prompt_logprobs for c in chunks if wants_prompt_logprobs(c)), default=-1)
-    return SamplerFlags(filters=any(p.uses_filters and not p.greedy for p in params),
-                        penalties=any(p.uses_penalties for p in params),
-                        num_logprobs=bucket(num_logprobs, 1, 20) if num_logprobs else 0,
+    return SamplerFlags(penalties=any(c.seq.params.uses_penalties for c in chunks),
                         prompt_logprobs=bucket(prompt_k, 1, 20) if prompt_k > 0 else prompt_k)
 
 
@@ -199,6 +200,12 @@ def banned_tokens(seq, eos_ids: list[int]) -> list[int]:
     return ([] if seq.params.ignore_eos else list(eos_ids)) + seq.params.stop_token_ids
 
 
+def logit_edits(seq, eos_ids: list[int]) -> list[tuple[int, float]]:
+    """A row's (token, bias) pairs this step: its logit_bias, then -inf on the tokens it may not
+    sample yet (a bias plus -inf stays -inf)."""
+    return list((seq.params.logit_bias or {}).items()) + [(t, -np.inf) for t in banned_tokens(seq, eos_ids)]
+
+
 def fill_replica(r: int, plan: list[ScheduledChunk], shape: StepShape, batch: dict, samp: dict,
                  page_size: int) -> None:
     """Replica r's token, position, slot and row arrays and its rows' sampling settings. Per-row work
@@ -206,7 +213,7 @@ def fill_replica(r: int, plan: list[ScheduledChunk], shape: StepShape, batch: di
     and per-element numpy writes dominated the host's time per step."""
     P, t = page_size, 0
     ids, pos, slots, rows, spans, from_prev = [], [], [], [], [], []
-    per_row = {k: [] for k in ("temperature", "top_p", "top_k", "min_p", "seed", "step")}
+    per_row = {k: [] for k in ("temperature", "top_p", "top_k", "min_p", "seed", "step", "num_logprobs")}
     for row, c in enumerate(plan):
         seq, n, start = c.seq, c.num_tokens, c.start
         pages = seq.page_array()
@@ -233,7 +240,8 @@ def fill_replica(r: int, plan: list[ScheduledChunk], shape: StepShape, batch: di
         batch["sample_index"][r, row] = t - 1
         p = seq.params
         for k, v in (("temperature", p.temperature), ("top_p", p.top_p), ("top_k", p.top_k), ("min_p", p.min_p),
-                     ("seed", seq.seed), ("step", seq.num_generated)):
+                     ("seed", seq.seed), ("step", seq.num_generated),
+                     ("num_logprobs", -1 if p.logprobs is None else p.logprobs)):
             per_row[k].append(v)
     batch["tokens"][r, :t], batch["positions"][r, :t] = ids, pos
     batch["slots"][r, :t], batch["token_seq"][r, :t] = slots, rows
@@ -276,20 +284,20 @@ def build_step(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[
     shape = step_shape(plans, max_tokens_bucket, max_rows_bucket, max_pages_bucket, tile_tokens)
     chunks = [c for p in plans for c in p]
     flags = sampler_flags(chunks)
-    banned = {(r, row): ids for r, p in enumerate(plans) for row, c in enumerate(p)
-              if (ids := banned_tokens(c.seq, eos_ids))}
-    banned_width = bucket(max(map(len, banned.values())), 1, 1 << 16) if banned else 1
+    edits = {(r, row): pairs for r, p in enumerate(plans) for row, c in enumerate(p)
+             if (pairs := logit_edits(c.seq, eos_ids))}
+    edit_width = bucket(max(map(len, edits.values())), EDIT_WIDTH, 1 << 16) if edits else EDIT_WIDTH
     history_width = bucket(max(c.seq.num_tokens for c in chunks), 16, 1 << 20) if flags.penalties else 0
     batch = shape.arrays(shape.batch_fields(flags.prompt_logprobs >= 0))
-    samp = shape.arrays(shape.sampling_fields(banned_width, history_width))
+    samp = shape.arrays(shape.sampling_fields(edit_width, history_width))
     if shape.decode_only:
         batch["token_seq"][:] = np.arange(shape.T)  # padding tokens: their own (all-zero, scratch-page) rows
     for r, plan in enumerate(plans):
         fill_replica(r, plan, shape, batch, samp, page_size)
         if flags.prompt_logprobs >= 0:
             fill_next_tokens(r, plan, batch["next_token"])
-    for (r, row), ids in banned.items():
-        samp["banned"][r, row, :len(ids)] = ids
+    for (r, row), pairs in edits.items():
+        samp["edit_ids"][r, row, :len(pairs)], samp["edit_bias"][r, row, :len(pairs)] = zip(*pairs)
     if flags.penalties:
         fill_penalties(plans, samp)
     return StepInputs(shape, batch, samp, flags)

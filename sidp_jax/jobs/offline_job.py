@@ -44,7 +44,7 @@ line of the other format is an error record (a file does not mix formats)::
 * "method" must be "POST", "url" one of the two above; body fields map to SamplingParams
   (vLLM's names; chat "logprobs": true + "top_logprobs": k -> logprobs=k), "model" is only
   echoed; an unknown field is an error naming it, and OpenAI fields this job does not do (tools,
-  response_format, logit_bias, "stream": true, ...) are errors saying they are unsupported.
+  response_format, "stream": true, ...) are errors saying they are unsupported.
 * "custom_id" plays the simple format's "id" (same rules, resume and duplicates).
 * output, one line per request: {"id": "batch_req_...", "custom_id", "response": {"status_code":
   200, "request_id", "body": a chat.completion or text_completion object with "choices" (n of

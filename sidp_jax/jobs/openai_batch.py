@@ -45,7 +45,8 @@ from sidp_jax.jobs.job_input import (FORMAT_BATCH, JobRequest, Key, LineError, c
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 LINE_KEYS = ("custom_id", "method", "url", "body")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens")
+                   "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
+                   "logit_bias")
 IGNORED_FIELDS = ("model", "user")
 ENDPOINT_FIELDS = {
     "chat": ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template_kwargs"),
@@ -53,7 +54,7 @@ ENDPOINT_FIELDS = {
 }
 # Fields OpenAI defines that this job does not do; each is accepted only with its "off" value.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-               "logit_bias", "stream", "stream_options", "echo", "best_of", "suffix", "audio", "modalities",
+               "stream", "stream_options", "echo", "best_of", "suffix", "audio", "modalities",
                "prediction", "reasoning_effort", "web_search_options")
 _OFF_VALUES = {"best_of": (1,), "tool_choice": ("none",)}
 _UNSUPPORTED_WHY = {
