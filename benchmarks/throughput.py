@@ -3,11 +3,17 @@
 Random prompts of --input-len tokens, --output-len generated tokens each (ignore_eos), on a preset
 shape with random weights or a checkpoint. Each layout runs in its own process (clean memory).
 A run longer than --time-limit is cut there and its steady-state rate reported (after a warm-up
-window that absorbs compilation); the JSON says so. --scheduling async,sync runs each layout with
+window that absorbs compilation); the JSON says so. --sampling greedy,default,... runs several
+sampling mixes (benchmarks/sampling_mixes.py) one after another on the same engine, each on fresh
+prompts (no mix reuses another's cached pages), each to completion; every row carries its mix
+under "sampling" (default: greedy alone, as before). --scheduling async,sync runs each layout with
 the host overlap on and off; wall / host / device ms per step cover the same window as the rates.
 
   python benchmarks/throughput.py --model qwen3-32b --mesh dp=2 --compare dp,tp,sidp \
       --input-len 1024 --output-len 2048 --num-prompts 2000 --gpu-memory-utilization 0.9
+  python benchmarks/throughput.py --model qwen3-8b --mesh dp=1 --compare dp --max-num-seqs 256 \
+      --max-num-batched-tokens 2048 --input-len 512 --output-len 256 --num-prompts 1024 \
+      --sampling greedy,default,temperature_1,top_p_0.9,top_k_50,min_p_0.05,logprobs_5,penalties,logit_bias,mixed
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import sys
 import time
 
+import sampling_mixes
 from child_process import report, run_child  # benchmarks/ is on sys.path when run as a script
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -33,10 +40,7 @@ def make_prompts(args, vocab: int, rng) -> list[list[int]]:
 
 def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, quantization: str = "none",
             kv_cache_dtype: str = "auto", max_num_seqs: int = 512, max_num_batched_tokens: int = 4096) -> dict:
-    import numpy as np
-
-    from sidp_jax import LLM, SamplingParams
-    from sidp_jax.engine.step_times import step_times
+    from sidp_jax import LLM
 
     t_start = time.perf_counter()
     llm = LLM(args.model, mesh=args.mesh, parallel=parallel, placement=args.placement, ffn_mode=args.ffn_mode,
@@ -47,13 +51,33 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, q
               async_scheduling=async_scheduling, enable_prefix_caching=prefix_caching,
               quantization=None if quantization == "none" else quantization, kv_cache_dtype=kv_cache_dtype)
     startup_s = time.perf_counter() - t_start
-    rng = np.random.default_rng(0)
+    setup = {"startup_s": startup_s, "model_defaults": llm.generation_defaults(), "parallel": parallel,
+             "async_scheduling": async_scheduling, "prefix_caching": prefix_caching, "quantization": quantization,
+             "kv_cache_dtype": kv_cache_dtype, "max_num_seqs": max_num_seqs,
+             "max_num_batched_tokens": max_num_batched_tokens}
+    mixes = sampling_mixes.parse(args.sampling)
+    return {"rows": [{"sampling": mix, **run_mix(args, llm, mix, seed, setup)} for seed, mix in enumerate(mixes)]}
+
+
+def run_mix(args, llm, mix: str, seed: int, setup: dict) -> dict:
+    """One sampling mix to completion (or --time-limit) on fresh prompts; the row of results."""
+    import numpy as np
+
+    from sidp_jax import SamplingParams
+    from sidp_jax.engine.step_times import step_times
+
+    rng = np.random.default_rng(seed)
     vocab = llm.cfg.vocab_size
     prompts = make_prompts(args, vocab, rng)
-    sp = SamplingParams(temperature=0 if args.n == 1 else 1.0, seed=0 if args.n > 1 else None, n=args.n,
-                        max_tokens=args.output_len, ignore_eos=True)
+    if args.n > 1 and mix == "greedy":  # rollouts: seeded, temperature 1 (as before --sampling)
+        sps = [SamplingParams(temperature=1.0, seed=0, n=args.n, max_tokens=args.output_len, ignore_eos=True)]
+    else:
+        sps = [SamplingParams(n=args.n, max_tokens=args.output_len, ignore_eos=True,
+                              **sampling_mixes.mix_fields(mix, setup["model_defaults"], i)) for i in range(len(prompts))]
     engine = llm.engine
-    for req in llm._requests(prompts, sp)[0]:
+    before = llm.stats()
+    compiled_before = set(before.get("first_call_seconds") or {})
+    for req in llm._requests(prompts, sps if len(sps) > 1 else sps[0])[0]:
         engine.add(req)
     seqs = list(engine.scheduler.waiting)
     start = time.perf_counter()
@@ -78,8 +102,11 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, q
         finished = sum(s.finish_reason is not None for s in seqs)
     dt = t_end - t0
     stats = llm.stats()
-    base = at_warmup if not done and at_warmup else {k: 0 for k in ("num_steps", "wall_seconds", "host_seconds",
-                                                                    "device_seconds")}
+    for k in ("num_preemptions", "prefill_tokens_requested", "prefill_tokens_computed", "steps_found_ready",
+              "device_fed_tokens"):  # this mix's share of the engine's running totals
+        stats[k] -= before[k]
+    stats["steps_per_mode"] = {m: n - before["steps_per_mode"].get(m, 0) for m, n in stats["steps_per_mode"].items()}
+    base = at_warmup if not done and at_warmup else before
     steps = max(stats["num_steps"] - base["num_steps"], 1)
     window = step_times(*(stats[f"{k}_seconds"] - base[f"{k}_seconds"] for k in ("wall", "host", "device")), steps)
     prompt_tokens, output_tokens = in_end - in0, out_end - out0
@@ -88,21 +115,20 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, q
         "requests_per_second": finished / dt if done else None,
         "tokens_per_second": (prompt_tokens + output_tokens) / dt,
         "total_num_prompt_tokens": prompt_tokens, "total_num_output_tokens": output_tokens}
-    return {**vllm_keys, "parallel": parallel, "complete": done, "window_s": dt, "finished_requests": finished,
+    return {**vllm_keys, "complete": done, "window_s": dt, "finished_requests": finished,
             "requests_per_s": finished / t_end if done else None,
             "output_tokens_per_s": (out_end - out0) / dt, "total_tokens_per_s": (out_end - out0 + in_end - in0) / dt,
             "kv_tokens_per_replica": stats["kv_tokens_per_replica"], "num_replicas": stats["num_replicas"],
             "steps_per_mode": stats["steps_per_mode"], "num_preemptions": stats["num_preemptions"],
-            "async_scheduling": async_scheduling, **window, "steps_in_window": steps,
-            "workload": args.workload, "prefix_caching": prefix_caching, "quantization": quantization,
-            "kv_cache_dtype": kv_cache_dtype, "max_num_seqs": max_num_seqs,
-            "max_num_batched_tokens": max_num_batched_tokens, "weights": llm.cfg.quantization or str(__import__("numpy").dtype(llm.dtype)),
+            **window, "steps_in_window": steps, "workload": args.workload, "weights": llm.cfg.quantization or str(__import__("numpy").dtype(llm.dtype)),
             **{k: stats[k] for k in ("prefill_tokens_requested", "prefill_tokens_computed", "prefix_cache_hit_rate",
                                      "prefix_cache_evictions")},
             "steps_found_ready": stats["steps_found_ready"], "device_fed_tokens": stats["device_fed_tokens"],
             "precompile_seconds": stats.get("precompile_seconds"),
-            "num_steps": stats["num_steps"], "steps_per_attention": stats["steps_per_attention"],
-            "startup_s": startup_s, "first_call_seconds": stats.get("first_call_seconds"),
+            "num_steps": stats["num_steps"] - before["num_steps"], "steps_per_attention": stats["steps_per_attention"],
+            "sampling_fields": sampling_mixes.mix_fields(mix, setup["model_defaults"], 0) if mix != "mixed" else "cycle",
+            "variants_compiled_in_run": sorted(set(stats.get("first_call_seconds") or {}) - compiled_before),
+            **setup, "first_call_seconds": stats.get("first_call_seconds"),
             "compile_cache": getattr(llm, "compile_cache", None), "device": llm.layout.mesh.devices.flat[0].device_kind,
             "jax": __import__("jax").__version__}
 
@@ -145,6 +171,8 @@ def main():
     ap.add_argument("--prefix-caching", default="on", help="comma list of on and off: each layout runs in each")
     ap.add_argument("--quantization", default="none", help="comma list of none and fp8: each layout runs in each")
     ap.add_argument("--kv-cache-dtype", default="auto", help="comma list of auto and fp8")
+    ap.add_argument("--sampling", default="greedy",
+                    help=f"comma list of sampling mixes, run one after another on one engine: {', '.join(sampling_mixes.NAMES)}")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -159,14 +187,16 @@ def main():
         raise SystemExit("--scheduling takes async and/or sync, --prefix-caching on and/or off")
     for run in runs:
         parallel, scheduling, caching, quant, kv, seqs, tokens = run
-        res, _ = run_child([__file__, *sys.argv[1:], "--one", ":".join(map(str, run))])
-        res.update({k: v for k, v in dict(parallel=parallel, async_scheduling=scheduling == "async",
-                                          prefix_caching=caching == "on", quantization=quant, kv_cache_dtype=kv,
-                                          max_num_seqs=seqs, max_num_batched_tokens=tokens).items() if k not in res})
-        rows.append(res)
-        print(json.dumps(res), flush=True)
+        got, _ = run_child([__file__, *sys.argv[1:], "--one", ":".join(map(str, run))])
+        for res in got.get("rows", [got]):  # one row per sampling mix, or the child's error
+            res.update({k: v for k, v in dict(parallel=parallel, async_scheduling=scheduling == "async",
+                                              prefix_caching=caching == "on", quantization=quant, kv_cache_dtype=kv,
+                                              max_num_seqs=seqs, max_num_batched_tokens=tokens).items() if k not in res})
+            rows.append(res)
+            print(json.dumps(res), flush=True)
         if args.out:  # after every run: an outer timeout still leaves the finished rows
-            write_result(args.out, {"args": vars(args), "rows": rows, "complete": len(rows) == len(runs)})
+            write_result(args.out, {"args": vars(args), "rows": rows,
+                                    "complete": len(rows) == len(runs) * len(sampling_mixes.parse(args.sampling))})
     for r in rows:
         if "error" in r:
             print(f"{r['parallel']}: error {r['error'][-300:]}")
@@ -174,7 +204,7 @@ def main():
         rps = f"{r['requests_per_s']:.2f}" if r["requests_per_s"] else "n/a (cut)"
         print(f"Total num prompt tokens:  {r.get('total_num_prompt_tokens', 0):,}")
         print(f"Total num output tokens:  {r.get('total_num_output_tokens', 0):,}")
-        print(f"{r['parallel']:>5} {'async' if r['async_scheduling'] else 'sync':>5} "
+        print(f"{r['parallel']:>5} {'async' if r['async_scheduling'] else 'sync':>5} {r.get('sampling', ''):>13} "
               f"seqs {r.get('max_num_seqs')} tokens {r.get('max_num_batched_tokens')} "
               f"weights {r.get('quantization', 'none'):>4} kv {r.get('kv_cache_dtype', 'auto'):>4} "
               f"cache {'on' if r.get('prefix_caching') else 'off':>3}: Throughput: {rps} requests/s, {r['total_tokens_per_s']:.2f} total tokens/s, "

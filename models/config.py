@@ -176,6 +176,20 @@ def load_config(model_dir: str) -> ModelConfig:
 
 # The real shapes of the models SiDP targets, for random-weight benchmarks (like vLLM's dummy load).
 PRESETS: dict[str, ModelConfig] = {
+    "qwen3-8b": ModelConfig(
+        family="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+        max_position_embeddings=40960, tie_word_embeddings=False, qkv_bias=False, qk_norm=True),
+    "qwen3-14b": ModelConfig(
+        family="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_layers=40,
+        num_heads=40, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+        max_position_embeddings=40960, tie_word_embeddings=False, qkv_bias=False, qk_norm=True),
+    "llama3.1-8b": ModelConfig(
+        family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=5e5,
+        rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                      ("original_max_position_embeddings", 8192)),
+        max_position_embeddings=131072, tie_word_embeddings=False, qkv_bias=False, qk_norm=False),
     "qwen3-32b": ModelConfig(
         family="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_layers=64,
         num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
@@ -190,6 +204,14 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
                       ("original_max_position_embeddings", 8192)),
         max_position_embeddings=131072, tie_word_embeddings=False, qkv_bias=False, qk_norm=False),
+}
+
+# Each preset's sampling defaults: the generation_config.json its released (instruct) checkpoint ships.
+_QWEN3_SAMPLING = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+PRESET_GENERATION_DEFAULTS: dict[str, dict] = {
+    "qwen3-8b": _QWEN3_SAMPLING, "qwen3-14b": _QWEN3_SAMPLING, "qwen3-32b": _QWEN3_SAMPLING,
+    "qwen2.5-72b": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05},
+    "llama3.1-8b": {"temperature": 0.6, "top_p": 0.9}, "llama3.1-70b": {"temperature": 0.6, "top_p": 0.9},
 }
 
 

@@ -12,7 +12,7 @@ from sidp_jax.engine.engine import Engine, Request
 from sidp_jax.engine.startup import build_runner, precompile_steps, report_kv
 from sidp_jax.engine_config import EngineConfig, KvCacheDtype
 from sidp_jax.loading.placed_checkpoint import is_placed_checkpoint, placed_quantization
-from sidp_jax.models.config import PRESETS, ModelConfig, dtype_from_name, load_config
+from sidp_jax.models.config import PRESET_GENERATION_DEFAULTS, PRESETS, ModelConfig, dtype_from_name, load_config
 from sidp_jax.models.fp8 import E4M3
 from sidp_jax.outputs import RequestOutput
 from sidp_jax.parallel.layouts import make_layout
@@ -114,7 +114,8 @@ class LLM:
         """SamplingParams fields from the checkpoint's generation_config.json, as vLLM applies
         them: temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens as
         max_tokens."""
-        defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
+        defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else \
+            dict(PRESET_GENERATION_DEFAULTS.get(self.model, {})) if isinstance(self.model, str) else {}
         known = {k: v for k, v in defaults.items()
                  if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
         if isinstance(defaults.get("max_new_tokens"), int):

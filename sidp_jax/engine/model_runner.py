@@ -16,6 +16,7 @@ reference. The per-replica WaS path runs the same attention.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import os
@@ -28,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import step_compiler_options
 from sidp_jax.engine.sampler import Sampled, SamplerFlags, prompt_logprobs, sample
-from sidp_jax.engine.step_inputs import StepInputs, StepShape
+from sidp_jax.engine.step_inputs import EDIT_WIDTH, StepInputs, StepShape
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 from sidp_jax.engine_config import Attention, AttentionKind, KernelPath
 from sidp_jax.kernels.attention import DEFAULT_TILE_TOKENS, decode_attention, kernel_unsupported_reason, mixed_attention
@@ -161,7 +162,7 @@ class ModelRunner:
         batch = dict(inputs.batch, prev_tokens=prev_tokens)
         attn = self.attention_kind(shape.decode_only)
         self.steps_per_attention[attn] = self.steps_per_attention.get(attn, 0) + 1
-        variant = f"{mode}/{attn}/T={shape.T}/S={shape.S}/MB={shape.MB}"
+        variant = f"{mode}/{attn}/T={shape.T}/S={shape.S}/MB={shape.MB}" + _sampler_variant(flags, samp)
         first = variant not in self.first_call_seconds
         t0 = time.perf_counter()
         if mode == "was" and self.replica_was is not None and flags.prompt_logprobs < 0:  # per-replica WaS
@@ -222,6 +223,18 @@ class ModelRunner:
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     logging.getLogger("sidp_jax").warning(message)
+
+
+def _sampler_variant(flags: SamplerFlags, samp: dict) -> str:
+    """What, beyond the step's shape, makes a separate program: the sampler's static flags and its
+    arrays' widths where they differ from what start-up compiles (first_call_seconds' keys)."""
+    parts = [f"/{f.name}={getattr(flags, f.name)}" for f in dataclasses.fields(flags)
+             if getattr(flags, f.name) != f.default]
+    if samp["edit_ids"].shape[-1] != EDIT_WIDTH:
+        parts.append(f"/edits={samp['edit_ids'].shape[-1]}")
+    if "history" in samp:
+        parts.append(f"/history={samp['history'].shape[-1]}")
+    return "".join(parts)
 
 
 def _signature(batch: dict, samp: dict) -> tuple:
