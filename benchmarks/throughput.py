@@ -215,6 +215,26 @@ def main():
               f"prefill computed {r.get('prefill_tokens_computed', 0):,} of {r.get('prefill_tokens_requested', 0):,}, "
               f"start-up {r.get('startup_s', 0):.0f} s")
 
+    if len(sampling_mixes.parse(args.sampling)) > 1:
+        print_sampling_table(rows)
+
+
+def print_sampling_table(rows: list[dict]) -> None:
+    """Each mix's output tokens/s against greedy's in the same configuration (the issue's target: >= 0.95x)."""
+    print(f"\n{'layout':>6} {'sampling':>14} {'out tok/s':>10} {'x greedy':>9} {'wall ms/step':>13} {'idle':>6} "
+          f"{'preempt':>8} {'compiled mid-run':>17} complete")
+    for r in rows:
+        if "error" in r:
+            print(f"{r.get('parallel', '?'):>6} {r.get('sampling', '?'):>14} error")
+            continue
+        same = lambda o: all(o.get(k) == r.get(k) for k in ("parallel", "async_scheduling", "prefix_caching",
+                                                             "quantization", "kv_cache_dtype", "max_num_seqs"))
+        greedy = next((o for o in rows if o.get("sampling") == "greedy" and "error" not in o and same(o)), None)
+        ratio = f"{r['output_tokens_per_s'] / greedy['output_tokens_per_s']:.3f}" if greedy else "-"
+        print(f"{r['parallel']:>6} {r['sampling']:>14} {r['output_tokens_per_s']:>10.0f} {ratio:>9} "
+              f"{r['wall_ms_per_step']:>13.1f} {r['device_idle_share']:>6.1%} {r['num_preemptions']:>8} "
+              f"{len(r.get('variants_compiled_in_run') or []):>17} {r['complete']}")
+
 
 if __name__ == "__main__":
     main()
