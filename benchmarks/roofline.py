@@ -154,7 +154,7 @@ def engine_decode_step(runner, S: int, context: int, page_size: int, vocab: int)
     b, s = jax.device_put((batch, samp), runner.batch_sharding)
 
     def step():
-        out, runner.kv = fn(runner.params, runner.kv, b, s)
+        out, runner.kv, runner.counts = fn(runner.params, runner.kv, runner.counts, b, s)
         return out
 
     return step, fn, b, s
@@ -205,7 +205,7 @@ def main():
         for S, ctx in cases:
             step, fn, b, s = engine_decode_step(runner, S, ctx, P, llm.cfg.vocab_size)
             if quant not in census:
-                census[quant] = hlo_gemm_census(fn.lower(runner.params, runner.kv, b, s).compile().as_text(),
+                census[quant] = hlo_gemm_census(fn.lower(runner.params, runner.kv, runner.counts, b, s).compile().as_text(),
                                                 llm.cfg.num_layers)
                 print(f"  {quant}: optimized HLO: {census[quant]}", flush=True)
             t0 = time.perf_counter()

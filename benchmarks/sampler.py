@@ -1,7 +1,8 @@
 """The sampler alone: ms per call for each sampling mix, at S rows and a V-token vocabulary.
 
 Each mix is one batch of S rows (`mixed`: the rows cycle through every other mix), run by
-  engine        sidp_jax/engine/sampler.py::sample, the program every step runs (gated searches)
+  engine        sidp_jax/engine/sampler.py::sample, as every step runs it (gated searches; penalties
+                from device counts, the sampled tokens added to them)
   ungated       the same with every search run whatever the rows ask (the gates' worth)
   sort          the previous sampler's filters, for comparison: argsort the vocabulary, cumsum,
                 inverse argsort (what every filtered step paid before)
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
-from sidp_jax.engine.sampler import SamplerFlags, sample
+from sidp_jax.engine.penalty_counts import count_sampled
+from sidp_jax.engine.sampler import sample
 
 MIXES = {  # name -> per-row options (vLLM's names); every unnamed option is off
     "greedy": dict(temperature=0.0),
@@ -38,6 +40,7 @@ MIXES = {  # name -> per-row options (vLLM's names); every unnamed option is off
     "min_p_0.05": dict(temperature=1.0, min_p=0.05),
     "logprobs_5": dict(temperature=1.0, num_logprobs=5),
     "logit_bias": dict(temperature=1.0, bias=True),
+    "penalties": dict(temperature=1.0, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5),
 }
 
 
@@ -50,7 +53,11 @@ def rows_for(mix: str, S: int, W: int = 16) -> dict:
     for i, o in enumerate(opts):
         if o.get("bias"):
             ids[i, :4], bias[i, :4] = [11, 22, 33, 44], [5.0, -5.0, 100.0, -100.0]
+    slot = jnp.asarray([i + 1 if "repetition_penalty" in o else 0 for i, o in enumerate(opts)], jnp.int32)
     return {"temperature": col("temperature", 0.0, jnp.float32), "top_k": col("top_k", 0, jnp.int32),
+            "penalty_slot": slot, "count_slot": slot, "repetition_penalty": col("repetition_penalty", 1.0, jnp.float32),
+            "presence_penalty": col("presence_penalty", 0.0, jnp.float32),
+            "frequency_penalty": col("frequency_penalty", 0.0, jnp.float32),
             "top_p": col("top_p", 1.0, jnp.float32), "min_p": col("min_p", 0.0, jnp.float32),
             "num_logprobs": col("num_logprobs", -1, jnp.int32), "seed": jnp.arange(S, dtype=jnp.uint32),
             "step": jnp.zeros(S, jnp.int32), "edit_ids": jnp.asarray(ids), "edit_bias": jnp.asarray(bias)}
@@ -96,18 +103,24 @@ def main():
     ap.add_argument("--top-k", default="5,16,20,50", help="lax.top_k sizes to time")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    variants = {"engine": jax.jit(lambda x, p: sample(x, p, SamplerFlags(), True).tokens),
-                "ungated": jax.jit(lambda x, p: sample(x, p, SamplerFlags(), False).tokens),
-                "sort": jax.jit(sort_sampler)}
+    def engine_step(gated):  # the sampler as the step runs it: penalties from counts, sampled tokens counted
+        def run(x, p, counts):
+            out = sample(x, p, gated, counts)
+            return out.tokens, count_sampled(counts, p, out.tokens)
+        return jax.jit(run)
+
+    variants = {"engine": engine_step(True), "ungated": engine_step(False), "sort": jax.jit(lambda x, p, c: sort_sampler(x, p))}
     rows = []
     for S in map(int, args.rows.split(",")):
         logits = jax.random.normal(jax.random.key(S), (S, args.vocab), jnp.float32) * args.spread
+        counts = jax.random.randint(jax.random.key(S + 1), (S + 1, args.vocab), 0, 2, jnp.int32)  # half the vocabulary seen
         for mix in args.mixes.split(","):
             p = rows_for(mix, S)
             for name in args.variants.split(","):
-                if name == "sort" and mix in ("logprobs_5", "logit_bias"):
-                    continue  # the old sampler's cost for these is its temperature path
-                r = {"rows": S, "vocab": args.vocab, "mix": mix, "sampler": name, **timed(variants[name], (logits, p), args.reps)}
+                if name == "sort" and mix in ("logprobs_5", "logit_bias", "penalties"):
+                    continue  # the old sampler's cost for these is its temperature path (penalties: a history)
+                r = {"rows": S, "vocab": args.vocab, "mix": mix, "sampler": name,
+                     **timed(variants[name], (logits, p, counts), args.reps)}
                 rows.append(r)
                 print(r, flush=True)
         for k in map(int, args.top_k.split(",")):

@@ -21,5 +21,5 @@ timeout "${TP_TIMEOUT:-420}" $now python3 benchmarks/throughput.py --model "${MO
   --num-prompts "${PROMPTS:-1024}" --input-len "${INPUT_LEN:-512}" --output-len "${OUTPUT_LEN:-256}" \
   --max-num-seqs "${MAX_SEQS:-256}" --max-num-batched-tokens 2048 --gpu-memory-utilization 0.9 \
   --time-limit "${TIME_LIMIT:-200}" --warmup 0 \
-  --sampling "${MIXES:-greedy,default,temperature_1,top_p_0.9,top_k_50,min_p_0.05,logprobs_5,logit_bias,mixed}" \
+  --sampling "${MIXES:-greedy,default,temperature_1,top_p_0.9,top_k_50,min_p_0.05,logprobs_5,penalties,logit_bias,mixed}" \
   --out "$OUT/throughput-sampling-$TAG.json" 2>&1 | grep -v "^{" | grep -v "^Total num" | tail -14

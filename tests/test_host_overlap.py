@@ -76,7 +76,8 @@ def test_seeded_sampling_stop_strings_and_the_rest_are_the_same(layout):
         SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=7, n=2, max_tokens=14, logprobs=2),
         SamplingParams(temperature=0, max_tokens=12, stop=stops),  # stop strings end sequences early
         SamplingParams(temperature=0.7, seed=3, max_tokens=10, min_tokens=6, stop_token_ids=list(range(50))),
-        SamplingParams(temperature=0.8, seed=11, max_tokens=10, repetition_penalty=1.3, presence_penalty=0.5),
+        SamplingParams(temperature=0.8, seed=11, max_tokens=10, repetition_penalty=1.3, presence_penalty=0.5,
+                       frequency_penalty=0.4),
     ]
     prompts = [p for p in PROMPTS for _ in params]
     sync, ahead, _, a_stats = both(layout, prompts, params * len(PROMPTS))

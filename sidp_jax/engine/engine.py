@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from sidp_jax.engine.model_runner import ModelRunner
+from sidp_jax.engine.penalty_counts import PenaltySlots
 from sidp_jax.engine.sampler import Sampled
 from sidp_jax.engine.scheduler import ScheduledChunk, Scheduler
 from sidp_jax.engine.sequence import Sequence
@@ -56,8 +57,9 @@ class Engine:
     ahead: it schedules, builds and dispatches step N+1 while step N runs, then reads N's tokens
     and applies them (stop checks, detokenization) while N+1 runs. A token N sampled reaches N+1
     on the device (sidp_jax/engine/token_buffer.py); a sequence that N finished may have a token in flight
-    in N+1, which is discarded. Steps whose batch has penalties wait for the previous step first
-    (the penalties read every earlier token), so outputs are identical with the overlap on or off."""
+    in N+1, which is discarded. Penalties read token counts kept on the device
+    (sidp_jax/engine/penalty_counts.py), so they need no host tokens either: outputs are identical
+    with the overlap on or off."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, *, tokenizer, eos_ids: list[int],
                  max_model_len: int, max_num_batched_tokens: int, max_num_seqs: int, seed: int, mode_policy,
@@ -80,6 +82,7 @@ class Engine:
         self._next_seq_id = 0
         self._inflight: _InFlight | None = None
         self._last_ready = 0.0
+        self.penalty_slots = PenaltySlots(runner.layout.num_replicas, runner.counts.shape[1])
 
     def add(self, req: Request) -> None:
         p = req.params
@@ -99,6 +102,7 @@ class Engine:
         """Drop every sequence and the step in flight (its results are never read)."""
         self._inflight = None
         self.scheduler.abort_all()
+        self.penalty_slots.clear()
 
     def step(self) -> list[Sequence]:
         """One engine step over every replica; returns the sequences that finished."""
@@ -112,9 +116,11 @@ class Engine:
         t0 = time.perf_counter()
         finished: list[Sequence] = []
         plans = self.scheduler.schedule()
-        if self._inflight is not None and _needs_host_tokens(plans):
+        if self._inflight is not None and self.penalty_slots.waits_for_host_tokens(plans):
             finished += self._apply(self._take_inflight())
             plans = [[c for c in plan if c.seq.finish_reason is None] for plan in plans]
+        for seq, replica, slot in self.penalty_slots.assign(plans):  # before the step that reads them
+            self.runner.init_penalty_counts(replica, slot, seq)
         if not any(plans):
             if self._inflight is None:
                 raise RuntimeError("scheduler produced an empty step although work is pending (KV cache too small?)")
@@ -233,8 +239,3 @@ class Engine:
                 "steps_found_ready": self.steps_found_ready, "device_fed_tokens": self.device_fed_tokens,
                 **self.scheduler.prefix_cache_stats()}
 
-
-def _needs_host_tokens(plans: list[list[ScheduledChunk]]) -> bool:
-    """A batch with penalties sends every row's token history, so it cannot leave tokens on the device."""
-    chunks = [c for plan in plans for c in plan]
-    return any(c.seq.params.uses_penalties for c in chunks) and any(c.seq.num_pending for c in chunks)

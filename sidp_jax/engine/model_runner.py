@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import step_compiler_options
+from sidp_jax.engine.penalty_counts import count_sampled, init_arrays, init_row
 from sidp_jax.engine.sampler import Sampled, SamplerFlags, prompt_logprobs, sample
 from sidp_jax.engine.step_inputs import EDIT_WIDTH, StepInputs, StepShape
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
@@ -51,10 +52,11 @@ def kv_bytes_per_page(cfg: ModelConfig, layout: Layout, page_size: int, dtype) -
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, layout: Layout, params: dict, *, num_pages: int, page_size: int,
                  kv_dtype, attention: str = "auto", was_runner: str = "auto", was_prefetch_depth: int = 1,
-                 token_buffer_width: int | None = None):
+                 token_buffer_width: int | None = None, max_num_seqs: int = 1):
         """token_buffer_width: rows of the sampled-token array every step returns (batch.
         token_buffer_width), so that the next step can read its tokens on the device whatever its
-        shape; None: each step's own rows."""
+        shape; None: each step's own rows. max_num_seqs: rows of each replica's penalty counts
+        (one per running sequence, plus the scratch row 0)."""
         attention = Attention(attention)  # the choices: sidp_jax/engine_config.py
         self.cfg, self.layout, self.params = cfg, layout, params
         self.num_pages, self.page_size = num_pages, page_size
@@ -63,6 +65,9 @@ class ModelRunner:
         shape = (layout.num_replicas, cfg.num_layers * num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype), out_shardings=self.kv_sharding)
         self.kv = {"k": zeros(), "v": zeros()}
+        counts_shape = (layout.num_replicas, max_num_seqs + 1, cfg.vocab_size)
+        self.counts = jax.jit(lambda: jnp.zeros(counts_shape, jnp.int32), out_shardings=self.batch_sharding)()
+        self._init_counts = self._build_init_counts()
         self._steps: dict = {}
         self.kernels = self._kernels(attention)
         self.tile_tokens = DEFAULT_TILE_TOKENS if self.kernels else None  # build_step lays out tiles
@@ -107,24 +112,46 @@ class ModelRunner:
         cfg, lay = self.cfg, self.layout
         tp_axis = "tp" if lay.tp > 1 else None
 
-        def local(params, kv, batch, samp):
+        def local(params, kv, counts, batch, samp):
             squeeze = functools.partial(jax.tree.map, lambda a: a[0])
-            kv, batch, samp = squeeze(kv), squeeze(batch), squeeze(samp)
+            kv, counts, batch, samp = squeeze(kv), squeeze(counts), squeeze(batch), squeeze(samp)
             batch = with_prev_tokens(batch)
             strategy = self._ffn(mode)
             logits, kv, x = forward(cfg, params, kv, batch, ffn_for=lambda l: (strategy, lay.ffn_weights(params, l)),
                                     attn_fn=self._attn_fn(attn, batch), tp_axis=tp_axis,
                                     skip_idle=lay.num_replicas > 1, return_hidden=True)
-            out = pad_tokens(sample(logits, samp, flags), batch["prev_tokens"].shape[0])
+            sampled = sample(logits, samp, counts=counts)
+            counts = jax.lax.cond(jnp.any(samp["count_slot"] > 0), lambda: count_sampled(counts, samp, sampled.tokens),
+                                  lambda: counts)
+            out = pad_tokens(sampled, batch["prev_tokens"].shape[0])
             if flags.prompt_logprobs >= 0:  # every token's logits: only in steps that asked for them
                 out.prompt = prompt_logprobs(head_logits(cfg, params, x), batch["next_token"], flags.prompt_logprobs)
             expand = functools.partial(jax.tree.map, lambda a: a[None])
-            return expand(out), expand(kv)
+            return expand(out), expand(kv), expand(counts)
 
         kv_specs = {"k": KV_SPEC, "v": KV_SPEC}
-        stepped = jax.shard_map(local, mesh=lay.mesh, in_specs=(lay.partition_specs(cfg), kv_specs, P("dp"), P("dp")),
-                                out_specs=(P("dp"), kv_specs), check_vma=False)
-        return jax.jit(stepped, donate_argnums=(1,), compiler_options=step_compiler_options(lay.platform))
+        stepped = jax.shard_map(local, mesh=lay.mesh,
+                                in_specs=(lay.partition_specs(cfg), kv_specs, P("dp"), P("dp"), P("dp")),
+                                out_specs=(P("dp"), kv_specs, P("dp")), check_vma=False)
+        return jax.jit(stepped, donate_argnums=(1, 2), compiler_options=step_compiler_options(lay.platform))
+
+    def _build_init_counts(self):
+        """(counts, replica, slot, ids, is_output) -> counts with that replica's row rewritten
+        (penalty_counts.init_row), each replica updating only its own shard's row."""
+        def local(counts, replica, slot, ids, is_output):
+            mine = jax.lax.axis_index("dp") == replica
+            new = init_row(counts[0], slot, ids, is_output)[slot]
+            return counts.at[0, slot].set(jnp.where(mine, new, counts[0, slot]))
+
+        stepped = jax.shard_map(local, mesh=self.layout.mesh, in_specs=(P("dp"), P(), P(), P(), P()),
+                                out_specs=P("dp"), check_vma=False)
+        return jax.jit(stepped, donate_argnums=(0,))
+
+    def init_penalty_counts(self, replica: int, slot: int, seq) -> None:
+        """Write a sequence's row of its replica's penalty counts from its known tokens (dispatched
+        asynchronously, before the step that reads it)."""
+        ids, is_output = init_arrays(seq)
+        self.counts = self._init_counts(self.counts, np.int32(replica), np.int32(slot), ids, is_output)
 
     def attention_kind(self, decode_only: bool) -> AttentionKind:
         if not self.kernels:
@@ -165,14 +192,15 @@ class ModelRunner:
         variant = f"{mode}/{attn}/T={shape.T}/S={shape.S}/MB={shape.MB}" + _sampler_variant(flags, samp)
         first = variant not in self.first_call_seconds
         t0 = time.perf_counter()
-        if mode == "was" and self.replica_was is not None and flags.prompt_logprobs < 0:  # per-replica WaS
-            out, self.kv = self.replica_was.run(self.kv, batch, samp, flags, attn)
+        if mode == "was" and self.replica_was is not None and flags.prompt_logprobs < 0 \
+                and not samp["penalty_slot"].any():  # per-replica WaS (penalty counts live in the SPMD step)
+            out, self.kv = self.replica_was.run(self.kv, batch, samp, attn)
         else:
             fn = self._compiled.get((mode, flags, attn, _signature(batch, samp)))
             self.precompiled_steps += fn is not None
             fn = fn or self.step_fn(mode, flags, shape.decode_only)
             batch, samp = jax.device_put((batch, samp), self.batch_sharding)
-            out, self.kv = fn(self.params, self.kv, batch, samp)
+            out, self.kv, self.counts = fn(self.params, self.kv, self.counts, batch, samp)
         if first:  # waits once per variant, to time its compilation
             jax.block_until_ready(out)
             self.first_call_seconds[variant] = time.perf_counter() - t0
@@ -203,7 +231,7 @@ class ModelRunner:
             mode, decode_only, T, S = job
             attn = self.attention_kind(decode_only)
             batch, samp = self.abstract_inputs(T, S, max_pages, decode_only)
-            exe = self.step_fn(mode, flags, decode_only).lower(self.params, self.kv, batch, samp).compile()
+            exe = self.step_fn(mode, flags, decode_only).lower(self.params, self.kv, self.counts, batch, samp).compile()
             return (mode, flags, attn, _signature(batch, samp)), exe
 
         workers = max(1, min(len(jobs), workers or int(os.environ.get("SIDP_JAX_COMPILE_WORKERS", "1"))))
@@ -232,8 +260,6 @@ def _sampler_variant(flags: SamplerFlags, samp: dict) -> str:
              if getattr(flags, f.name) != f.default]
     if samp["edit_ids"].shape[-1] != EDIT_WIDTH:
         parts.append(f"/edits={samp['edit_ids'].shape[-1]}")
-    if "history" in samp:
-        parts.append(f"/history={samp['history'].shape[-1]}")
     return "".join(parts)
 
 

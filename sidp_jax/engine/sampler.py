@@ -4,7 +4,8 @@ Semantics are vLLM's (v1 sampler), in its order:
   1. raw logprobs (of the logits as the model gave them) for the returned logprobs;
   2. edits: per-row sparse (token, bias) pairs: logit_bias, and -inf for tokens a row may not
      sample yet (min_tokens);
-  3. penalties: repetition (prompt and output tokens), frequency and presence (output tokens);
+  3. penalties: repetition (prompt and output tokens), frequency and presence (output tokens),
+     from token counts kept on the device;
   4. greedy rows take the argmax here;
   5. temperature, then min_p (on the temperature-scaled probabilities), then top_k, then top_p
      over the distribution renormalised after min_p and top_k (transformers agrees);
@@ -23,8 +24,8 @@ logprobs and ranks), so a greedy batch pays for none of it.
 
 A row's random draw depends only on (its seed, how many tokens it has generated), never on the
 rest of the batch, so seeded requests reproduce across batch compositions and preemptions.
-Penalties and prompt logprobs stay static flags (`SamplerFlags`): the first sends each row's
-token history, the second needs every token's logits.
+Penalties read token counts kept on the device (sidp_jax/engine/penalty_counts.py). Prompt
+logprobs stay a static flag (`SamplerFlags`): they need every token's logits.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sidp_jax.engine.penalty_counts import penalize
+
 NEG_INF = -jnp.inf
 MAX_LOGPROBS = 20  # the top-N width every step returns (SamplingParams.MAX_LOGPROBS)
 PIVOTS = 15  # thresholds tried per pass: 4 of a float32's 32 bits per pass ...
@@ -42,23 +45,7 @@ PASSES = 8  # ... so 8 passes find the exact threshold
 
 @dataclasses.dataclass(frozen=True)
 class SamplerFlags:
-    penalties: bool = False  # any presence / frequency / repetition penalty (the rows' token history is sent)
     prompt_logprobs: int = -1  # >= 0: every token's logprob of the next prompt token, and the top-N
-
-
-def _apply_penalties(logits, p):
-    S, V = logits.shape
-    hist = p["history"]  # [S, Lh] token ids, -1 padding
-    valid = hist >= 0
-    idx = jnp.where(valid, hist, V)  # out of range -> dropped
-    rows = jnp.arange(S)[:, None]
-    out_counts = jnp.zeros((S, V), jnp.float32).at[rows, idx].add(
-        (valid & p["history_is_output"]).astype(jnp.float32), mode="drop")
-    seen = jnp.zeros((S, V), jnp.bool_).at[rows, idx].set(True, mode="drop")
-    rp = p["repetition_penalty"][:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
-    logits = logits - p["frequency_penalty"][:, None] * out_counts
-    return logits - p["presence_penalty"][:, None] * (out_counts > 0)
 
 
 def ordered_keys(x: jax.Array) -> jax.Array:
@@ -176,14 +163,15 @@ def _apply_edits(logits: jax.Array, p: dict) -> jax.Array:
     return logits.at[jnp.arange(S)[:, None], jnp.where(ids >= 0, ids, V)].add(p["edit_bias"], mode="drop")
 
 
-def sample(logits: jax.Array, p: dict, flags: SamplerFlags = SamplerFlags(), gated: bool = True) -> Sampled:
-    """logits [S, V] float32 and the rows' sampling arrays (StepShape.sampling_fields) -> Sampled [S]."""
+def sample(logits: jax.Array, p: dict, gated: bool = True, counts: jax.Array | None = None) -> Sampled:
+    """logits [S, V] float32 and the rows' sampling arrays (StepShape.sampling_fields) -> Sampled [S].
+    counts: the replica's penalty token counts [slots, V] (None: no row has penalties)."""
     S, V = logits.shape
     lse = jax.nn.logsumexp(logits, axis=-1)  # raw logprobs = logits - lse
     raw = logits
     logits = _apply_edits(logits, p)
-    if flags.penalties:
-        logits = _apply_penalties(logits, p)
+    if counts is not None:
+        logits = _when(gated, jnp.any(p["penalty_slot"] > 0), lambda: penalize(logits, counts, p), logits)
     greedy = jnp.argmax(logits, axis=-1)
     temp = p["temperature"]
     sampling = temp > 0

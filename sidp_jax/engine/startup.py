@@ -8,6 +8,7 @@ import jax
 
 from sidp_jax.engine.memory import compiled_temp_bytes, device_memory, free_bytes_for_kv
 from sidp_jax.engine.model_runner import ModelRunner, kv_bytes_per_page
+from sidp_jax.engine.penalty_counts import counts_bytes
 from sidp_jax.engine.sampler import SamplerFlags
 from sidp_jax.engine.scheduler import Scheduler
 from sidp_jax.engine.step_inputs import bucket, mixed_rows, mixed_tokens, step_shapes, token_buffer_width
@@ -56,7 +57,7 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
     decode-only steps have at most as many tokens and run the decode kernel or the reference."""
     batch, samp = runner.abstract_inputs(max_tokens, max_rows, max_pages, decode_only=False)
     fn = runner.step_fn(mode, SamplerFlags())
-    return compiled_temp_bytes(fn.lower(runner.params, runner.kv, batch, samp).compile())
+    return compiled_temp_bytes(fn.lower(runner.params, runner.kv, runner.counts, batch, samp).compile())
 
 
 def build_runner(llm, config: EngineConfig):
@@ -102,7 +103,7 @@ def build_runner(llm, config: EngineConfig):
             if replicas and "was" in modes:
                 extra = replica_was_extra_bytes(cfg, layout.num_replicas, shape[0], llm.dtype, was_prefetch_depth)
                 temps["was"] = temps["cas"] + extra
-            temp = max(temps.values())
+            temp = max(temps.values()) + counts_bytes(cfg, max_num_seqs)  # the real runner's penalty counts
             step_temps = {m: round(t / 2**30, 2) for m, t in temps.items() if m in modes}
             free = free_bytes_for_kv(devices, utilization, temp)
             if free < 2 * page_bytes:
@@ -113,7 +114,8 @@ def build_runner(llm, config: EngineConfig):
             source = f"free memory (step temporaries {temp / 2**30:.2f} GiB: {step_temps})"
     runner = ModelRunner(cfg, layout, params, num_pages=num_pages, page_size=page_size, kv_dtype=llm.kv_dtype,
                          attention=attention, was_runner=was_runner, was_prefetch_depth=was_prefetch_depth,
-                         token_buffer_width=token_buffer_width(max_num_batched_tokens, max_num_seqs))
+                         token_buffer_width=token_buffer_width(max_num_batched_tokens, max_num_seqs),
+                         max_num_seqs=max_num_seqs)
 
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens,
                           enable_prefix_caching=config.enable_prefix_caching)

@@ -128,20 +128,18 @@ class StepShape:
             fields["next_token"] = (i32, (T,), -1)
         return fields
 
-    def sampling_fields(self, edit_width: int = EDIT_WIDTH, history_width: int = 0) -> Fields:
+    def sampling_fields(self, edit_width: int = EDIT_WIDTH) -> Fields:
         """The sampler's runtime options per row (every mix runs the same program). edit_width:
-        the (token, bias) pairs per row (logit_bias, banned tokens); history_width > 0: the
-        penalties' arrays too (SamplerFlags.penalties)."""
+        the (token, bias) pairs per row (logit_bias, banned tokens). penalty_slot: the row's
+        penalty counts (0: none); count_slot: where its sampled token is counted (0: nowhere)."""
         S, f32 = self.S, np.float32
         fields = {"temperature": (f32, (S,), 0.0), "top_p": (f32, (S,), 1.0), "top_k": (np.int32, (S,), 0),
                   "min_p": (f32, (S,), 0.0), "seed": (np.uint32, (S,), 0), "step": (np.int32, (S,), 0),
                   "num_logprobs": (np.int32, (S,), -1),
-                  "edit_ids": (np.int32, (S, edit_width), -1), "edit_bias": (f32, (S, edit_width), 0.0)}
-        if history_width:
-            fields.update(history=(np.int32, (S, history_width), -1),
-                          history_is_output=(np.bool_, (S, history_width), False),
-                          presence_penalty=(f32, (S,), 0.0), frequency_penalty=(f32, (S,), 0.0),
-                          repetition_penalty=(f32, (S,), 1.0))
+                  "edit_ids": (np.int32, (S, edit_width), -1), "edit_bias": (f32, (S, edit_width), 0.0),
+                  "penalty_slot": (np.int32, (S,), 0), "count_slot": (np.int32, (S,), 0),
+                  "presence_penalty": (f32, (S,), 0.0), "frequency_penalty": (f32, (S,), 0.0),
+                  "repetition_penalty": (f32, (S,), 1.0)}
         return fields
 
     def arrays(self, fields: Fields) -> dict[str, np.ndarray]:
@@ -187,10 +185,9 @@ def wants_prompt_logprobs(c: ScheduledChunk) -> bool:
 
 
 def sampler_flags(chunks: list[ScheduledChunk]) -> SamplerFlags:
-    """The sampler's static options: only penalties and prompt logprobs (the rest are arrays)."""
+    """The sampler's static options: only prompt logprobs (the rest are arrays)."""
     prompt_k = max((c.seq.params.prompt_logprobs for c in chunks if wants_prompt_logprobs(c)), default=-1)
-    return SamplerFlags(penalties=any(c.seq.params.uses_penalties for c in chunks),
-                        prompt_logprobs=bucket(prompt_k, 1, 20) if prompt_k > 0 else prompt_k)
+    return SamplerFlags(prompt_logprobs=bucket(prompt_k, 1, 20) if prompt_k > 0 else prompt_k)
 
 
 def banned_tokens(seq, eos_ids: list[int]) -> list[int]:
@@ -213,7 +210,9 @@ def fill_replica(r: int, plan: list[ScheduledChunk], shape: StepShape, batch: di
     and per-element numpy writes dominated the host's time per step."""
     P, t = page_size, 0
     ids, pos, slots, rows, spans, from_prev = [], [], [], [], [], []
-    per_row = {k: [] for k in ("temperature", "top_p", "top_k", "min_p", "seed", "step", "num_logprobs")}
+    per_row = {k: [] for k in ("temperature", "top_p", "top_k", "min_p", "seed", "step", "num_logprobs",
+                               "penalty_slot", "count_slot", "presence_penalty", "frequency_penalty",
+                               "repetition_penalty")}
     for row, c in enumerate(plan):
         seq, n, start = c.seq, c.num_tokens, c.start
         pages = seq.page_array()
@@ -241,7 +240,9 @@ def fill_replica(r: int, plan: list[ScheduledChunk], shape: StepShape, batch: di
         p = seq.params
         for k, v in (("temperature", p.temperature), ("top_p", p.top_p), ("top_k", p.top_k), ("min_p", p.min_p),
                      ("seed", seq.seed), ("step", seq.num_generated),
-                     ("num_logprobs", -1 if p.logprobs is None else p.logprobs)):
+                     ("num_logprobs", -1 if p.logprobs is None else p.logprobs), ("penalty_slot", seq.penalty_slot),
+                     ("count_slot", seq.penalty_slot if c.samples else 0), ("presence_penalty", p.presence_penalty),
+                     ("frequency_penalty", p.frequency_penalty), ("repetition_penalty", p.repetition_penalty)):
             per_row[k].append(v)
     batch["tokens"][r, :t], batch["positions"][r, :t] = ids, pos
     batch["slots"][r, :t], batch["token_seq"][r, :t] = slots, rows
@@ -265,19 +266,6 @@ def fill_next_tokens(r: int, plan: list[ScheduledChunk], next_token: np.ndarray)
         t += c.num_tokens
 
 
-def fill_penalties(plans: list[list[ScheduledChunk]], samp: dict) -> None:
-    """Each row's token history (prompt and output, the output marked) and penalty values."""
-    for r, plan in enumerate(plans):
-        for row, c in enumerate(plan):
-            seq = c.seq
-            assert not seq.num_pending, "penalties need every earlier token on the host"
-            hist = seq.all_ids
-            samp["history"][r, row, :len(hist)] = hist
-            samp["history_is_output"][r, row, len(seq.prompt_ids):len(hist)] = True
-            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-                samp[name][r, row] = getattr(seq.params, name)
-
-
 def build_step(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[int], max_tokens_bucket: int,
                max_rows_bucket: int, max_pages_bucket: int, tile_tokens: int | None = None) -> StepInputs:
     """The step's arrays for the scheduler's plans (one list of chunks per replica)."""
@@ -287,9 +275,8 @@ def build_step(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[
     edits = {(r, row): pairs for r, p in enumerate(plans) for row, c in enumerate(p)
              if (pairs := logit_edits(c.seq, eos_ids))}
     edit_width = bucket(max(map(len, edits.values())), EDIT_WIDTH, 1 << 16) if edits else EDIT_WIDTH
-    history_width = bucket(max(c.seq.num_tokens for c in chunks), 16, 1 << 20) if flags.penalties else 0
     batch = shape.arrays(shape.batch_fields(flags.prompt_logprobs >= 0))
-    samp = shape.arrays(shape.sampling_fields(edit_width, history_width))
+    samp = shape.arrays(shape.sampling_fields(edit_width))
     if shape.decode_only:
         batch["token_seq"][:] = np.arange(shape.T)  # padding tokens: their own (all-zero, scratch-page) rows
     for r, plan in enumerate(plans):
@@ -298,6 +285,4 @@ def build_step(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[
             fill_next_tokens(r, plan, batch["next_token"])
     for (r, row), pairs in edits.items():
         samp["edit_ids"][r, row, :len(pairs)], samp["edit_bias"][r, row, :len(pairs)] = zip(*pairs)
-    if flags.penalties:
-        fill_penalties(plans, samp)
     return StepInputs(shape, batch, samp, flags)

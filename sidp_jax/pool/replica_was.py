@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import step_compiler_options
-from sidp_jax.engine.sampler import SamplerFlags, sample
+from sidp_jax.engine.sampler import sample
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 from sidp_jax.engine_config import WasRunner
 from sidp_jax.models.decoder import embed, ffn_down, ffn_hidden, head_logits, layer, paged_attend
@@ -142,7 +142,7 @@ class ReplicaWaS:
         self._embed = jax.jit(lambda p, b, prev: embed(cfg, p, with_prev_tokens(dict(b, prev_tokens=prev[0]))))
         self._layer = jax.jit(self._one_layer, donate_argnums=(3,), static_argnums=(8,),
                               compiler_options=step_compiler_options(layout.platform))
-        self._head = jax.jit(self._one_head, static_argnums=(4, 5))
+        self._head = jax.jit(self._one_head, static_argnums=(4,))
 
     def _one_layer(self, w, fetched, h, kv, layer_index, batch, cos, sin, attn: str):
         kv = jax.tree.map(lambda a: a[0], kv)
@@ -151,11 +151,12 @@ class ReplicaWaS:
                       attend=paged_attend(self.cfg, layer_index, batch, self.attn_fn_for(attn, batch)))
         return h, jax.tree.map(lambda a: a[None], kv)
 
-    def _one_head(self, p, x, b, s, flags: SamplerFlags, width: int):
-        out = pad_tokens(sample(head_logits(self.cfg, p, x, b), s, flags), width)
+    def _one_head(self, p, x, b, s, width: int):
+        """Logits and sampling (no row has penalties here: those steps run the SPMD program)."""
+        out = pad_tokens(sample(head_logits(self.cfg, p, x, b), s), width)
         return jax.tree.map(lambda a: a[None], out)
 
-    def run(self, kv: dict, batch: dict, samp: dict, flags: SamplerFlags, attn: str = "reference"):
+    def run(self, kv: dict, batch: dict, samp: dict, attn: str = "reference"):
         """kv: the global cache; batch/samp: numpy [D, ...], but batch["prev_tokens"]: the previous
         step's tokens [D, W] on the devices; attn: the step's attention kind
         (ModelRunner.attention_kind). Returns (outputs [D, ...] on the devices, kv); nothing waits."""
@@ -181,7 +182,7 @@ class ReplicaWaS:
         for r in active:
             x, b, _, _ = state[r]
             s = jax.device_put({k: v[r] for k, v in samp.items()}, self.devices[r])
-            outs[r] = self._head(self.local[r], x, b, s, flags, prev.shape[1])
+            outs[r] = self._head(self.local[r], x, b, s, prev.shape[1])
         kv = {k: jax.make_array_from_single_device_arrays(kv[k].shape, self.kv_sharding, [c[k] for c in kvs])
               for k in kv}
         template = next(iter(outs.values()))
