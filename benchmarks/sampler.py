@@ -60,7 +60,8 @@ def rows_for(mix: str, S: int, W: int = 16) -> dict:
             "frequency_penalty": col("frequency_penalty", 0.0, jnp.float32),
             "top_p": col("top_p", 1.0, jnp.float32), "min_p": col("min_p", 0.0, jnp.float32),
             "num_logprobs": col("num_logprobs", -1, jnp.int32), "seed": jnp.arange(S, dtype=jnp.uint32),
-            "step": jnp.zeros(S, jnp.int32), "edit_ids": jnp.asarray(ids), "edit_bias": jnp.asarray(bias)}
+            "step": jnp.zeros(S, jnp.int32), "edit_ids": jnp.asarray(ids), "edit_bias": jnp.asarray(bias),
+            "edit_allow": jnp.zeros((S, W), bool)}
 
 
 def sort_sampler(logits, p):

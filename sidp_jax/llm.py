@@ -145,9 +145,30 @@ class LLM:
         if isinstance(prompt, dict) and prompt.get("sampling_params") is not None:
             sp = prompt["sampling_params"]
         text, ids = self._prompt_ids(prompt)
-        req = Request(self._request_counter, text, ids, sp or self.default_sampling_params())
+        sp = sp or self.default_sampling_params()
+        if sp.truncate_prompt_tokens is not None:  # keep the last k (vLLM's left truncation)
+            keep = self.max_model_len - 1 if sp.truncate_prompt_tokens == -1 else sp.truncate_prompt_tokens
+            ids = ids[-keep:]
+        req = Request(self._request_counter, text, ids, sp)
+        if sp.bad_words:
+            req.bad_word_ids = self._bad_word_ids(sp.bad_words)
         self._request_counter += 1
         return req
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token ids as vLLM finds them: the word as written (leading spaces
+        stripped), and with one leading space where that tokenizes to other tokens of the same
+        count (a word-initial form)."""
+        if self.tokenizer is None:
+            raise ValueError(f"SamplingParams.bad_words needs a tokenizer; model {self.model!r} has none")
+        out = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            out.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return [ids for ids in out if ids]
 
     def _requests(self, prompts, sampling_params) -> tuple[Iterator[Request], int | None]:
         """(requests, how many: None for an iterable). A list of prompts is checked up front (a bad

@@ -30,6 +30,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's keys may be strings)
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words: list[str] | None = None  # never generate these words (each as the tokenizer splits it)
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    spaces_between_special_tokens: bool = True  # vLLM's name; see the field's check below
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: max_model_len - 1)
 
     MAX_LOGPROBS = 20
     MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias value
@@ -49,6 +55,12 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.logit_bias = self._token_map("logit_bias", self.logit_bias)
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (list, tuple)):
+            self._fail("allowed_token_ids", "must be a list of token ids")
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        if self.bad_words is not None and not isinstance(self.bad_words, (list, tuple)):
+            self._fail("bad_words", "must be a list of strings")
         self._validate()
 
     def _token_map(self, field: str, value) -> dict[int, float] | None:
@@ -107,10 +119,24 @@ class SamplingParams:
         self._real("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
         self._real("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")
         self._real("repetition_penalty", lambda v: v > 0, "> 0")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            if not self.allowed_token_ids or any(not _is_int(t) or not 0 <= t <= big for t in self.allowed_token_ids):
+                self._fail("allowed_token_ids", f"must be a non-empty list of integers in [0, {big}]")
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
+            if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+                self._fail("bad_words", "must be non-blank strings")
+        for flag in ("include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, flag), bool):
+                self._fail(flag, "must be true or false")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
+            self._int("truncate_prompt_tokens", 1, big)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids the engine will look up must exist in the model's vocabulary."""
-        for field, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {})):
+        for field, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or {}),
+                           ("allowed_token_ids", self.allowed_token_ids or [])):
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 raise ValueError(f"SamplingParams.{field} token ids must be below the vocabulary size {vocab_size}, "

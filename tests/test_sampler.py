@@ -54,7 +54,8 @@ def device_params(p: dict, S: int, W: int = 2) -> dict:
             "step": jnp.asarray(p.get("step", np.zeros(S)), jnp.int32),
             "num_logprobs": jnp.asarray(p.get("num_logprobs", np.full(S, -1)), jnp.int32),
             "edit_ids": jnp.asarray(p.get("edit_ids", np.full((S, W), -1)), jnp.int32),
-            "edit_bias": jnp.asarray(p.get("edit_bias", np.zeros((S, W))), jnp.float32)}
+            "edit_bias": jnp.asarray(p.get("edit_bias", np.zeros((S, W))), jnp.float32),
+            "edit_allow": jnp.asarray(p.get("edit_allow", np.zeros((S, W), bool)))}
 
 
 def kept_by_sampler(logits: np.ndarray, p: dict, gated: bool = True) -> np.ndarray:
@@ -158,6 +159,25 @@ def test_logit_bias_and_bans_apply_before_greedy_and_the_logprobs_are_raw():
     assert np.asarray(out.rank)[0] == 1 + (lp[0] > lp[0, 7]).sum()
     assert np.array_equal(np.asarray(out.top_ids)[0, :3], np.argsort(-lp[0])[:3])
     np.testing.assert_allclose(np.asarray(out.top_logprobs)[0], np.sort(lp[0])[::-1][:MAX_LOGPROBS], rtol=1e-5)
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_rows_alike():
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((4, 60)).astype(np.float32)
+    p = rows_params(4, rng, top_k=0, top_p=1.0, min_p=0.0)
+    p["temperature"] = np.array([0.0, 1.0, 1.0, 0.0])
+    p["edit_ids"] = np.array([[3, 9, 9], [3, 9, 17], [-1, -1, -1], [5, 5, -1]])
+    p["edit_bias"] = np.array([[0.0, 0.0, 4.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 50.0, 0.0]])
+    p["edit_allow"] = np.array([[True, True, False], [True, True, True], [False] * 3, [False, False, False]])
+    out = jax.jit(sample)(jnp.asarray(logits), device_params(p, 4, W=3))
+    tokens = np.asarray(out.tokens)
+    assert tokens[0] in (3, 9) and tokens[0] == (9 if logits[0, 9] + 4 > logits[0, 3] else 3)  # bias on an allowed id
+    assert tokens[1] in (3, 9, 17)
+    assert tokens[3] == 5  # a bias alone restricts nothing; +50 wins
+    draws = jax.jit(sample)(jnp.asarray(np.tile(logits[1], (400, 1))),
+                            device_params({**{k: np.repeat(v[1:2], 400, axis=0) for k, v in p.items()},
+                                           "seed": np.arange(400)}, 400, W=3)).tokens
+    assert set(np.asarray(draws).tolist()) == {3, 9, 17}
 
 
 def test_a_batch_with_no_logprobs_returns_zero_top_arrays():

@@ -24,6 +24,7 @@ class Request:
     def __init__(self, index: int, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
         self.index, self.prompt, self.prompt_ids, self.params = index, prompt, prompt_ids, params
         self.seqs: list[Sequence] = []
+        self.bad_word_ids: list[list[int]] = []  # SamplingParams.bad_words as token ids (LLM._bad_word_ids)
         self.metrics = RequestMetrics(arrival_time=time.time())
 
     @property
@@ -91,6 +92,7 @@ class Engine:
             budget = self.max_model_len - len(req.prompt_ids)
             max_tokens = budget if p.max_tokens is None else min(p.max_tokens, budget)
             seq = Sequence(self._next_seq_id, req.index, i, req.prompt_ids, p, seed, max_tokens)
+            seq.bad_word_ids = req.bad_word_ids
             self._next_seq_id += 1
             req.seqs.append(seq)
             self.scheduler.add(seq)
@@ -116,7 +118,7 @@ class Engine:
         t0 = time.perf_counter()
         finished: list[Sequence] = []
         plans = self.scheduler.schedule()
-        if self._inflight is not None and self.penalty_slots.waits_for_host_tokens(plans):
+        if self._inflight is not None and (self.penalty_slots.waits_for_host_tokens(plans) or _bad_words_wait(plans)):
             finished += self._apply(self._take_inflight())
             plans = [[c for c in plan if c.seq.finish_reason is None] for plan in plans]
         for seq, replica, slot in self.penalty_slots.assign(plans):  # before the step that reads them
@@ -199,7 +201,7 @@ class Engine:
         if p.logprobs is not None:
             seq.output_logprobs.append(self._logprobs(token, out.logprob[r, row], out.rank[r, row],
                                                       out.top_ids, out.top_logprobs, (r, row), p.logprobs))
-        decode = self.tokenizer.decode if self.tokenizer else None
+        decode = (lambda ids: self.tokenizer.decode(ids, p.skip_special_tokens)) if self.tokenizer else None
         stop = check_stop(seq.output_ids, p, seq.max_tokens, self.eos_ids, decode)
         if stop is None:
             return False
@@ -239,3 +241,8 @@ class Engine:
                 "steps_found_ready": self.steps_found_ready, "device_fed_tokens": self.device_fed_tokens,
                 **self.scheduler.prefix_cache_stats()}
 
+
+def _bad_words_wait(plans: list[list[ScheduledChunk]]) -> bool:
+    """A bad word of several tokens is banned by matching the output's newest tokens on the host,
+    so a row that has one cannot leave its newest token on the device."""
+    return any(c.seq.num_pending and any(len(ids) > 1 for ids in c.seq.bad_word_ids) for plan in plans for c in plan)

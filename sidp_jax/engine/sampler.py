@@ -2,8 +2,8 @@
 
 Semantics are vLLM's (v1 sampler), in its order:
   1. raw logprobs (of the logits as the model gave them) for the returned logprobs;
-  2. edits: per-row sparse (token, bias) pairs: logit_bias, and -inf for tokens a row may not
-     sample yet (min_tokens);
+  2. edits: allowed_token_ids (every other token -inf), then per-row sparse (token, bias)
+     pairs: logit_bias, and -inf for tokens a row may not sample (min_tokens, bad words);
   3. penalties: repetition (prompt and output tokens), frequency and presence (output tokens),
      from token counts kept on the device;
   4. greedy rows take the argmax here;
@@ -156,11 +156,20 @@ def prompt_logprobs(all_logits: jax.Array, next_token: jax.Array, k: int) -> Pro
     return out
 
 
-def _apply_edits(logits: jax.Array, p: dict) -> jax.Array:
-    """Add each row's sparse (token, bias) edits: logit_bias, and -inf for banned tokens."""
+def _apply_edits(logits: jax.Array, p: dict, gated: bool) -> jax.Array:
+    """Each row's sparse edits: where a row lists allowed tokens (allowed_token_ids) every other
+    token gets -inf; then each (token, bias) pair is added (logit_bias, -inf for banned tokens)."""
     S, V = logits.shape
-    ids = p["edit_ids"]  # [S, W], -1 padding
-    return logits.at[jnp.arange(S)[:, None], jnp.where(ids >= 0, ids, V)].add(p["edit_bias"], mode="drop")
+    rows, ids = jnp.arange(S)[:, None], p["edit_ids"]  # [S, W], -1 padding
+    cols = jnp.where(ids >= 0, ids, V)  # padding -> dropped
+    allow = p["edit_allow"]
+
+    def only_allowed():
+        allowed = jnp.zeros((S, V), jnp.int32).at[rows, cols].max(allow.astype(jnp.int32), mode="drop") > 0
+        return jnp.where(jnp.any(allow, axis=1)[:, None] & ~allowed, NEG_INF, logits)
+
+    logits = _when(gated, jnp.any(allow), only_allowed, logits)
+    return logits.at[rows, cols].add(p["edit_bias"], mode="drop")
 
 
 def sample(logits: jax.Array, p: dict, gated: bool = True, counts: jax.Array | None = None) -> Sampled:
@@ -169,7 +178,7 @@ def sample(logits: jax.Array, p: dict, gated: bool = True, counts: jax.Array | N
     S, V = logits.shape
     lse = jax.nn.logsumexp(logits, axis=-1)  # raw logprobs = logits - lse
     raw = logits
-    logits = _apply_edits(logits, p)
+    logits = _apply_edits(logits, p, gated)
     if counts is not None:
         logits = _when(gated, jnp.any(p["penalty_slot"] > 0), lambda: penalize(logits, counts, p), logits)
     greedy = jnp.argmax(logits, axis=-1)

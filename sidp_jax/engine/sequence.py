@@ -46,6 +46,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens its first admission found cached
         self.num_preemptions = 0
         self.penalty_slot = 0  # its row of the replica's penalty counts (0: none; engine/penalty_counts.py)
+        self.bad_word_ids: list[list[int]] = []  # its request's bad words as token ids
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = ""

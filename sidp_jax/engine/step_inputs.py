@@ -130,13 +130,14 @@ class StepShape:
 
     def sampling_fields(self, edit_width: int = EDIT_WIDTH) -> Fields:
         """The sampler's runtime options per row (every mix runs the same program). edit_width:
-        the (token, bias) pairs per row (logit_bias, banned tokens). penalty_slot: the row's
+        the (token, bias, allowed) triples per row (allowed_token_ids, logit_bias, banned tokens). penalty_slot: the row's
         penalty counts (0: none); count_slot: where its sampled token is counted (0: nowhere)."""
         S, f32 = self.S, np.float32
         fields = {"temperature": (f32, (S,), 0.0), "top_p": (f32, (S,), 1.0), "top_k": (np.int32, (S,), 0),
                   "min_p": (f32, (S,), 0.0), "seed": (np.uint32, (S,), 0), "step": (np.int32, (S,), 0),
                   "num_logprobs": (np.int32, (S,), -1),
                   "edit_ids": (np.int32, (S, edit_width), -1), "edit_bias": (f32, (S, edit_width), 0.0),
+                  "edit_allow": (np.bool_, (S, edit_width), False),
                   "penalty_slot": (np.int32, (S,), 0), "count_slot": (np.int32, (S,), 0),
                   "presence_penalty": (f32, (S,), 0.0), "frequency_penalty": (f32, (S,), 0.0),
                   "repetition_penalty": (f32, (S,), 1.0)}
@@ -197,10 +198,21 @@ def banned_tokens(seq, eos_ids: list[int]) -> list[int]:
     return ([] if seq.params.ignore_eos else list(eos_ids)) + seq.params.stop_token_ids
 
 
-def logit_edits(seq, eos_ids: list[int]) -> list[tuple[int, float]]:
-    """A row's (token, bias) pairs this step: its logit_bias, then -inf on the tokens it may not
-    sample yet (a bias plus -inf stays -inf)."""
-    return list((seq.params.logit_bias or {}).items()) + [(t, -np.inf) for t in banned_tokens(seq, eos_ids)]
+def bad_word_bans(seq) -> list[int]:
+    """vLLM's bad words: a word's last token is banned where the output ends with the rest of it
+    (a one-token word: always)."""
+    out = seq.output_ids
+    return [ids[-1] for ids in seq.bad_word_ids
+            if len(ids) == 1 or (len(out) >= len(ids) - 1 and out[len(out) - len(ids) + 1:] == ids[:-1])]
+
+
+def logit_edits(seq, eos_ids: list[int]) -> list[tuple[int, float, bool]]:
+    """A row's (token, bias, allowed) triples this step: allowed_token_ids (only those may be
+    sampled), its logit_bias, then -inf on the tokens it may not sample yet or must never (a bias
+    plus -inf stays -inf)."""
+    p = seq.params
+    return ([(t, 0.0, True) for t in p.allowed_token_ids or ()] + [(t, b, False) for t, b in (p.logit_bias or {}).items()]
+            + [(t, -np.inf, False) for t in banned_tokens(seq, eos_ids) + bad_word_bans(seq)])
 
 
 def fill_replica(r: int, plan: list[ScheduledChunk], shape: StepShape, batch: dict, samp: dict,
@@ -284,5 +296,6 @@ def build_step(plans: list[list[ScheduledChunk]], page_size: int, eos_ids: list[
         if flags.prompt_logprobs >= 0:
             fill_next_tokens(r, plan, batch["next_token"])
     for (r, row), pairs in edits.items():
-        samp["edit_ids"][r, row, :len(pairs)], samp["edit_bias"][r, row, :len(pairs)] = zip(*pairs)
+        n = len(pairs)
+        samp["edit_ids"][r, row, :n], samp["edit_bias"][r, row, :n], samp["edit_allow"][r, row, :n] = zip(*pairs)
     return StepInputs(shape, batch, samp, flags)

@@ -12,7 +12,7 @@ from sidp_jax.sampling_params import SamplingParams
 class Stop:
     finish_reason: str  # "stop" or "length"
     stop_reason: int | str | None = None  # the stop token id or stop string; None for EOS and length
-    text: str | None = None  # the output text cut before the stop string (only for stop strings)
+    text: str | None = None  # the text cut before the stop string, or after it with include_stop_str_in_output
 
 
 def check_stop(output_ids: list[int], params: SamplingParams, max_tokens: int, eos_ids: list[int],
@@ -25,14 +25,16 @@ def check_stop(output_ids: list[int], params: SamplingParams, max_tokens: int, e
             return Stop("stop")
         if token in params.stop_token_ids:
             return Stop("stop", token)
-        if params.stop and decode is not None and (hit := stop_string(output_ids, params.stop, decode)):
+        if params.stop and decode is not None and \
+                (hit := stop_string(output_ids, params.stop, decode, params.include_stop_str_in_output)):
             return hit
     if n >= max_tokens:
         return Stop("length")
     return None
 
 
-def stop_string(output_ids: list[int], stops: list[str], decode: Callable[[list[int]], str]) -> Stop | None:
+def stop_string(output_ids: list[int], stops: list[str], decode: Callable[[list[int]], str],
+                include: bool = False) -> Stop | None:
     """Checked after every token, so a stop string that just appeared ends in the newest token:
     decode only a tail window wide enough to hold it (4 tokens per character covers byte-level
     pieces, plus slack for the window's ragged start), and the whole output only on a hit (to
@@ -45,4 +47,4 @@ def stop_string(output_ids: list[int], stops: list[str], decode: Callable[[list[
     if not hits:
         return None
     pos, s = min(hits)
-    return Stop("stop", s, text[:pos])
+    return Stop("stop", s, text[:pos + len(s)] if include else text[:pos])
