@@ -139,6 +139,46 @@ def test_logit_bias_steers_greedy_and_bad_keys_name_the_field(qwen3):
     assert bad.error and "logit_bias" in bad.error and "vocabulary" in bad.error
 
 
+def test_vllm_text_and_prompt_fields(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    tok = qwen3.tokenizer
+    full = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
+    text = full.outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    kept = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop],
+                                                     include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[:text.index(stop) + len(stop)] and kept.stop_reason == stop
+    # truncate_prompt_tokens keeps the prompt's last k tokens: the same as sending only those
+    k = len(prompts[1]) // 2
+    cut = qwen3.generate(prompts[1], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                    truncate_prompt_tokens=k), use_tqdm=False)[0]
+    tail = qwen3.generate(prompts[1][-k:], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert cut.prompt_token_ids == prompts[1][-k:] and cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    # skip_special_tokens=False keeps a special token's text
+    special = tok.encode("<|im_end|>", add_special_tokens=False)
+    assert len(special) == 1
+    forced = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logit_bias={special[0]: 100})
+    shown = qwen3.generate(prompts[0], forced.replace(skip_special_tokens=False), use_tqdm=False)[0].outputs[0]
+    hidden = qwen3.generate(prompts[0], forced, use_tqdm=False)[0].outputs[0]
+    assert "<|im_end|>" in shown.text and "<|im_end|>" not in hidden.text
+
+
+def test_bad_words_are_never_generated(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    text = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0]
+    first = qwen3.tokenizer.decode(text.token_ids[:2])  # a two-token "word" the model says at once
+    assert len(qwen3.tokenizer.encode(first.lstrip())) >= 1
+    for words in ([qwen3.tokenizer.decode(text.token_ids[:1])], [first]):
+        out = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, bad_words=words),
+                             use_tqdm=False)[0].outputs[0]
+        for ids in qwen3._bad_word_ids(words):
+            n = len(ids)
+            assert all(out.token_ids[i:i + n] != ids for i in range(len(out.token_ids))), (words, ids, out.token_ids)
+        assert out.token_ids != text.token_ids
+
+
 def test_every_sampling_mix_runs_the_programs_greedy_compiled():
     """The sampler's options are runtime arrays: after a greedy run, mixes of temperature, top_k,
     top_p, min_p, logprobs and logit_bias compile no new step program."""

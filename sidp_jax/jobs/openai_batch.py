@@ -46,7 +46,8 @@ URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 LINE_KEYS = ("custom_id", "method", "url", "body")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
-                   "logit_bias")
+                   "logit_bias", "allowed_token_ids", "bad_words", "include_stop_str_in_output", "skip_special_tokens",
+                   "spaces_between_special_tokens", "truncate_prompt_tokens")  # the last six: vLLM's extra fields
 IGNORED_FIELDS = ("model", "user")
 ENDPOINT_FIELDS = {
     "chat": ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template_kwargs"),
