@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import step_compiler_options
-from sidp_jax.engine.penalty_counts import count_sampled, init_arrays, init_row
+from sidp_jax.engine.penalty_counts import count_sampled, init_arrays, init_lengths, init_row
 from sidp_jax.engine.sampler import Sampled, SamplerFlags, prompt_logprobs, sample
 from sidp_jax.engine.step_inputs import EDIT_WIDTH, StepInputs, StepShape
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
@@ -220,11 +220,14 @@ class ModelRunner:
         compile. shapes: batch.step_shapes. workers (default $SIDP_JAX_COMPILE_WORKERS, else 1):
         compiles at once. One by default: XLA autotunes each GEMM by timing it on the GPU, and
         concurrent compiles would time their candidates against each other. Returns the seconds."""
+        t0 = time.perf_counter()
+        for L in init_lengths(max_pages * self.page_size):  # the penalty rows' small programs, on scratch row 0
+            self.counts = self._init_counts(self.counts, np.int32(0), np.int32(0), np.full(L, -1, np.int32),
+                                            np.zeros(L, np.bool_))
         jobs = [(mode, decode_only, T, S) for mode in modes for decode_only, T, S in shapes
                 if not (mode == "was" and self.replica_was is not None)]
         if not jobs:
-            return 0.0
-        t0 = time.perf_counter()
+            return time.perf_counter() - t0
         flags = SamplerFlags()
 
         def compile_one(job):

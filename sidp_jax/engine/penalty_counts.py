@@ -53,12 +53,18 @@ def init_row(counts: jax.Array, slot: jax.Array, ids: jax.Array, is_output: jax.
     return counts.at[slot].set(row)
 
 
+def init_lengths(max_len: int) -> list[int]:
+    """The padded lengths init_arrays makes for sequences of up to max_len tokens."""
+    lengths = [INIT_MIN_LEN]
+    while lengths[-1] < max_len:
+        lengths.append(2 * lengths[-1])
+    return lengths
+
+
 def init_arrays(seq) -> tuple[np.ndarray, np.ndarray]:
     """The sequence's known tokens (prompt, then outputs) padded to a power of two >= INIT_MIN_LEN."""
     n = seq.num_host_tokens
-    L = INIT_MIN_LEN
-    while L < n:
-        L *= 2
+    L = init_lengths(n)[-1]
     ids = np.full(L, -1, np.int32)
     ids[:n] = seq.all_ids
     is_output = np.zeros(L, np.bool_)
