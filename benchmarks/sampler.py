@@ -29,7 +29,7 @@ import numpy as np
 
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from sidp_jax.engine.penalty_counts import count_sampled
-from sidp_jax.engine.sampler import sample
+from sidp_jax.engine.sampler import PIVOTS, ordered_keys, sample
 
 MIXES = {  # name -> per-row options (vLLM's names); every unnamed option is off
     "greedy": dict(temperature=0.0),
@@ -124,6 +124,19 @@ def main():
                      **timed(variants[name], (logits, p, counts), args.reps)}
                 rows.append(r)
                 print(r, flush=True)
+        keys = ordered_keys(logits)
+        piv = jnp.sort(keys[:, :PIVOTS], axis=1)
+        e = jnp.exp(logits - logits.max(axis=1, keepdims=True))
+        passes = {  # one pass of the threshold search, pivots as the minor axis (the engine's) or the major
+            "count [S,V,P]": lambda k, q, w: jnp.sum(k[:, :, None] >= q[:, None, :], axis=1, dtype=jnp.int32),
+            "count [S,P,V]": lambda k, q, w: jnp.sum(k[:, None, :] >= q[:, :, None], axis=2, dtype=jnp.int32),
+            "mass [S,V,P]": lambda k, q, w: jnp.sum(jnp.where(k[:, :, None] >= q[:, None, :], w[:, :, None], 0.0), axis=1),
+            "mass [S,P,V]": lambda k, q, w: jnp.sum(jnp.where(k[:, None, :] >= q[:, :, None], w[:, None, :], 0.0), axis=2)}
+        for name, fn in passes.items():
+            r = {"rows": S, "vocab": args.vocab, "mix": f"one search pass, {name}", "sampler": "pass",
+                 **timed(jax.jit(fn), (keys, piv, e), args.reps)}
+            rows.append(r)
+            print(r, flush=True)
         for k in map(int, args.top_k.split(",")):
             r = {"rows": S, "vocab": args.vocab, "mix": f"lax.top_k k={k}", "sampler": "top_k",
                  **timed(jax.jit(lambda x, k=k: jax.lax.top_k(x, k)), (logits,), args.reps)}
@@ -137,6 +150,8 @@ def main():
             got = {r["sampler"]: r["ms"] for r in rows if r["rows"] == S and r["mix"] == mix}
             print(f"{S:>5} {mix:<18}" + "".join(f"{got[v]:>12.3f}" if v in got else f"{'-':>12}"
                                             for v in args.variants.split(",")))
+        print(f"{S:>5} one search pass ms: " + ", ".join(f"{r['mix'].split(', ')[1]} {r['ms']:.3f}" for r in rows
+                                                         if r["rows"] == S and r["sampler"] == "pass"))
         print(f"{S:>5} lax.top_k ms: " + ", ".join(f"k={r['mix'].split('=')[1]} {r['ms']:.3f}" for r in rows
                                                   if r["rows"] == S and r["sampler"] == "top_k"))
 
