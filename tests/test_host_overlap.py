@@ -104,3 +104,18 @@ def test_stats_report_wall_host_and_device_time():
         assert s[k] > 0, k
     assert s["host_ms_per_step"] <= s["wall_ms_per_step"]
     assert 0 <= s["device_idle_share"] < 1
+
+
+def test_seeded_samples_are_the_same_across_layouts():
+    """Qwen3's default mix (temperature 0.6, top_k 20, top_p 0.95), penalties and logit_bias, seeded:
+    dp, tp, and sidp striped / owner / over tp=2 draw the same tokens (float32: the layouts' logits
+    differ by rounding only)."""
+    params = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=21, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=1.0, min_p=0.1, seed=22, max_tokens=10, ignore_eos=True,
+                             frequency_penalty=0.7, logit_bias={5: 1.5})]
+    prompts = [p for p in PROMPTS for _ in params]
+    layouts = [*LAYOUTS, ("dp=2", "tp", "striped", "auto")]  # tp: one replica over 2 devices
+    got = [outputs(make(*layout, True, kv_cache_tokens=256), prompts, params * len(PROMPTS)) for layout in layouts]
+    tokens = [[[c[0] for c in o] for o in run] for run in got]
+    assert all(t == tokens[0] for t in tokens[1:])
+    assert len({tuple(o[0]) for o in tokens[0]}) > 1
