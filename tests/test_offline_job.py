@@ -597,3 +597,77 @@ def test_generation_config_defaults_fill_only_what_neither_the_command_line_nor_
     assert (b.params.temperature, b.params.top_k) == (1.0, 20)  # the line's explicit 1.0 wins
     assert c.params.max_tokens is None  # a batch chat line without max_tokens: the rest of the context
     assert (c.params.temperature, c.params.top_p) == (0.6, 0.95)
+
+
+# ---------------------------------------------------------------------------------------------
+# No byte the job does not own; no line that ends the job
+
+
+def test_summary_json_never_lands_on_the_input_the_output_or_a_stranger(tmp_path, capsys):
+    rc, out, _ = run(tmp_path, [{"id": "a", "prompt": "x"}])
+    inp, results = tmp_path / "in.jsonl", out.read_text()
+    stranger = tmp_path / "notes.json"
+    stranger.write_text('{"mine": true}\n')
+    for target, why in ((out, "is --output"), (inp, "is the input"), (stranger, "not a summary this job wrote")):
+        with pytest.raises(SystemExit) as e:
+            main(["--input", str(inp), "--output", str(out), "--no-progress", "--summary-json", str(target)],
+                 llm_factory=Recorder())
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert out.read_text() == results and stranger.read_text() == '{"mine": true}\n'
+    summary = tmp_path / "summary.json"
+    for _ in range(2):  # its own summary is replaced on a rerun
+        assert main(["--input", str(inp), "--output", str(out), "--no-progress", "--summary-json", str(summary)],
+                    llm_factory=Recorder()) == 0
+    assert json.loads(summary.read_text())["written_by"] == cli.SUMMARY_MARK
+
+
+def test_a_job_through_a_symlink_takes_the_running_jobs_lock(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    holder = JobOutput(out)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    try:
+        inp = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+        rc = main(["--input", str(inp), "--output", str(link), "--no-progress"], llm_factory=Recorder())
+        assert rc == 2 and "holds the lock" in capsys.readouterr().err
+    finally:
+        holder.close()
+
+
+def test_outputs_that_are_not_files_or_not_writable_are_one_line_errors(tmp_path, capsys):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+    assert main(["--input", str(inp), "--output", "/dev/null", "--no-progress"], llm_factory=Recorder()) == 2
+    assert "not a regular file" in capsys.readouterr().err and not Path("/dev/null" + MARKER_SUFFIX).exists()
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that writes anywhere (root)")
+        assert main(["--input", str(inp), "--output", str(locked / "r.jsonl"), "--no-progress"],
+                    llm_factory=Recorder()) == 2
+        assert "cannot write beside --output" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_lines_that_would_crash_a_parser_are_error_records_and_the_rest_run(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'\xef\xbb\xbf{"id": "bom", "prompt": "x"}\n' + b"[" * 100_000 + b"\n"
+                    + b'{"id": ' + b"9" * 5000 + b"}\n" + b'{"id": "big", "prompt": "' + b"y" * 300_000 + b'"}\n'
+                    + b'{"id": "ok", "prompt": "z"}\n')
+    out = tmp_path / "results.jsonl"
+    assert main(["--input", str(inp), "--output", str(out), "--no-progress", "--max-model-len", "4096"],
+                llm_factory=Recorder()) == 0
+    recs = read_records(out)
+    assert {r["id"] for r in recs if "text" in r} == {"bom", "ok"}
+    errors = {r["line"]: r["error"] for r in recs if "error" in r}
+    assert "nested too deeply" in errors[2] and "digits" in errors[3] and "over the limit of 262,144" in errors[4]
+
+
+def test_a_utf16_input_is_refused_naming_the_encoding(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes('{"id": "a", "prompt": "x"}\n'.encode("utf-16"))
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(inp), "--output", str(tmp_path / "r.jsonl"), "--no-progress"], llm_factory=Recorder())
+    assert e.value.code == 2 and "UTF-16LE, not UTF-8" in capsys.readouterr().err

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import typing
 from pathlib import Path
 
 import sidp_jax.jobs.ray as sidp_ray
 from sidp_jax.jobs.job_input import reader_for
-from sidp_jax.jobs.job_output import OutputError, OutputWriteError
+from sidp_jax.jobs.job_output import OutputError, OutputWriteError, marker_path
 from sidp_jax.jobs.offline_job import (DEFAULT_INPUT, DEFAULT_OUTPUT, JobConfig, JobSummary, LLMFactory,
                                        ModelLoadError, default_llm_factory, run_job)
 from sidp_jax.engine_config import EngineConfig, cli_fields
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
     cfg = config_from_args(args)
     if not cfg.input.is_file():
         parser.error(f"input file not found: {cfg.input}")
+    if args.summary_json and (why := summary_path_problem(args.summary_json, cfg.input, cfg.output)):
+        parser.error(why)
     try:
         reader_for(cfg.input)
         SamplingParams.from_dict(cfg.sampling)
@@ -199,6 +202,41 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
         return 2
     print(format_summary(summary))
     if args.summary_json:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        try:
+            write_summary(args.summary_json, summary.to_json())
+        except OSError as e:
+            print(f"error: could not write --summary-json {args.summary_json}: {e.strerror or e} "
+                  f"(the results are complete in {cfg.output})", file=sys.stderr)
+            return 1
     return 0
+
+
+SUMMARY_MARK = "sidp-jax offline job summary"  # a summary file says so, so a rerun may replace it
+
+
+def summary_path_problem(path: Path, input_path: Path, output: Path) -> str | None:
+    """Why --summary-json may not be written there: it is the input, the output or its marker
+    (symlinks resolved), or an existing file that is not an earlier summary of this job."""
+    real = path.resolve()
+    for name, other in (("the input", input_path), ("--output", output), ("the output's marker", marker_path(output))):
+        if real == Path(other).resolve():
+            return f"--summary-json {path} is {name}: give it a file of its own"
+    if real.exists():
+        if not real.is_file():
+            return f"--summary-json {path} is not a regular file"
+        try:
+            ours = json.loads(real.read_text(encoding="utf-8")).get("written_by") == SUMMARY_MARK
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            return f"--summary-json {path} exists and is not a summary this job wrote: remove it or choose another path"
+    return None
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """Beside, then renamed over: a failed write leaves no half file."""
+    real = path.resolve()
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = real.with_name(f".{real.name}.tmp")
+    tmp.write_text(json.dumps({"written_by": SUMMARY_MARK, **summary}, indent=2) + "\n")
+    os.replace(tmp, real)

@@ -28,15 +28,66 @@ class MalformedLine:
         self.why = why
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+BYTES_PER_TOKEN = 64  # a line may hold this many bytes per token of max_model_len (JSON escapes included)
+DEFAULT_MAX_LINE_BYTES = BYTES_PER_TOKEN * 131072  # 8 MiB: when max_model_len is not known yet
+
+
+def read_jsonl(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, Any]]:
+    """(line number, object) per non-blank line. A line longer than max_line_bytes is skipped
+    unread (its error names the limit), and no line can end the job: JSON nested too deep for the
+    parser or a number too long for Python becomes that line's error. A UTF-8 byte-order mark
+    is dropped."""
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
+        for line_no, raw in enumerate(_bounded_lines(f, max_line_bytes), 1):
+            if isinstance(raw, int):
+                yield line_no, MalformedLine(f"line is {raw:,} bytes, over the limit of {max_line_bytes:,} "
+                                             f"({BYTES_PER_TOKEN} bytes per token of max_model_len)")
+                continue
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             if not raw.strip():
                 continue
             try:
                 yield line_no, json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except UnicodeDecodeError as e:
+                yield line_no, MalformedLine(f"not UTF-8: {e}")
+            except RecursionError:
+                yield line_no, MalformedLine("invalid JSON: nested too deeply to parse")
+            except ValueError as e:  # JSONDecodeError, or an integer literal beyond Python's digit limit
                 yield line_no, MalformedLine(f"invalid JSON: {e}")
+
+
+def _bounded_lines(f, limit: int) -> Iterator[bytes | int]:
+    """The file's lines, or for a line over `limit` bytes its length (read in pieces, never held)."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if raw.endswith(b"\n") or len(raw) <= limit:  # whole (a newline or the file's end within the limit)
+            yield raw
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
+            if not raw:
+                break
+            size += len(raw)
+        yield size
+
+
+def check_encoding(path: Path) -> None:
+    """Refuse UTF-16 and UTF-32 input up front, naming the encoding and the fix: read as UTF-8,
+    every line would be an error."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    boms = [(b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
+            (b"\xfe\xff", "UTF-16BE")]
+    found = next((name for bom, name in boms if head.startswith(bom)), None)
+    if found is None and b"\x00" in head:  # no BOM, but NUL bytes where JSON text has none
+        found = "UTF-16" if head[1:2] == b"\x00" or head[0:1] == b"\x00" else None
+    if found:
+        raise ValueError(f"{path} is {found}, not UTF-8: convert it first, e.g. "
+                         f"iconv -f {found} -t UTF-8 {path} > {path.stem}.utf8.jsonl")
 
 
 def read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -72,11 +123,14 @@ READERS: dict[str, Callable[[Path], Iterator[tuple[int, Any]]]] = {
 
 def reader_for(path: Path) -> Callable[[Path], Iterator[tuple[int, Any]]]:
     try:
-        return READERS[path.suffix.lower()]
+        reader = READERS[path.suffix.lower()]
     except KeyError:
         raise ValueError(
             f"unsupported input format {path.suffix or path.name!r}; supported: {', '.join(READERS)}"
         ) from None
+    if reader is read_jsonl and path.is_file():
+        check_encoding(path)
+    return reader
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,14 +45,20 @@ class JobOutput:
     A file that is the input, a directory, or holds lines that are not records is refused."""
 
     def __init__(self, path: Path, input_path: Path | None = None):
-        self.path = Path(path)
-        if self.path.is_dir():
-            raise OutputError(f"--output {self.path} is a directory; give a file path")
-        if input_path is not None and self.path.exists() and self.path.resolve() == Path(input_path).resolve():
-            raise OutputError(f"--output {self.path} is the input file; write the results to another file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.marker = self.path.with_name(self.path.name + MARKER_SUFFIX)
-        self._lock = open(self.marker, "a+", encoding="utf-8")
+        given = Path(path)
+        if given.is_dir():
+            raise OutputError(f"--output {given} is a directory; give a file path")
+        if given.exists() and not given.is_file():
+            raise OutputError(f"--output {given} is not a regular file (a device, pipe or socket); give a file path")
+        if input_path is not None and given.exists() and given.resolve() == Path(input_path).resolve():
+            raise OutputError(f"--output {given} is the input file; write the results to another file")
+        self.path = given.resolve()  # the real file: a job through a symlink takes the same marker and lock
+        self.marker = marker_path(given)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.marker, "a+", encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"cannot write beside --output {given}: {e.strerror or e} ({self.marker})") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -141,6 +147,12 @@ class JobOutput:
             except OSError:
                 pass
         self._lock.close()
+
+
+def marker_path(output: Path) -> Path:
+    """The marker and lock of an output: beside the real file (symlinks resolved)."""
+    real = Path(output).resolve()
+    return real.with_name(real.name + MARKER_SUFFIX)
 
 
 def _record_key(raw: bytes) -> tuple[str | None, Key, str | None]:

@@ -86,8 +86,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sidp_jax.jobs.job_input import (FORMAT_SIMPLE, InputFormat, LineError, PlanCounts, JobRequest, detect_format,
-                                     plan_items, reader_for, tokenize_into)
+from sidp_jax.jobs.job_input import (BYTES_PER_TOKEN, FORMAT_SIMPLE, InputFormat, LineError, PlanCounts, JobRequest,
+                                     detect_format, plan_items, read_jsonl, reader_for, tokenize_into)
 from sidp_jax.jobs.job_output import JobOutput, record_tokens, result_record
 from sidp_jax.jobs.openai_batch import model_name
 
@@ -165,7 +165,9 @@ def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False)
     summary = JobSummary(output=str(cfg.output))
     writer = JobOutput(cfg.output, cfg.input)
     try:
-        entries = reader_for(cfg.input)(cfg.input)
+        read = reader_for(cfg.input)
+        max_len = cfg.engine_kwargs.get("max_model_len")
+        entries = read(cfg.input, BYTES_PER_TOKEN * max_len) if max_len and read is read_jsonl else read(cfg.input)
         lines = None
         if keep_lines:
             entries = list(entries)
