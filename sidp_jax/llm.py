@@ -144,6 +144,10 @@ class LLM:
     def _request(self, prompt, sp: SamplingParams | None) -> Request:
         if isinstance(prompt, dict) and prompt.get("sampling_params") is not None:
             sp = prompt["sampling_params"]
+        if isinstance(sp, dict):  # vLLM's fields by name
+            sp = SamplingParams.from_dict(sp)
+        elif sp is not None and not isinstance(sp, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams or a dict of its fields, got {type(sp).__name__}")
         text, ids = self._prompt_ids(prompt)
         sp = sp or self.default_sampling_params()
         if sp.truncate_prompt_tokens is not None:  # keep the last k (vLLM's left truncation)

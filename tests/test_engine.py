@@ -252,3 +252,13 @@ def test_the_llm_stays_usable_after_a_step_fails(qwen3, monkeypatch):
     outs = qwen3.generate(prompts, GREEDY16, use_tqdm=False)  # ... and the next call is exact
     assert [o.outputs[0].token_ids for o in outs] == want
     assert [b.num_free for b in qwen3.engine.scheduler.blocks] == free
+
+
+def test_sampling_params_as_a_dict_of_vllm_fields(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    out = qwen3.generate(prompts[0], {"temperature": 0, "max_tokens": 4, "ignore_eos": True}, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want[0][:4]
+    with pytest.raises(ValueError, match="temperature"):
+        qwen3.generate(prompts[0], {"temperature": -1}, use_tqdm=False)
+    with pytest.raises(TypeError, match="SamplingParams or a dict"):
+        qwen3.generate(prompts[0], 0.5, use_tqdm=False)

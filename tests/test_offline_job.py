@@ -671,3 +671,45 @@ def test_a_utf16_input_is_refused_naming_the_encoding(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--input", str(inp), "--output", str(tmp_path / "r.jsonl"), "--no-progress"], llm_factory=Recorder())
     assert e.value.code == 2 and "UTF-16LE, not UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_job_in_one_line_and_a_rerun_resumes(tmp_path, sig):
+    lines = [{"id": f"r{i}", "prompt": f"prompt number {i}"} for i in range(40)]
+    inp = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "results.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(_cli(inp, out, "slow_fake_llm"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 5):
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted:") and "Traceback" not in err
+    with open(out.with_name(out.name + MARKER_SUFFIX)) as marker:  # the lock is free again
+        import fcntl
+        fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    done = subprocess.run(_cli(inp, out, "fake_llm"), env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(r["id"] for r in read_records(out)) == sorted(f"r{i}" for i in range(40))
+
+
+def test_openai_fields_at_their_defaults_and_bookkeeping_fields_are_accepted(tmp_path):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "response_format": {"type": "text"},
+            "metadata": {"run": "7"}, "store": False, "service_tier": "auto", "parallel_tool_calls": True}
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}]
+    rc, out, _ = run(tmp_path, lines)
+    rec = read_records(out)[0]
+    assert rc == 0 and rec["error"] is None and rec["response"]["status_code"] == 200
+
+
+def test_invalid_generation_config_is_refused_at_load_naming_the_file(tmp_path, capsys):
+    class BadDefaults(FakeLLM):
+        def generation_defaults(self):
+            return {"temperature": -1}
+
+    rc, out, _ = run(tmp_path, [{"id": "a", "prompt": "x"}], factory=lambda **kw: BadDefaults(**kw))
+    err = capsys.readouterr().err
+    assert rc == 1 and "generation_config.json" in err and "temperature" in err

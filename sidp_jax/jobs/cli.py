@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -187,8 +188,13 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
         if llm_factory is None:
             llm_factory = load_factory(args.llm_factory) if args.llm_factory else default_llm_factory
         run = lambda: run_job(cfg, llm_factory)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: unwind, close the output, drop the lock
     try:
         summary = run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the records written so far are in {cfg.output}; rerun the same command to "
+              f"resume", file=sys.stderr)
+        return 130
     except ModelLoadError as e:
         if args.debug:
             raise
@@ -200,6 +206,8 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
     except OutputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(format_summary(summary))
     if args.summary_json:
         try:
@@ -209,6 +217,10 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
                   f"(the results are complete in {cfg.output})", file=sys.stderr)
             return 1
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 SUMMARY_MARK = "sidp-jax offline job summary"  # a summary file says so, so a rerun may replace it

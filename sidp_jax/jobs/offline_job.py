@@ -90,6 +90,7 @@ from sidp_jax.jobs.job_input import (BYTES_PER_TOKEN, FORMAT_SIMPLE, InputFormat
                                      detect_format, plan_items, read_jsonl, reader_for, tokenize_into)
 from sidp_jax.jobs.job_output import JobOutput, record_tokens, result_record
 from sidp_jax.jobs.openai_batch import model_name
+from sidp_jax.sampling_params import SamplingParams
 
 DEFAULT_INPUT = Path(__file__).parent.parent / "assets" / "example_prompts.jsonl"
 DEFAULT_OUTPUT = Path("out") / "results.jsonl"
@@ -294,6 +295,12 @@ def build_llm(llm_factory: LLMFactory, engine_kwargs: dict):
     if getattr(llm, "tokenizer", None) is None:
         raise ModelLoadError(f"the model {engine_kwargs.get('model')} has no tokenizer.json: the job needs one to "
                              f"encode its prompts")
+    defaults = llm.generation_defaults() if hasattr(llm, "generation_defaults") else {}
+    try:  # checked once here, naming the file, rather than failing every line that takes a default
+        SamplingParams.from_dict(defaults)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"the model {engine_kwargs.get('model') or '(bundled)'}'s generation_config.json "
+                             f"holds invalid sampling defaults: {e}") from None
     return llm
 
 

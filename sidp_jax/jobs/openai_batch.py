@@ -48,7 +48,7 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", 
                    "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
                    "logit_bias", "allowed_token_ids", "bad_words", "include_stop_str_in_output", "skip_special_tokens",
                    "spaces_between_special_tokens", "truncate_prompt_tokens")  # the last six: vLLM's extra fields
-IGNORED_FIELDS = ("model", "user")
+IGNORED_FIELDS = ("model", "user", "metadata", "store", "service_tier")  # no effect on an offline batch
 ENDPOINT_FIELDS = {
     "chat": ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template_kwargs"),
     "completions": ("prompt", "logprobs"),
@@ -57,7 +57,8 @@ ENDPOINT_FIELDS = {
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
                "stream", "stream_options", "echo", "best_of", "suffix", "audio", "modalities",
                "prediction", "reasoning_effort", "web_search_options")
-_OFF_VALUES = {"best_of": (1,), "tool_choice": ("none",)}
+_OFF_VALUES = {"best_of": (1,), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+               "parallel_tool_calls": (True,)}  # the default values: plain text, and tools' default
 _UNSUPPORTED_WHY = {
     "stream": "the batch job writes whole responses", "stream_options": "the batch job writes whole responses",
     "reasoning_effort": "for Qwen3 thinking use 'chat_template_kwargs': {\"enable_thinking\": false}",
