@@ -77,8 +77,15 @@ def _rope_from_hf(raw: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+# Upper bounds far beyond any released model, so that a corrupt or hostile config.json is refused
+# before it sizes anything (10^9 layers would otherwise build for minutes while memory grows).
+CONFIG_LIMITS = {"hidden_size": 1 << 16, "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10,
+                 "head_dim": 1 << 12, "vocab_size": 1 << 22, "intermediate_size": 1 << 20,
+                 "num_hidden_layers": 1 << 11, "max_position_embeddings": 1 << 24}
+
+
 def _pos_int(raw: dict, key: str, default=None) -> int:
-    """A positive integer field (a missing optional one gives `default`)."""
+    """A positive integer field within CONFIG_LIMITS (a missing optional one gives `default`)."""
     if key not in raw or raw[key] is None:
         if default is not None:
             return default
@@ -86,6 +93,8 @@ def _pos_int(raw: dict, key: str, default=None) -> int:
     v = raw[key]
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"config field {key!r} must be a positive integer, got {v!r}")
+    if v > CONFIG_LIMITS.get(key, v):
+        raise ValueError(f"config field {key!r} = {v} is beyond any real model (at most {CONFIG_LIMITS[key]:,})")
     return v
 
 

@@ -273,3 +273,17 @@ def test_a_corrupt_tokenizer_is_an_error_at_load_time(tmp_path):
         f.write('{"model": {"type": "nonsense"}')
     with pytest.raises(ValueError, match="tokenizer.json could not be loaded"):
         Tokenizer.from_dir(path)
+
+
+def test_config_values_beyond_any_real_model_are_refused_naming_the_field():
+    import pytest
+
+    from sidp_jax.models.config import config_from_hf_dict
+
+    base = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "intermediate_size": 128,
+            "num_hidden_layers": 2, "rms_norm_eps": 1e-6}
+    config_from_hf_dict(base)
+    for field, value in (("num_hidden_layers", 10**9), ("vocab_size", 10**12), ("hidden_size", 1 << 20)):
+        with pytest.raises(ValueError, match=f"{field}.*beyond any real model"):
+            config_from_hf_dict({**base, field: value})
