@@ -276,8 +276,6 @@ def test_a_corrupt_tokenizer_is_an_error_at_load_time(tmp_path):
 
 
 def test_config_values_beyond_any_real_model_are_refused_naming_the_field():
-    import pytest
-
     from sidp_jax.models.config import config_from_hf_dict
 
     base = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
