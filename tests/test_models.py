@@ -285,3 +285,20 @@ def test_config_values_beyond_any_real_model_are_refused_naming_the_field():
     for field, value in (("num_hidden_layers", 10**9), ("vocab_size", 10**12), ("hidden_size", 1 << 20)):
         with pytest.raises(ValueError, match=f"{field}.*beyond any real model"):
             config_from_hf_dict({**base, field: value})
+
+
+def test_a_weight_whose_header_claims_an_integer_dtype_is_refused(tmp_path):
+    """Same byte count, other meaning: a float32 tensor relabelled I32 in the header must not load."""
+    path = _copy(tmp_path)
+    f = os.path.join(path, "model.safetensors")
+    data = bytearray(open(f, "rb").read())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    assert header["model.norm.weight"]["dtype"] == "F32"
+    at = data.index(b'"model.norm.weight"', 8, 8 + n)
+    fixed = data[at:8 + n].replace(b'"dtype":"F32"', b'"dtype":"I32"', 1)
+    assert fixed != data[at:8 + n]
+    data[at:8 + n] = fixed
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="model.norm.weight in model.safetensors is stored as int32"):
+        _load(path)

@@ -87,7 +87,7 @@ def _load_leaves(ckpt, specs: list, shardings: list, dtype) -> list:
     shards: list[list] = [[] for _ in specs]
     for device in maps[0]:
         index = [tuple(slice(*x.indices(d)) for x, d in zip(m[device], s.shape)) for m, s in zip(maps, specs)]
-        raw = lambda layer: [jax.device_put(ckpt.get(n), device) for n in first.hf_names(layer)]
+        raw = lambda layer: [jax.device_put(_floating(ckpt, n), device) for n in first.hf_names(layer)]
         convert = lambda i, idx, ws: _converter(specs[i].convert, specs[i].quant, idx,
                                                 specs[i].stored_dtype(dtype))(*ws)
         if first.rows is None:
@@ -115,3 +115,13 @@ def from_pretrained(model_dir: str, dtype=jnp.bfloat16, device=None) -> Decoder:
     cfg = dataclasses.replace(load_config(model_dir), quantization=None)
     layout = make_layout("dp=1", "dp", devices=[device or jax.devices()[0]])
     return module_from_params(cfg, load_params(model_dir, cfg, dtype, layout))
+
+
+def _floating(ckpt, name: str):
+    """A weight as stored, refused unless its dtype is a floating type: a header that calls a
+    bf16 tensor I16 (byte counts consistent) would otherwise load integer weights."""
+    w = ckpt.get(name)
+    if not jnp.issubdtype(w.dtype, jnp.inexact):
+        raise CheckpointError(f"tensor {name} in {ckpt.file_of(name)} is stored as {w.dtype}, not a floating "
+                              f"type: a model weight must be float (the header may be wrong)")
+    return w
