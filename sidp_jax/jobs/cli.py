@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices = [str(c) for c in meta["choices"] if c != "local"] if meta["choices"] else None
         engine.add_argument(flag, type=typ, choices=choices, default=None, help=help_)
     sampling = p.add_argument_group("sampling (defaults as vLLM's SamplingParams; a line's own fields win)")
-    for flag, typ in SAMPLING_FLAGS:
-        sampling.add_argument(flag, type=typ, default=None)
+    vllm = SamplingParams()
+    for flag, typ in SAMPLING_FLAGS:  # unset: the line's field, else generation_config.json's, else vLLM's
+        sampling.add_argument(flag, type=typ, default=None,
+                              help=f"default: the checkpoint's generation_config.json, else {getattr(vllm, _dest(flag))}")
     sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
     sampling.add_argument("--ignore-eos", action="store_true", default=None)
