@@ -193,6 +193,8 @@ class LLM:
     def _admission_error(self, req: Request) -> str | None:
         if not req.prompt_ids:
             return "empty prompt"
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= self.cfg.vocab_size:  # the dict form's ids too
+            return f"prompt token ids must be in [0, {self.cfg.vocab_size})"
         if len(req.prompt_ids) >= self.max_model_len:
             return f"prompt has {len(req.prompt_ids)} tokens; max_model_len is {self.max_model_len}"
         return _vocab_error(req.params, self.cfg.vocab_size)

@@ -262,3 +262,13 @@ def test_sampling_params_as_a_dict_of_vllm_fields(qwen3):
         qwen3.generate(prompts[0], {"temperature": -1}, use_tqdm=False)
     with pytest.raises(TypeError, match="SamplingParams or a dict"):
         qwen3.generate(prompts[0], 0.5, use_tqdm=False)
+
+
+def test_prompt_token_ids_outside_the_vocabulary_fail_in_dict_form_too(qwen3):
+    prompts, want = fixture_prompts("tiny-qwen3")
+    bad = [0, qwen3.cfg.vocab_size]
+    with pytest.raises(ValueError, match="prompt token ids must be in"):
+        qwen3.generate([bad], GREEDY16, use_tqdm=False)
+    outs = qwen3.generate([{"prompt_token_ids": bad}, prompts[0]], GREEDY16, use_tqdm=False)
+    assert outs[0].error and "prompt token ids must be in" in outs[0].error
+    assert outs[1].outputs[0].token_ids == want[0]
