@@ -5,7 +5,7 @@ import types
 import jax.numpy as jnp
 import numpy as np
 
-from sidp_jax.engine.penalty_counts import PenaltySlots, count_sampled, init_arrays, init_row, penalize
+from sidp_jax.engine.penalty_counts import PenaltySlots, count_sampled, init_arrays, penalize, row_counts
 from sidp_jax.sampling_params import SamplingParams
 
 
@@ -33,8 +33,9 @@ def test_rows_written_at_admission_then_counted_per_step_penalize_like_vllm():
     counts = jnp.zeros((slots, V), jnp.int32)
     prompts = [rng.integers(0, V, 40), rng.integers(0, V, 7)]
     readmitted_outputs = rng.integers(0, V, 9)  # a sequence re-admitted after preemption: outputs known
-    counts = init_row(counts, 1, *map(jnp.asarray, init_arrays(fake_seq(prompts[0], []))))
-    counts = init_row(counts, 3, *map(jnp.asarray, init_arrays(fake_seq(prompts[1], readmitted_outputs))))
+    counts = counts.at[3].set(7)  # a stale row a finished sequence left: rewritten whole
+    counts = counts.at[1].set(row_counts(V, *map(jnp.asarray, init_arrays(fake_seq(prompts[0], [])))))
+    counts = counts.at[3].set(row_counts(V, *map(jnp.asarray, init_arrays(fake_seq(prompts[1], readmitted_outputs)))))
     outputs = [[], list(readmitted_outputs)]
     p = {"count_slot": jnp.asarray([1, 0, 3]), "penalty_slot": jnp.asarray([1, 0, 3]),
          "repetition_penalty": jnp.asarray([1.3, 1.0, 0.8]), "frequency_penalty": jnp.asarray([0.5, 0.0, -0.3]),

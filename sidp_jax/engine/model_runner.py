@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import step_compiler_options
-from sidp_jax.engine.penalty_counts import count_sampled, init_arrays, init_lengths, init_row
+from sidp_jax.engine.penalty_counts import count_sampled, init_arrays, init_lengths, row_counts
 from sidp_jax.engine.sampler import Sampled, SamplerFlags, prompt_logprobs, sample
 from sidp_jax.engine.step_inputs import EDIT_WIDTH, StepInputs, StepShape
 from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
@@ -137,10 +137,10 @@ class ModelRunner:
 
     def _build_init_counts(self):
         """(counts, replica, slot, ids, is_output) -> counts with that replica's row rewritten
-        (penalty_counts.init_row), each replica updating only its own shard's row."""
+        (penalty_counts.row_counts), each replica updating only its own shard's row."""
         def local(counts, replica, slot, ids, is_output):
             mine = jax.lax.axis_index("dp") == replica
-            new = init_row(counts[0], slot, ids, is_output)[slot]
+            new = row_counts(counts.shape[-1], ids, is_output)
             return counts.at[0, slot].set(jnp.where(mine, new, counts[0, slot]))
 
         stepped = jax.shard_map(local, mesh=self.layout.mesh, in_specs=(P("dp"), P(), P(), P(), P()),

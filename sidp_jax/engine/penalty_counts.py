@@ -4,7 +4,7 @@ Each replica keeps a table counts [slots, V] int32: row s belongs to one running
 uses penalties (slot 0 is scratch for every other row). An entry holds how many times the token
 was sampled (frequency and presence penalties) plus PROMPT_BIT if the token is in the prompt (the
 repetition penalty covers prompt and output, as vLLM's does). A row is written at admission from
-the sequence's known tokens (`init_row`, a small program of its own), then every step adds the
+the sequence's known tokens (`row_counts`, in a small program of its own), then every step adds the
 tokens it samples (`count_sampled`, inside the step). So a penalty row needs nothing from the host
 per step: the host overlap holds, and the step's shapes never depend on a sequence's length.
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 PROMPT_BIT = 1 << 24  # counts below this are output occurrences
-INIT_MIN_LEN = 256  # init_row's token arrays are padded to powers of two from here
+INIT_MIN_LEN = 256  # init_arrays' token arrays are padded to powers of two from here
 
 
 def counts_bytes(cfg, max_num_seqs: int) -> int:
@@ -43,14 +43,12 @@ def count_sampled(counts: jax.Array, p: dict, tokens: jax.Array) -> jax.Array:
     return counts.at[p["count_slot"], tokens].add(1)
 
 
-def init_row(counts: jax.Array, slot: jax.Array, ids: jax.Array, is_output: jax.Array) -> jax.Array:
-    """counts [slots, V]: row `slot` becomes the counts of ids [L] (-1 padding): PROMPT_BIT for
-    prompt tokens, +1 per output token."""
-    V = counts.shape[-1]
-    where = jnp.where(ids >= 0, ids, V)  # padding -> dropped
-    row = jnp.zeros((V,), jnp.int32).at[where].max(jnp.where(is_output, 0, PROMPT_BIT), mode="drop")
-    row = row.at[where].add(is_output.astype(jnp.int32), mode="drop")
-    return counts.at[slot].set(row)
+def row_counts(vocab_size: int, ids: jax.Array, is_output: jax.Array) -> jax.Array:
+    """A counts row [V] from a sequence's known tokens ids [L] (-1 padding): PROMPT_BIT for prompt
+    tokens, +1 per output token (init_arrays makes the inputs)."""
+    where = jnp.where(ids >= 0, ids, vocab_size)  # padding -> dropped
+    row = jnp.zeros((vocab_size,), jnp.int32).at[where].max(jnp.where(is_output, 0, PROMPT_BIT), mode="drop")
+    return row.at[where].add(is_output.astype(jnp.int32), mode="drop")
 
 
 def init_lengths(max_len: int) -> list[int]:
@@ -107,7 +105,8 @@ class PenaltySlots:
 
     def release_stale(self) -> None:
         """Take back the slots of sequences that finished or were preempted since they got them. A
-        step still in flight may add a discarded token to such a row: init_row rewrites it whole."""
+        step still in flight may add a discarded token to such a row: its next owner's row is
+        written whole (row_counts)."""
         for seq_id, (seq, r, slot, admission) in list(self.owner.items()):
             if seq.finish_reason is not None or seq.num_preemptions != admission:
                 self._release(seq_id)
