@@ -188,8 +188,8 @@ def sample(logits: jax.Array, p: dict, gated: bool = True, counts: jax.Array | N
 
     def draw():
         tau = filter_threshold(scaled, p, sampling, gated)
-        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(p["seed"], p["step"])
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
+        rngs = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(p["seed"], p["step"])
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(rngs)
         return jnp.argmax(jnp.where(ordered_keys(scaled) >= tau[:, None], scaled + gumbel, NEG_INF), axis=-1)
 
     drawn = _when(gated, jnp.any(sampling), draw, greedy)
