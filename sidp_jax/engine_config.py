@@ -124,6 +124,7 @@ class EngineConfig:
                 raise ValueError(f"{f.name} must be True or False, got {value!r}")
             if meta["minimum"] is not None and value < meta["minimum"]:
                 raise ValueError(f"{f.name} must be at least {meta['minimum']}, got {value!r}")
+        parse_mesh(self.mesh)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -138,6 +139,17 @@ class EngineConfig:
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+def parse_mesh(mesh: str) -> dict[str, int]:
+    """'dp=4,tp=2' -> {'dp': 4, 'tp': 2}."""
+    sizes = {"dp": 1, "tp": 1}
+    for part in filter(None, (p.strip() for p in str(mesh).split(","))):
+        name, _, value = part.partition("=")
+        if name not in sizes or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"mesh must look like 'dp=8' or 'dp=4,tp=2', got {mesh!r}")
+        sizes[name] = int(value)
+    return sizes
 
 
 def cli_fields() -> list[dataclasses.Field]:

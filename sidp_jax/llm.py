@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import time
 from typing import Iterator
 
+from sidp_jax.chat_messages import check_chat_template_kwargs, normalize_messages
 from sidp_jax.engine.compilation import enable_compile_cache
 from sidp_jax.engine.engine import Engine, Request
 from sidp_jax.engine.startup import build_runner, precompile_steps, report_kv
@@ -128,18 +130,19 @@ class LLM:
         return SamplingParams(**self.generation_defaults())
 
     def _prompt_ids(self, prompt: PromptLike) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt in any of vLLM's forms; the ids are checked against the
+        vocabulary at admission (_admission_error), the same for every form."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model {self.model!r} has no tokenizer: pass prompts as token-id lists")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        ids = [int(t) for t in prompt]
-        if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
-        return None, ids
+        return None, _token_ids(prompt)
 
     def _request(self, prompt, sp: SamplingParams | None) -> Request:
         if isinstance(prompt, dict) and prompt.get("sampling_params") is not None:
@@ -209,6 +212,10 @@ class LLM:
         may carry its own "sampling_params"."""
         base = self._request_counter
         reqs, total = self._requests(prompts, sampling_params)
+        return self._run(reqs, total, base, use_tqdm, max_pending)
+
+    def _run(self, reqs: Iterator[Request], total: int | None, base: int, use_tqdm: bool,
+             max_pending: int | None) -> Iterator[tuple[int, RequestOutput]]:
         if max_pending is None:
             max_pending = (1 << 62) if total is not None else 4 * self.engine.max_num_seqs * self.layout.num_replicas
         by_index: dict[int, Request] = {}
@@ -244,16 +251,32 @@ class LLM:
             bar.close()
 
     def generate(self, prompts, sampling_params=None, *, use_tqdm: bool = True) -> list[RequestOutput]:
-        results = dict(self.stream(prompts, sampling_params, use_tqdm=use_tqdm))
+        """The outputs of all prompts, in their order. As vLLM, a prompt that cannot run (empty,
+        longer than max_model_len, token ids outside the vocabulary, sampling parameters that name
+        tokens outside it) raises a ValueError naming it before any prompt runs; stream() instead
+        returns such a prompt's error in its RequestOutput and runs the rest."""
+        base = self._request_counter
+        reqs, total = self._requests(prompts, sampling_params)
+        reqs = list(reqs)
+        for req in reqs:
+            if (err := self._admission_error(req)) is not None:
+                raise ValueError(f"prompt {req.index - base}{_prompt_preview(req)}: {err}")
+        results = dict(self._run(iter(reqs), len(reqs), base, use_tqdm, None))
         return [results[i] for i in range(len(results))]
 
     def chat(self, messages, sampling_params=None, *, use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         if self.tokenizer is None:
             raise ValueError(f"model {self.model!r} has no tokenizer, so no chat template")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of messages (or of conversations)")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        if chat_template_kwargs is not None:
+            chat_template_kwargs = check_chat_template_kwargs(chat_template_kwargs)
         prompts = []
-        for conv in conversations:
+        for i, conv in enumerate(conversations):
+            where = "messages" if len(conversations) == 1 else f"conversation {i}"
+            conv = normalize_messages(conv, where)  # the job's rules: text parts joined, null content empty
             text = self.tokenizer.apply_chat_template(conv, chat_template=chat_template,
                                                       add_generation_prompt=add_generation_prompt,
                                                       **(chat_template_kwargs or {}))
@@ -292,6 +315,24 @@ def _vocab_error(params: SamplingParams, vocab_size: int) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def _token_ids(ids) -> list[int]:
+    """Token ids as Python ints (numpy integers welcome); anything else is a ValueError."""
+    try:
+        if isinstance(ids, (str, bytes)) or any(isinstance(t, bool) for t in ids):
+            raise TypeError
+        return [operator.index(t) for t in ids]
+    except TypeError:
+        raise ValueError("prompt token ids must be a list of integers") from None
+
+
+def _prompt_preview(req: Request) -> str:
+    """' ("Tell me ab..." )' for a text prompt, '' for token ids: enough to find it."""
+    if not req.prompt:
+        return ""
+    text = req.prompt if len(req.prompt) <= 40 else req.prompt[:37] + "..."
+    return f" ({text!r})"
 
 
 def _error(req: Request, msg: str) -> RequestOutput:

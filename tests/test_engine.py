@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import pytest
@@ -57,6 +58,27 @@ def test_text_prompts_and_chat(qwen3):
                       use_tqdm=False)[0]
     assert chat.prompt.endswith("<|im_start|>assistant\n")
     assert chat.prompt_token_ids == qwen3.tokenizer.encode(chat.prompt, add_special_tokens=False)
+
+
+def test_chat_takes_what_the_job_takes_and_names_what_it_cannot(qwen3):
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    plain = qwen3.chat([{"role": "system", "content": ""}, {"role": "user", "content": "Hi\nthere"}], greedy,
+                       use_tqdm=False)[0]
+    parts = qwen3.chat([{"role": "system", "content": None},
+                        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}],
+                       greedy, use_tqdm=False)[0]
+    assert parts.prompt == plain.prompt and parts.outputs[0].token_ids == plain.outputs[0].token_ids
+    for conv, why in [([{"role": "user"}], r"messages\[0\] must be an object with a string 'role' and a 'content'"),
+                      ([{"role": "user", "content": [{"type": "image_url"}]}], "only text content"),
+                      ([{"role": "user", "content": 7}], r"messages\[0\]\['content'\] must be a string"),
+                      ([], "non-empty list")]:
+        with pytest.raises(ValueError, match=why):
+            qwen3.chat(conv, greedy, use_tqdm=False)
+    with pytest.raises(ValueError, match="conversation 1"):
+        qwen3.chat([[{"role": "user", "content": "a"}], [{"content": "b"}]], greedy, use_tqdm=False)
+    with pytest.raises(ValueError, match="cannot set add_generation_prompt"):
+        qwen3.chat([{"role": "user", "content": "a"}], greedy, use_tqdm=False,
+                   chat_template_kwargs={"add_generation_prompt": False})
 
 
 def test_max_and_min_tokens_and_eos(qwen3):
@@ -135,8 +157,8 @@ def test_logit_bias_steers_greedy_and_bad_keys_name_the_field(qwen3):
     for bias, why in [({"x": 1}, "token id"), ({1: 101}, "-100"), ({1: float("nan")}, "-100"), ([1], "object")]:
         with pytest.raises(ValueError, match="logit_bias"):
             SamplingParams(logit_bias=bias)
-    bad = qwen3.generate(prompts[0], SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)[0]
-    assert bad.error and "logit_bias" in bad.error and "vocabulary" in bad.error
+    with pytest.raises(ValueError, match="prompt 0.*logit_bias.*vocabulary"):
+        qwen3.generate(prompts[0], SamplingParams(logit_bias={10**6: 1.0}), use_tqdm=False)
 
 
 def test_vllm_text_and_prompt_fields(qwen3):
@@ -199,11 +221,22 @@ def test_every_sampling_mix_runs_the_programs_greedy_compiled():
     assert set(llm.engine.runner.first_call_seconds) == variants
 
 
-def test_overlong_prompt_errors_and_the_rest_goes_on(qwen3):
+def stream_all(llm, prompts, params) -> list:
+    """stream()'s outputs in prompt order."""
+    got = dict(llm.stream(prompts, params, use_tqdm=False))
+    return [got[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("bad,why", [("too long", "prompt 1: prompt has .* tokens; max_model_len is"),
+                                     ("empty", "prompt 1: empty prompt")])
+def test_a_prompt_that_cannot_run_raises_in_generate_and_errors_alone_in_stream(qwen3, bad, why):
     prompts, want = fixture_prompts("tiny-qwen3")
-    too_long = [5] * (qwen3.max_model_len + 1)
-    outs = qwen3.generate([prompts[0], too_long, prompts[1]], GREEDY16, use_tqdm=False)
-    assert outs[1].error and "max_model_len" in outs[1].error and outs[1].outputs == []
+    bad_prompt = [5] * (qwen3.max_model_len + 1) if bad == "too long" else []
+    asked = [prompts[0], bad_prompt, prompts[1]]
+    with pytest.raises(ValueError, match=why):  # as vLLM: before anything runs
+        qwen3.generate(asked, GREEDY16, use_tqdm=False)
+    outs = stream_all(qwen3, asked, GREEDY16)
+    assert re.search(why.partition(": ")[2], outs[1].error) and outs[1].outputs == []
     assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == want[:2]
 
 
@@ -230,9 +263,11 @@ def test_values_that_would_overflow_or_mislead_are_refused_naming_the_field(fiel
 def test_a_stop_token_outside_the_vocabulary_fails_that_request_alone(qwen3):
     prompts, want = fixture_prompts("tiny-qwen3")
     bad = SamplingParams(temperature=0, max_tokens=4, min_tokens=1, stop_token_ids=[qwen3.cfg.vocab_size])
-    outs = qwen3.generate(prompts[:2], [GREEDY16, bad], use_tqdm=False)
+    outs = stream_all(qwen3, prompts[:2], [GREEDY16, bad])
     assert outs[0].outputs[0].token_ids == want[0]
     assert outs[1].error and "stop_token_ids" in outs[1].error and "vocabulary" in outs[1].error
+    with pytest.raises(ValueError, match="prompt 1.*stop_token_ids"):
+        qwen3.generate(prompts[:2], [GREEDY16, bad], use_tqdm=False)
 
 
 def test_the_llm_stays_usable_after_a_step_fails(qwen3, monkeypatch):
@@ -267,8 +302,12 @@ def test_sampling_params_as_a_dict_of_vllm_fields(qwen3):
 def test_prompt_token_ids_outside_the_vocabulary_fail_in_dict_form_too(qwen3):
     prompts, want = fixture_prompts("tiny-qwen3")
     bad = [0, qwen3.cfg.vocab_size]
-    with pytest.raises(ValueError, match="prompt token ids must be in"):
-        qwen3.generate([bad], GREEDY16, use_tqdm=False)
-    outs = qwen3.generate([{"prompt_token_ids": bad}, prompts[0]], GREEDY16, use_tqdm=False)
-    assert outs[0].error and "prompt token ids must be in" in outs[0].error
-    assert outs[1].outputs[0].token_ids == want[0]
+    for form in (bad, {"prompt_token_ids": bad}):
+        with pytest.raises(ValueError, match="prompt 0: prompt token ids must be in"):
+            qwen3.generate([form], GREEDY16, use_tqdm=False)
+        outs = stream_all(qwen3, [form, prompts[0]], GREEDY16)
+        assert outs[0].error and "prompt token ids must be in" in outs[0].error
+        assert outs[1].outputs[0].token_ids == want[0]
+    for not_ids in ([1.5, 2], "12", [True]):
+        with pytest.raises(ValueError, match="list of integers"):
+            qwen3.generate({"prompt_token_ids": not_ids}, GREEDY16, use_tqdm=False)

@@ -218,6 +218,8 @@ def _one_tensor_file(path, header: dict, data: bytes, header_len: int | None = N
     ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 64]}}, b"\0" * 16, None, "tensor w .* ends at byte 64"),
     ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},  # aliases: the same bytes twice
+      "v": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "overlap"),
     ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, 2**62, "header length"),
     ({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "holds 16 bytes.*needs 8"),
     ({"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, None, "unsupported dtype"),

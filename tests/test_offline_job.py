@@ -713,3 +713,73 @@ def test_invalid_generation_config_is_refused_at_load_naming_the_file(tmp_path, 
     rc, out, _ = run(tmp_path, [{"id": "a", "prompt": "x"}], factory=lambda **kw: BadDefaults(**kw))
     err = capsys.readouterr().err
     assert rc == 1 and "generation_config.json" in err and "temperature" in err
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them_unless_accepted(tmp_path, capsys):
+    lines = [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "world"}]
+    rc, out, _ = run(tmp_path, lines[:1], "--max-tokens", "3")
+    assert rc == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    rc, _, rec = run(tmp_path, lines, "--max-tokens", "4", "--temperature", "0.5")
+    err = capsys.readouterr().err
+    assert rc == 2 and not rec.llms and out.read_bytes() == before  # nothing ran, nothing written
+    assert err.count("\n") == 1 and "--max-tokens: 3 -> 4" in err and "--temperature: unset -> 0.5" in err
+    assert "--accept-new-settings" in err
+    rc, _, rec = run(tmp_path, lines, "--max-tokens", "3")  # the same settings: resumes
+    assert rc == 0 and set(rec.params_by_prompt) == {"world"}
+    rc, _, rec = run(tmp_path, lines + [{"id": "c", "prompt": "again"}], "--max-tokens", "4", "--accept-new-settings")
+    assert rc == 0 and set(rec.params_by_prompt) == {"again"} and by_id(read_records(out))["c"]["output_tokens"] == 4
+    marker = json.loads((tmp_path / ("results.jsonl" + MARKER_SUFFIX)).read_text())
+    assert marker["settings"]["--max-tokens"] == 4  # the new settings are the ones recorded
+
+
+def test_an_output_from_before_settings_were_recorded_resumes(tmp_path):
+    rc, out, _ = run(tmp_path, [{"id": "a", "prompt": "hello"}])
+    marker = tmp_path / ("results.jsonl" + MARKER_SUFFIX)
+    marker.write_text(json.dumps({"written_by": "sidp-jax offline job", "output": out.name}) + "\n")
+    rc, _, rec = run(tmp_path, [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "x"}], "--max-tokens", "5")
+    assert rc == 0 and set(rec.params_by_prompt) == {"x"}
+
+
+def test_the_summary_states_the_sampling_in_force_and_its_source(tmp_path, capsys):
+    class WithDefaults(FakeLLM):
+        def generation_defaults(self):
+            return {"temperature": 0.6, "top_k": 20}
+
+    rc, _, _ = run(tmp_path, [{"id": "a", "prompt": "hi"}], "--top-p", "0.9", factory=lambda **kw: WithDefaults(**kw))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Sampling"))
+    assert rc == 0
+    for part in ("max_tokens=16 (vLLM default)", "temperature=0.6 (generation_config.json)",
+                 "top_k=20 (generation_config.json)", "top_p=0.9 (command line)"):
+        assert part in line, line
+
+
+@pytest.mark.parametrize("content", [b"PAR1 not really parquet", b"", "cut"])
+def test_a_parquet_file_that_is_not_one_or_is_cut_is_one_line(tmp_path, capsys, content):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    inp = tmp_path / "in.parquet"
+    if content == "cut":
+        pq.write_table(pa.Table.from_pylist([{"id": str(i), "prompt": "p" * 50} for i in range(100)]), inp)
+        inp.write_bytes(inp.read_bytes()[:-30])
+    else:
+        inp.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--no-progress"], llm_factory=Recorder())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "not a readable Parquet file" in err and str(inp) in err
+
+
+def test_flag_mistakes_are_usage_errors_and_a_cpu_mesh_says_how_to_get_devices(tmp_path, capsys):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+    base = ["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--mesh", "dp=eight"], llm_factory=Recorder())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "mesh must look like 'dp=8'" in err and "could not load" not in err
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--mesh", "dp=64"])  # more than the 8 virtual CPU devices: refused before any model loads
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "needs 64 devices" in err and "xla_force_host_platform_device_count=64" in err
+    assert not (tmp_path / "o.jsonl").exists()

@@ -16,11 +16,12 @@ import typing
 from pathlib import Path
 
 import sidp_jax.jobs.ray as sidp_ray
-from sidp_jax.jobs.job_input import reader_for
+from sidp_jax.jobs.job_input import InputError, reader_for
 from sidp_jax.jobs.job_output import OutputError, OutputWriteError, marker_path
 from sidp_jax.jobs.offline_job import (DEFAULT_INPUT, DEFAULT_OUTPUT, JobConfig, JobSummary, LLMFactory,
                                        ModelLoadError, default_llm_factory, run_job)
 from sidp_jax.engine_config import EngineConfig, cli_fields
+from sidp_jax.parallel.layouts import check_device_count
 from sidp_jax.sampling_params import SamplingParams
 
 
@@ -42,6 +43,9 @@ def format_summary(s: JobSummary) -> str:
             _step_time_line(stats),
             _prefix_cache_line(stats),
         ]
+    if s.sampling_in_force:
+        lines.append("Sampling (lines without their own): " + ", ".join(
+            f"{name}={value} ({source})" for name, (value, source) in s.sampling_in_force.items()))
     lines += [
         f"Requests: {s.requests_completed} completed, {s.requests_errored} errors, "
         f"{s.requests_skipped} skipped (already in the output)",
@@ -136,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPUs each group takes (default: all of a node's)")
     p.add_argument("--retry-errors", action="store_true",
                    help="run again the ids whose only records in the output are errors (their error records are removed)")
+    p.add_argument("--accept-new-settings", action="store_true",
+                   help="continue an output whose records were made with other settings (model, sampling flags, "
+                   "dtype, quantization, kv-cache-dtype, max-model-len, seed); the new ones are recorded")
     p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks for model-loading errors")
@@ -149,7 +156,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     sampling_names = [_dest(f) for f, _ in SAMPLING_FLAGS] + ["stop", "stop_token_ids", "ignore_eos"]
     sampling = {n: getattr(args, n) for n in sampling_names if getattr(args, n) is not None}
     return JobConfig(args.input, args.output, engine, sampling, progress=not args.no_progress,
-                     retry_errors=args.retry_errors)
+                     retry_errors=args.retry_errors, accept_new_settings=args.accept_new_settings)
 
 
 def load_factory(spec: str) -> LLMFactory:
@@ -171,6 +178,12 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
         EngineConfig.from_kwargs(**{k: v for k, v in cfg.engine_kwargs.items() if k != "model"})
     except ValueError as e:
         parser.error(str(e))
+    if args.ray is None and llm_factory is None and not args.llm_factory:
+        try:  # before the model loads: a mesh larger than the machine is a flag mistake
+            check_device_count(EngineConfig.from_kwargs(**{k: v for k, v in cfg.engine_kwargs.items()
+                                                          if k != "model"}).mesh, jax_devices())
+        except ValueError as e:
+            parser.error(str(e))
     if args.ray_concurrency is not None and args.ray_concurrency < 1:
         parser.error("--ray-concurrency must be at least 1")
     if args.ray_batch_size < 1:
@@ -205,6 +218,9 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
     except OutputWriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OutputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -219,6 +235,12 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
                   f"(the results are complete in {cfg.output})", file=sys.stderr)
             return 1
     return 0
+
+
+def jax_devices() -> list:
+    import jax  # only here: the Ray driver and --help need no jax
+
+    return jax.devices()
 
 
 def _interrupt(signum, frame):

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from sidp_jax.chat_messages import check_chat_template_kwargs, normalize_messages
 from sidp_jax.sampling_params import SamplingParams
 
 PROMPT_KEYS = ("id", "prompt", "messages", "chat_template_kwargs")
@@ -90,18 +91,37 @@ def check_encoding(path: Path) -> None:
                          f"iconv -f {found} -t UTF-8 {path} > {path.stem}.utf8.jsonl")
 
 
+class InputError(ValueError):
+    """The input file as a whole cannot be read (not one line of it): the job stops, exit 2."""
+
+
 def read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     """Rows of a Parquet file as objects, numbered from 1; null fields are left out (a column a
-    row does not use reads as null)."""
+    row does not use reads as null). A file that is not Parquet, or whose data is cut or corrupt,
+    is an InputError naming the file (and the row reached)."""
+    row_no = 0
+    try:
+        for batch in open_parquet(path).iter_batches():
+            for row in batch.to_pylist():
+                row_no += 1
+                yield row_no, drop_nulls(row)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid and ArrowIOError derive from these
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: cannot read the Parquet data after row {row_no} ({e}); the rows "
+                         f"before it ran") from None
+
+
+def open_parquet(path: Path):
+    """The pyarrow ParquetFile, or an InputError that names the file and why."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError("reading Parquet needs pyarrow: pip install pyarrow (or 'sidp-jax[ray]')") from None
-    row_no = 0
-    for batch in pq.ParquetFile(path).iter_batches():
-        for row in batch.to_pylist():
-            row_no += 1
-            yield row_no, drop_nulls(row)
+        raise InputError("reading Parquet needs pyarrow: pip install pyarrow (or 'sidp-jax[ray]')") from None
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable Parquet file (truncated, or another format?): {e}") from None
 
 
 def drop_nulls(row: dict) -> dict:
@@ -130,6 +150,8 @@ def reader_for(path: Path) -> Callable[[Path], Iterator[tuple[int, Any]]]:
         ) from None
     if reader is read_jsonl and path.is_file():
         check_encoding(path)
+    if reader is read_parquet and path.is_file():
+        open_parquet(path)  # its footer read now: a bad file is a usage error before any model loads
     return reader
 
 
@@ -266,53 +288,6 @@ def _prompt_fields(obj: dict) -> tuple[str | None, list[dict] | None]:
             raise ValueError("'prompt' must be a non-empty string")
         return prompt, None
     return None, normalize_messages(obj["messages"])
-
-
-def normalize_messages(messages: Any, where: str = "'messages'") -> list[dict]:
-    """Checked chat messages, each "content" a string: a list of text parts (as OpenAI allows,
-    [{"type": "text", "text": ...}]) is joined with newlines, as vLLM does."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where} must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):
-            content = _join_text_parts(content, f"{where}[{i}]['content']")
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(content, str)):
-            raise ValueError(f"{where}[{i}] must be an object with string 'role' and 'content' "
-                             f"(a string or a list of text parts)")
-        out.append({**m, "content": content})
-    return out
-
-
-def _join_text_parts(parts: list, where: str) -> str:
-    if not parts:
-        raise ValueError(f"{where} is an empty list of parts")
-    texts = []
-    for j, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            what = f"a part of type {kind!r}" if isinstance(kind, str) else "not a {\"type\": \"text\", \"text\": ...} part"
-            raise ValueError(f"{where}[{j}] is {what}: only text content is supported")
-        if not isinstance(part.get("text"), str):
-            raise ValueError(f"{where}[{j}] is a text part without a string 'text'")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-# apply_chat_template's own arguments: a line cannot set them through chat_template_kwargs
-RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "add_generation_prompt", "tokenize",
-                                      "chat_template", "tools", "documents"})
-
-
-def check_chat_template_kwargs(value: Any, where: str = "'chat_template_kwargs'") -> dict:
-    """More variables for the chat template, e.g. {"enable_thinking": false} for Qwen3."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{where} must be an object, e.g. {{\"enable_thinking\": false}}")
-    reserved = sorted(set(value) & RESERVED_TEMPLATE_KWARGS)
-    if reserved:
-        raise ValueError(f"{where} cannot set {', '.join(reserved)}")
-    return dict(value)
 
 
 def _overrides(obj: dict) -> dict:

@@ -26,6 +26,11 @@ class OutputWriteError(OutputError):
     """Writing a record failed (disk full, I/O error): the job stops; a rerun resumes."""
 
 
+class SettingsChanged(OutputError):
+    """The output holds records made with other settings than this run's: the job exits 2 unless
+    the user accepts the new ones (--accept-new-settings)."""
+
+
 @dataclasses.dataclass
 class Recovered:
     done: set  # keys that need no run: results, and error records unless they are retried
@@ -65,13 +70,19 @@ class JobOutput:
             self._lock.close()
             raise OutputError(f"another job is writing {self.path}: it holds the lock on {self.marker}") from None
         self._lock.seek(0)
-        self.ours = bool(self._lock.read().strip()) or not self.path.exists()  # marked, or about to be created
+        marked = self._lock.read()
+        self.ours = bool(marked.strip()) or not self.path.exists()  # marked, or about to be created
+        self.recorded = _recorded_settings(marked)  # what the earlier run recorded; None: nothing (or older job)
         self._f = None
 
-    def recover(self, retry_errors: bool = False, fmt: str | None = None) -> Recovered:
+    def recover(self, retry_errors: bool = False, fmt: str | None = None, settings: dict | None = None,
+                accept_new_settings: bool = False) -> Recovered:
         """Check the existing output and learn what it holds (call once, before writing). Reads the
         file line by line: memory holds the keys, not the records.
-        fmt: the format the records must be in (the input's); None: any, but only one."""
+        fmt: the format the records must be in (the input's); None: any, but only one.
+        settings: what this run's results depend on ({name: value}), recorded in the marker; an
+        output whose records were made with other settings is refused (SettingsChanged) unless
+        accept_new_settings."""
         results, errors = set(), set()
         if self.path.exists():
             with open(self.path, "rb+") as f:
@@ -93,9 +104,16 @@ class JobOutput:
                                           f"format; use another --output")
                     fmt = rec_fmt
                     (results if kind == "result" else errors).add(key)
+        if (results or errors) and settings is not None and self.recorded is not None and not accept_new_settings:
+            changed = settings_diff(self.recorded, settings)
+            if changed:
+                raise SettingsChanged(
+                    f"{self.path} holds {len(results | errors)} records made with other settings: "
+                    f"{'; '.join(changed)}. Rerun with the same settings to resume, use another --output, or "
+                    f"pass --accept-new-settings to continue this output with the new ones (its records stay)")
         error_only = errors - results
         retried = self._drop_error_records(error_only) if retry_errors and error_only else 0
-        self._mark()
+        self._mark(settings)
         done = results | (set() if retry_errors else errors)
         return Recovered(done, len(error_only), retried, fmt if (results or errors) else None)
 
@@ -123,10 +141,13 @@ class JobOutput:
         os.replace(tmp, self.path)
         return dropped
 
-    def _mark(self) -> None:
+    def _mark(self, settings: dict | None) -> None:
+        mark = {"written_by": "sidp-jax offline job", "output": self.path.name}
+        if settings is not None:
+            mark["settings"] = settings
         self._lock.seek(0)
         self._lock.truncate()
-        self._lock.write(json.dumps({"written_by": "sidp-jax offline job", "output": self.path.name}) + "\n")
+        self._lock.write(json.dumps(mark) + "\n")
         self._lock.flush()
 
     def write(self, record: dict) -> None:
@@ -147,6 +168,21 @@ class JobOutput:
             except OSError:
                 pass
         self._lock.close()
+
+
+def _recorded_settings(marked: str) -> dict | None:
+    try:
+        settings = json.loads(marked).get("settings")
+    except (ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def settings_diff(before: dict, now: dict) -> list[str]:
+    """'name: old -> new' for each setting that differs ("unset": not given)."""
+    show = lambda v: "unset" if v is None else json.dumps(v)
+    return [f"{name}: {show(before.get(name))} -> {show(now.get(name))}"
+            for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
 
 
 def marker_path(output: Path) -> Path:

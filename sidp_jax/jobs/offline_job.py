@@ -82,6 +82,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -110,6 +112,24 @@ class JobConfig:
     sampling: dict = dataclasses.field(default_factory=dict)  # SamplingParams fields from the CLI
     progress: bool = True
     retry_errors: bool = False  # run again the ids (and id-less lines) whose only records are errors
+    accept_new_settings: bool = False  # continue an output whose records were made with other settings
+
+
+RESULT_ENGINE_FIELDS = ("dtype", "quantization", "kv_cache_dtype", "max_model_len", "seed")  # change the outputs
+
+
+def job_settings(cfg: JobConfig) -> dict:
+    """What the results depend on beyond the input, by flag name: the model, the sampling flags
+    and the engine fields that change outputs (the layout and the memory limits do not). Recorded
+    with the output, so that a rerun with other settings is caught rather than mixed in."""
+    model = cfg.engine_kwargs.get("model")
+    if isinstance(model, str) and os.path.isdir(model):
+        model = os.path.realpath(model)
+    settings = {"--model": model}
+    settings.update({"--" + k.replace("_", "-"): v for k, v in cfg.sampling.items()})
+    settings.update({"--" + k.replace("_", "-"): cfg.engine_kwargs[k] for k in RESULT_ENGINE_FIELDS
+                     if cfg.engine_kwargs.get(k) is not None})
+    return json.loads(json.dumps({k: v for k, v in settings.items() if v is not None}))  # as the marker keeps it
 
 
 @dataclasses.dataclass
@@ -125,6 +145,7 @@ class JobSummary:
     elapsed_s: float = 0.0  # generation time, the throughput's denominator
     wall_s: float = 0.0  # the whole job, model loading included
     engine_stats: dict | None = None  # llm.stats(); None when nothing had to run
+    sampling_in_force: dict | None = None  # {field: (value, where it came from)} for lines that set none
     nothing_ran: bool = False  # no request was left to run (all done earlier, or errors): no engine was built
 
     def count_result(self, record: dict) -> None:
@@ -174,7 +195,8 @@ def execute_job(cfg: JobConfig, generate: Generate, *, keep_lines: bool = False)
             entries = list(entries)
             lines = dict(entries)
         fmt, entries = detect_format(entries)  # the output must be in the input's format
-        recovered = writer.recover(cfg.retry_errors, fmt.name if fmt else None)
+        recovered = writer.recover(cfg.retry_errors, fmt.name if fmt else None, job_settings(cfg),
+                                   cfg.accept_new_settings)
         fmt = fmt or InputFormat(recovered.fmt or FORMAT_SIMPLE, 0)  # no line has one: for the error records
         summary.errors_retried = recovered.retried
         summary.errors_retryable = 0 if cfg.retry_errors else recovered.retryable
@@ -304,11 +326,24 @@ def build_llm(llm_factory: LLMFactory, engine_kwargs: dict):
     return llm
 
 
+SHOWN_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p")
+
+
+def sampling_in_force(cli: dict, checkpoint: dict) -> dict[str, tuple[Any, str]]:
+    """The value of each field in SHOWN_SAMPLING that a line without its own gets, and its source:
+    the command line, else the checkpoint's generation_config.json, else vLLM's default."""
+    vllm = SamplingParams()
+    return {name: (cli[name], "command line") if name in cli else
+            (checkpoint[name], "generation_config.json") if name in checkpoint else
+            (getattr(vllm, name), "vLLM default") for name in SHOWN_SAMPLING}
+
+
 def _generate(requests: Iterable[JobRequest], cfg: JobConfig, llm_factory: LLMFactory, writer: JobOutput,
               summary: JobSummary) -> None:
     llm = build_llm(llm_factory, cfg.engine_kwargs)
     start = time.perf_counter()
     defaults = llm.generation_defaults() if hasattr(llm, "generation_defaults") else {}
+    summary.sampling_in_force = sampling_in_force(cfg.sampling, defaults)
     runnable = errors_written(tokenized(requests, llm.tokenizer, defaults), writer, summary)
     results = errors_written((result for _, result in stream_records(llm, runnable, use_tqdm=cfg.progress)),
                              writer, summary)

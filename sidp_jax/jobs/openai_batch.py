@@ -39,8 +39,8 @@ import os
 import time
 from typing import Any, Callable
 
-from sidp_jax.jobs.job_input import (FORMAT_BATCH, JobRequest, Key, LineError, check_chat_template_kwargs,
-                                     is_valid_id, make_sampling_params, normalize_messages)
+from sidp_jax.chat_messages import check_chat_template_kwargs, normalize_messages
+from sidp_jax.jobs.job_input import FORMAT_BATCH, JobRequest, Key, LineError, is_valid_id, make_sampling_params
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 LINE_KEYS = ("custom_id", "method", "url", "body")

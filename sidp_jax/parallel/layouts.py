@@ -17,21 +17,21 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sidp_jax.engine_config import Parallel, Placement
+from sidp_jax.engine_config import Parallel, Placement, parse_mesh
 from sidp_jax.models.config import ModelConfig
 from sidp_jax.models.modules import FFN_LEAVES, model_specs
 from sidp_jax.models.params import is_spec
 
 
-def parse_mesh(mesh: str) -> dict[str, int]:
-    """'dp=4,tp=2' -> {'dp': 4, 'tp': 2}."""
-    sizes = {"dp": 1, "tp": 1}
-    for part in filter(None, (p.strip() for p in mesh.split(","))):
-        name, _, value = part.partition("=")
-        if name not in sizes or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"mesh must look like 'dp=8' or 'dp=4,tp=2', got {mesh!r}")
-        sizes[name] = int(value)
-    return sizes
+def check_device_count(mesh: str, devices: list) -> None:
+    """A mesh larger than the visible devices is an error that says how to get more on CPU."""
+    sizes = parse_mesh(mesh)
+    n = sizes["dp"] * sizes["tp"]
+    if n > len(devices):
+        platform = devices[0].platform if devices else "none"
+        hint = (f"; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax starts for {n} "
+                f"virtual devices" if platform == "cpu" else "")
+        raise ValueError(f"mesh {mesh} needs {n} devices, but only {len(devices)} ({platform}) are visible{hint}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +136,7 @@ def make_layout(mesh: str, parallel: str = "sidp", placement: str = "striped", d
     sizes = parse_mesh(mesh)
     n = sizes["dp"] * sizes["tp"]
     devices = list(devices if devices is not None else jax.devices())
-    if n > len(devices):
-        raise ValueError(f"mesh {mesh} needs {n} devices, but only {len(devices)} are visible")
+    check_device_count(mesh, devices)
     if parallel == "tp":  # the whole group becomes one tensor-parallel replica
         sizes = {"dp": 1, "tp": n}
     grid = np.array(devices[:n]).reshape(sizes["dp"], sizes["tp"])
