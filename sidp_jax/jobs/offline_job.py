@@ -64,7 +64,9 @@ The output is the job's own (sidp_jax/jobs/job_output.py): a marker beside it, `
 says a job wrote it and holds an exclusive lock while one runs (a second job exits 2). An output
 that is the input, a directory, or holds a line that is not a record is refused with exit 2 and
 left untouched; a torn last line is only dropped where the marker proves the job wrote it. A
-failing write (a full disk) stops the job with exit 1; rerunning resumes.
+failing write (a full disk) stops the job with exit 1; rerunning resumes. The marker records the
+settings the results depend on (`job_settings`); a rerun with other ones is refused with exit 2,
+naming each difference, unless `--accept-new-settings`.
 
 Reading and parsing lines: sidp_jax/jobs/job_input.py; writing and recovering records:
 sidp_jax/jobs/job_output.py. Input formats plug into `READERS` (file suffix -> reader yielding (line number, object)):
