@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # FP8 against bf16 on one GPU, in ONE device call: the FP8 GPU tests, fp8_gemms.py (each
 # projection alone: bf16 / W8A8 / block-scaled, XLA's Triton GEMM off and on), roofline.py
-# (Qwen3-32B shape, B=64 and 256, bf16 then FP8 weights in one process; TRITON_AB=1 repeats the
-# FP8 step with SIDP_JAX_TRITON_GEMM=on, SWAP_AB=1 with the GEMMs' operands swapped), then throughput.py windows (each run in its own process).
+# (Qwen3-32B shape, B=64 and 256, bf16 then FP8 weights in one process), then throughput.py windows
+# (each run in its own process).
 #   bash benchmarks/fp8_ab.sh
 # Env: MODEL, PROMPTS, INPUT_LEN, OUTPUT_LEN, TIME_LIMIT, WARMUP, QUANTS, KVS, MAX_SEQS, MAX_TOKENS,
-#      ROOF_KVS (space list: auto fp8), ROOF_QUANTS, SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1, TRITON_AB=1,
-#      SWAP_AB=1 (roofline FP8 with SIDP_JAX_FP8_SWAP_AB=on, KV SWAP_KV, default fp8),
+#      ROOF_KVS (space list: auto fp8), ROOF_QUANTS, SKIP_TESTS=1, SKIP_GEMMS=1, SKIP_ROOFLINE=1, SKIP_THROUGHPUT=1,
 #      PROFILE="fp8:fp8 none:auto" (step_profile.py per weights:kv pair, B=PROFILE_BATCH, default 64),
 #      PROFILE_XLA_FLAGS (XLA_FLAGS for the profiles: XLA runs op by op while a profiler is active
 #        unless --xla_enable_command_buffers_during_profiling=true),
@@ -34,12 +33,6 @@ roofline() {  # roofline NAME WEIGHTS KV [VAR=value ...]: roofline.py at B=64 an
     --batch 64,256 --context 1024,1024 --reps 10 --quantization "$quants" --kv-cache-dtype "$kv" \
     --out "$OUT/$name.json" 2>&1 | tail -14 | tee "$OUT/$name.log")
 }
-if [ -n "${TRITON_AB:-}" ]; then
-  roofline roofline-fp8-triton fp8 auto SIDP_JAX_TRITON_GEMM=on
-fi
-if [ -n "${SWAP_AB:-}" ]; then   # the FP8 step with each W8A8 GEMM as w x^T (models/fp8.swap_operands)
-  roofline roofline-fp8-swap-ab fp8 "${SWAP_KV:-fp8}" SIDP_JAX_FP8_SWAP_AB=on
-fi
 if [ -n "${NORM8:-}" ]; then   # the norm + activation quantization the FP8 step runs before qkv and gate_up
   (cd benchmarks && timeout "${NORM_TIMEOUT:-200}" $now python3 norm_kernels.py --tokens 64,256 --hidden 5120 \
     --modes add,add8 --chain 20 --out "$OUT/norm-kernels-fp8.json" 2>&1 | tail -22 | tee "$OUT/norm-kernels-fp8.log")

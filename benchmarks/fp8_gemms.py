@@ -7,7 +7,7 @@ cuBLASLt only) and on (XLA autotunes between Triton and the library):
   fp8          the engine's W8A8 (models/fp8.py): per-token activation quantization, an e4m3 x
                e4m3 GEMM with the weight [N, K], per-channel rescale
   fp8-gemm     the same GEMM on activations quantized beforehand: the GEMM's own cost
-  fp8-swap     fp8 with its operands swapped (SIDP_JAX_FP8_SWAP_AB=on): w x^T, transposed in the rescale
+  fp8-swap     fp8 with its operands swapped (swapped_linear): w x^T, transposed in the rescale
   fp8-block    128 x 128 weight blocks and 1 x 128 activation blocks (Qwen's FP8 checkpoints'
                scheme, DeepSeek-V3 style), emulated as one batched e4m3 GEMM over the K blocks
                with a scaled sum: what keeping block scales would cost without a fused kernel
@@ -79,6 +79,14 @@ def rel_rms(got, want) -> float:
     return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
 
 
+def swapped_linear(x, q, s):
+    """The W8A8 GEMM with its operands swapped, y^T = w x^T (as vLLM's CUTLASS path does for small
+    M): the weight's long output axis on the GEMM's M. Measured here only; the engine does not use it."""
+    xq, x_scale = quantize_tokens(x)
+    y_t = jax.lax.dot_general(q, xq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y_t.T * x_scale[:, None] * s).astype(x.dtype)
+
+
 def variants(x, layers):
     """{name: (fn(first, *weights), first, [weights of each layer], weight bytes per layer)}; layers
     holds (w_bf16 [K, N], q, s, bq, bs) per layer (bq None where the shape is not in 128-blocks)."""
@@ -89,7 +97,7 @@ def variants(x, layers):
         "fp8-gemm": (lambda xq, q: jax.lax.dot_general(xq, q, (((1,), (1,)), ((), ())),
                                                        preferred_element_type=jnp.bfloat16),
                      xq, [(q,) for _, q, _, _, _ in layers]),
-        "fp8-swap": (lambda x, q, s: linear(x, q, s, swap_ab=True), x, [(q, s) for _, q, s, _, _ in layers]),
+        "fp8-swap": (swapped_linear, x, [(q, s) for _, q, s, _, _ in layers]),
     }
     if layers[0][3] is not None:
         out["fp8-block"] = (block_linear, x, [(bq, bs) for *_, bq, bs in layers])

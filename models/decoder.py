@@ -1,15 +1,16 @@
 """The decoder's math for Llama-3.x, Qwen2/2.5 and Qwen3: one `layer` function, walked in Python.
 
-Weights are a plain pytree of per-layer dicts (models/modules.py declares them), so `forward`
-loops over the layers in Python under `jit`: each projection is one GEMM reading its own array in
-place (a `lax.scan` over weights stacked on a layer axis made XLA copy every layer's slice, 2-3x
+Weights are a plain pytree of per-layer dicts (models/modules.py declares them), so the layers
+are a Python loop under `jit`: each projection is one GEMM reading its own array in place (a
+`lax.scan` over weights stacked on a layer axis made XLA copy every layer's slice, several times
 slower at decode sizes). `layer` is the only copy of a layer's computation; its callers differ in
 how attention reaches the keys and values (`attend`) and how the FFN reaches its weights (`ffn`):
-  - `forward`: one replica's step over the paged KV cache. Inside the engine it runs under
-    `jax.shard_map`, so arrays are that replica's shards (heads split over `tp` when the layout
-    says so), the only cross-device traffic being a `psum` over tp after the attention output and
-    FFN down projections and whatever the SiDP FFN strategy (sidp_jax/pool/) does;
-  - the per-replica WaS runner (sidp_jax/pool/replica_was.py), one layer per jitted call;
+  - `paged_layers` (and `forward`, with the embedding and head): one replica's step over the
+    paged KV cache. Inside the engine it runs under `jax.shard_map`, so arrays are that replica's
+    shards (heads split over `tp` when the layout says so), the only cross-device traffic being a
+    `psum` over tp after the attention output and FFN down projections and whatever the SiDP FFN
+    strategy (sidp_jax/pool/ffn.py) does;
+  - the per-replica WaS runner (sidp_jax/engine/replica_runner.py), one layer per jitted call;
   - `dense_forward`: plain causal attention over a token batch, no cache (the NNX module's call).
 """
 
@@ -162,27 +163,30 @@ def head_logits(cfg: ModelConfig, params: dict, x: jax.Array, batch: dict | None
     return jnp.einsum("sh,hv->sv", h, head, preferred_element_type=jnp.float32)
 
 
-def forward(cfg: ModelConfig, params: dict, kv: dict, batch: dict, *, ffn_for=None,
-            attn_fn=paged_attention_reference, tp_axis: str | None = None, skip_idle: bool = False,
-            return_hidden: bool = False):
-    """Run one step for one replica.
+def paged_layers(cfg: ModelConfig, params: dict, x: jax.Array, cos, sin, kv: dict, batch: dict, *, ffn_for=None,
+                 attn_fn=paged_attention_reference, tp_axis: str | None = None, skip_idle: bool = False):
+    """Every layer of one replica's step over the paged KV cache: (x [T, H], kv).
 
-    batch: tokens [T], positions [T], slots [T] (flat cache slot written by each token),
-    token_seq [T], block_tables [S, MB], sample_index [S] (token whose logits row S samples),
-    num_tokens [] (real tokens; 0 marks an idle replica). kv: {"k", "v"} each
-    [L * pages, P, Nkv_local, D]. ffn_for(l) -> (ffn, weights): how layer l's FFN runs and the
-    weights it is handed (default: dense, the layer's own). skip_idle: an idle replica skips its
-    own compute (only worth a `lax.cond` where several replicas share the program).
-    Returns (logits [S, V] float32, kv), and the final hidden states [T, H] with return_hidden."""
-    x, cos, sin = embed(cfg, params, batch)
+    batch: positions [T], slots [T] (flat cache slot written by each token), token_seq [T],
+    block_tables [S, MB], num_tokens [] (real tokens; 0 marks an idle replica). kv: {"k", "v"}
+    each [L * pages, P, Nkv_local, D]. ffn_for(l) -> (ffn, weights): how layer l's FFN runs and
+    the weights it is handed (default: dense, the layer's own). skip_idle: an idle replica skips
+    its own compute (only worth a `lax.cond` where several replicas share the program)."""
     active = batch["num_tokens"] > 0 if skip_idle else None
     for l, w in enumerate(params["layers"]):
         ffn, ffn_w = ffn_for(l) if ffn_for is not None else (dense_ffn, w)
         x, kv = layer(cfg, w, x, kv, cos, sin, attend=paged_attend(cfg, l, batch, attn_fn),
                       ffn=lambda x_, act, ffn=ffn, l=l, ffn_w=ffn_w: ffn(x_, l, ffn_w, act),
                       tp_axis=tp_axis, active=active)
-    logits = head_logits(cfg, params, x, batch)
-    return (logits, kv, x) if return_hidden else (logits, kv)
+    return x, kv
+
+
+def forward(cfg: ModelConfig, params: dict, kv: dict, batch: dict, **layer_options):
+    """One replica's step from token ids to logits: (logits [S, V] float32 of each row's sampled
+    token, kv). batch: paged_layers' fields and tokens [T], sample_index [S]."""
+    x, cos, sin = embed(cfg, params, batch)
+    x, kv = paged_layers(cfg, params, x, cos, sin, kv, batch, **layer_options)
+    return head_logits(cfg, params, x, batch), kv
 
 
 def causal_attend(token_seq: jax.Array, positions: jax.Array, scale: float):

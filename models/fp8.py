@@ -16,7 +16,6 @@ stay in the compute dtype, as in vLLM and in Qwen's own FP8 releases.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +51,11 @@ def quantize_tokens(x: jax.Array, reduce_amax=None) -> tuple[jax.Array, jax.Arra
     return quantize(x, 1, reduce_amax)
 
 
-def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, out_dtype=None, reduce_amax=None,
-           swap_ab: bool | None = None):
+def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, out_dtype=None, reduce_amax=None):
     """x [T, *in] times a projection -> [T, *out], contracting all of x's axes but the first.
 
     scale None: w [*in, *out] in the compute dtype, one GEMM in out_dtype (default x's).
-    Otherwise w is e4m3 [*out, *in] with its per-channel scale [*out]: W8A8 (see the module);
-    swap_ab (default: swap_operands()) computes its GEMM as w x^T."""
+    Otherwise w is e4m3 [*out, *in] with its per-channel scale [*out]: W8A8 (see the module)."""
     k = x.ndim - 1
     out_dtype = out_dtype or x.dtype
     if scale is None:
@@ -66,23 +63,8 @@ def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, out_dt
         return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
     xq, x_scale = quantize_tokens(x, reduce_amax)
     x_axes, w_axes = tuple(range(1, x.ndim)), tuple(range(w.ndim - k, w.ndim))
-    if swap_operands() if swap_ab is None else swap_ab:  # y^T = w x^T: the weight's N becomes the GEMM's M
-        y_t = jax.lax.dot_general(w, xq, ((w_axes, x_axes), ((), ())), preferred_element_type=jnp.float32)
-        y = jnp.moveaxis(y_t, -1, 0)  # a [T, N] transpose, which XLA may fuse into the rescale
-    else:
-        y = jax.lax.dot_general(xq, w, ((x_axes, w_axes), ((), ())), preferred_element_type=jnp.float32)
+    y = jax.lax.dot_general(xq, w, ((x_axes, w_axes), ((), ())), preferred_element_type=jnp.float32)
     return (y * x_scale.reshape(-1, *[1] * scale.ndim) * scale).astype(out_dtype)
-
-
-def swap_operands() -> bool:
-    """SIDP_JAX_FP8_SWAP_AB=on computes each W8A8 GEMM as w x^T (read when a step is traced).
-
-    Decode GEMMs are skinny (M = tokens in the step, 64-256) while library FP8 kernels tile M
-    widely; swapping the operands (as vLLM's CUTLASS FP8 path does for small M) puts the
-    weight's long output axis on M. Both operands keep the contraction minor, as cuBLASLt FP8
-    needs. Off by default: measured on an H200 it gains nothing (RESULTS.md, FP8: within 3% per
-    projection either way, the same step time)."""
-    return os.environ.get("SIDP_JAX_FP8_SWAP_AB", "off").lower() in ("on", "1", "true")
 
 
 @dataclasses.dataclass(frozen=True)

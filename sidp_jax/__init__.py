@@ -2,10 +2,10 @@
 
 import os as _os
 
-# Let JAX preallocate most of each GPU; `gpu_memory_utilization` then decides our share.
+from sidp_jax.engine_config import XLA_MEM_FRACTION
+
 # Only effective when sidp_jax is imported before JAX initialises its backends (so this module
-# imports no jax). sidp_jax.engine.memory reads the same constant to recover the device's size.
-XLA_MEM_FRACTION = "0.95"
+# imports no jax).
 _os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", XLA_MEM_FRACTION)
 
 from sidp_jax.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402

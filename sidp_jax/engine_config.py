@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import typing
+
+
+# JAX preallocates this share of each GPU (`import sidp_jax` sets it before JAX starts);
+# `gpu_memory_utilization` then decides the engine's part of it, and sidp_jax/engine/memory.py
+# reads it back to recover the device's size.
+XLA_MEM_FRACTION = "0.95"
 
 
 class Parallel(enum.StrEnum):
@@ -76,13 +83,13 @@ class EngineConfig:
     data_parallel_size: int | None = _field(None, "replicas (vLLM's name; with tensor_parallel_size, "
                                             "another way to give the mesh)", minimum=1)
     tensor_parallel_size: int | None = _field(None, "GPUs per replica (vLLM's name)", minimum=1)
-    parallel: str = _field("sidp", "parallelism scheme", choices=Parallel)
-    placement: str = _field("striped", "SiDP weight placement", choices=Placement)
-    ffn_mode: str = _field("auto", "SiDP FFN mode", choices=FfnMode)
+    parallel: Parallel = _field("sidp", "parallelism scheme", choices=Parallel)
+    placement: Placement = _field("striped", "SiDP weight placement", choices=Placement)
+    ffn_mode: FfnMode = _field("auto", "SiDP FFN mode", choices=FfnMode)
     dtype: str = _field("auto", "compute dtype: auto (the checkpoint's), bfloat16, float16 or float32")
-    quantization: str | None = _field(None, "weight quantization (default: the checkpoint's own; an FP8 "
+    quantization: Quantization | None = _field(None, "weight quantization (default: the checkpoint's own; an FP8 "
                                       "checkpoint runs in FP8)", choices=Quantization)
-    kv_cache_dtype: str = _field("auto", "KV cache dtype", choices=KvCacheDtype)
+    kv_cache_dtype: KvCacheDtype = _field("auto", "KV cache dtype", choices=KvCacheDtype)
     gpu_memory_utilization: float = _field(0.9, "fraction of accelerator memory to use")
     max_model_len: int | None = _field(None, "longest prompt + output (default: the model's, at most 32768)")
     max_num_seqs: int = _field(256, "most concurrent sequences per replica", minimum=1)
@@ -92,15 +99,24 @@ class EngineConfig:
     kv_cache_tokens: int | None = _field(None, "KV tokens per replica (default: sized from free memory)", minimum=1)
     ffn_crossover_tokens: int | None = _field(None, "tokens per replica step from which auto picks WaS "
                                               "(default: measured on GPUs)", minimum=1)
-    attention: str = _field("auto", "attention implementation", choices=Attention)
-    was_runner: str = _field("auto", "how WaS steps run", choices=WasRunner)
+    attention: Attention = _field("auto", "attention implementation", choices=Attention)
+    was_runner: WasRunner = _field("auto", "how WaS steps run", choices=WasRunner)
     was_prefetch_depth: int = _field(1, "layers ahead the per-replica WaS runner copies FFN slices", minimum=1)
     precompile: bool | None = _field(None, "compile every step variant at start-up (default: on GPUs)")
     async_scheduling: bool = _field(True, "host overlap: schedule step N+1 while step N runs")
     enable_prefix_caching: bool = _field(True, "share the KV pages of prompts' common prefixes")
+    compile_cache: bool | None = _field(None, "keep compiled step programs on disk for the next run "
+                                        "(default: on GPUs; a JAX cache directory set by the user wins)")
+    cache_dir: str | None = _field(None, "where the compiled programs and the WaS/CaS calibration are cached "
+                                   "(default: $SIDP_JAX_CACHE, else ~/.cache/sidp_jax)")
+    compile_workers: int = _field(1, "step variants precompile compiles at once (more than 1 makes XLA's "
+                                  "GEMM autotuning time candidates against each other)", minimum=1)
 
     def __post_init__(self):
         self.check()
+        for f in dataclasses.fields(self):  # a choice given as a string becomes its enum member
+            if f.metadata["choices"] is not None and getattr(self, f.name) is not None:
+                setattr(self, f.name, f.metadata["choices"](getattr(self, f.name)))
         if self.data_parallel_size is not None or self.tensor_parallel_size is not None:
             mesh = f"dp={self.data_parallel_size or 1},tp={self.tensor_parallel_size or 1}"
             if self.mesh not in ("dp=1", mesh):
@@ -139,6 +155,11 @@ class EngineConfig:
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+    """The engine's cache directory: cache_dir, else $SIDP_JAX_CACHE, else ~/.cache/sidp_jax."""
+    return cache_dir or os.environ.get("SIDP_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sidp_jax")
 
 
 def parse_mesh(mesh: str) -> dict[str, int]:

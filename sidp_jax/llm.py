@@ -71,7 +71,7 @@ class LLM:
         self.kv_dtype = E4M3 if config.kv_cache_dtype == KvCacheDtype.FP8 else self.dtype
         self.layout = make_layout(config.mesh, config.parallel, config.placement, devices)
         self.layout.check(self.cfg)
-        self.compile_cache = enable_compile_cache(self.layout.platform)
+        self.compile_cache = enable_compile_cache(self.layout.platform, config.compile_cache, config.cache_dir)
         self.max_model_len = config.max_model_len or min(self.cfg.max_position_embeddings, 32768)
         self.verbose = verbose
         runner, scheduler, policy, kv_info = build_runner(self, config)
@@ -87,7 +87,7 @@ class LLM:
                              async_scheduling=config.async_scheduling)
         self._request_counter = 0
         self.kv_info["precompile_seconds"] = precompile_steps(self, config.precompile, config.max_num_batched_tokens,
-                                                              config.max_num_seqs)
+                                                              config.max_num_seqs, config.compile_workers)
         self.startup_seconds = time.perf_counter() - t_start
         if verbose:
             print(report_kv(self, kv_info))

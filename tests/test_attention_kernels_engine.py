@@ -9,7 +9,7 @@ import pytest
 
 from sidp_jax import LLM, SamplingParams
 from sidp_jax.models.config import load_config
-from sidp_jax.kernels.attention import decode_kernel_supported
+from sidp_jax.kernels.attention import kernel_unsupported_reason
 from sidp_jax.parallel.layouts import make_layout
 
 from fixture_paths import REFERENCE, TINY_QWEN3 as CKPT
@@ -51,14 +51,12 @@ def test_reference_option_and_cpu_auto_never_use_the_kernel():
 def test_kernel_constraints():
     cfg = load_config(CKPT)  # head_dim 32, 4 q heads / 2 kv heads
     lay = make_layout("dp=1", devices=jax.devices("cpu")[:1])
-    assert decode_kernel_supported(cfg, lay, 16)
-    assert not decode_kernel_supported(cfg, lay, 24)  # 64 // 24 = 2 pages of 24: 48-token blocks
-    assert not decode_kernel_supported(dataclasses.replace(cfg, head_dim=8), lay, 16)
-    assert decode_kernel_supported(dataclasses.replace(cfg, num_heads=6), lay, 16)  # group of 3: padded to 4
-    assert decode_kernel_supported(dataclasses.replace(cfg, num_heads=28, num_kv_heads=4), lay, 16)  # Qwen2.5-7B
-    from sidp_jax.kernels.attention import kernel_unsupported_reason
-
+    assert kernel_unsupported_reason(cfg, lay, 16) is None
+    assert kernel_unsupported_reason(dataclasses.replace(cfg, num_heads=6), lay, 16) is None  # group of 3: to 4
+    qwen25_7b = dataclasses.replace(cfg, num_heads=28, num_kv_heads=4)
+    assert kernel_unsupported_reason(qwen25_7b, lay, 16) is None
     # the reason the engine logs (once) when it falls back to the reference on GPU
+    # (64 // 24 = 2 pages of 24: 48-token blocks)
     assert "page size 24" in kernel_unsupported_reason(cfg, lay, 24)
     assert "head_dim 8" in kernel_unsupported_reason(dataclasses.replace(cfg, head_dim=8), lay, 16)
 
@@ -93,9 +91,8 @@ def test_precompiled_step_variants_serve_every_step(layout, monkeypatch):
     never compiles a step of default sampling, and its greedy output is unchanged."""
     from sidp_jax.engine.step_inputs import step_shapes
 
-    monkeypatch.setenv("SIDP_JAX_COMPILE_WORKERS", "2")
     llm = LLM(CKPT, attention="pallas-interpret", dtype="float32", kv_cache_tokens=512, verbose=False,
-              max_num_batched_tokens=16, max_num_seqs=4, precompile=True, **layout)
+              max_num_batched_tokens=16, max_num_seqs=4, precompile=True, compile_workers=2, **layout)
     stats = llm.stats()
     modes = stats["step_modes"]
     assert len(llm.engine.runner._compiled) == len(modes) * len(step_shapes(16, 4)) and stats["precompile_seconds"] > 0

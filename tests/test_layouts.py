@@ -202,7 +202,7 @@ def test_a_placed_checkpoint_in_the_old_stacked_form_is_refused(tmp_path):
 def test_calibration_times_both_modes_and_caches(tmp_path, monkeypatch, placement, quantization, replicas):
     """It times the FFN leaves as the layout stores them (FP8 ones too) with the engine's own
     strategies, and WaS as per-replica programs where the engine runs it that way."""
-    from sidp_jax.pool import calibrate
+    from sidp_jax.engine import ffn_calibration as calibrate
 
     monkeypatch.setenv("SIDP_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(calibrate, "TOKENS", (8, 32))
@@ -226,7 +226,7 @@ def test_calibration_times_both_modes_and_caches(tmp_path, monkeypatch, placemen
 
 
 def test_crossover_from_timings():
-    from sidp_jax.pool.calibrate import crossover_from
+    from sidp_jax.engine.ffn_calibration import crossover_from
 
     t = {128: {"was": 3.0, "cas": 1.0}, 512: {"was": 3.0, "cas": 2.0}, 2048: {"was": 4.0, "cas": 5.0}}
     assert crossover_from(t) == 1024
@@ -249,6 +249,41 @@ def test_both_was_runners_match(mesh, was_runner):
     assert got == WANT and stats["was_runner"] == was_runner
 
 
+def test_both_was_runners_serve_every_per_row_feature_alike():
+    """Penalties, seeded sampling, logprobs and prompt logprobs run in the per-replica WaS runner
+    as in the SPMD step (one step definition, sidp_jax/engine/step.py): the same outputs."""
+    mixes = [SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True, logprobs=3),
+             SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.5,
+                            presence_penalty=0.5, frequency_penalty=0.5),  # its greedy output repeats 111
+             SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2)]
+    outs, steps = {}, {}
+    for was_runner in ("replicas", "spmd"):
+        llm = LLM(CKPT, mesh="dp=2", parallel="sidp", placement="striped", ffn_mode="was", dtype="float32",
+                  max_num_batched_tokens=16, max_num_seqs=4, kv_cache_tokens=256, verbose=False,
+                  devices=jax.devices("cpu"), was_runner=was_runner)
+        replica_runs = []
+        if was_runner == "replicas":  # every step must take the per-replica path: no fallback
+            runner = llm.engine.runner.replica_was
+            run_replicas = runner.run
+            runner.run = lambda *a, **k: replica_runs.append(1) or run_replicas(*a, **k)
+        got = llm.generate(PROMPTS, mixes, use_tqdm=False)
+        outs[was_runner] = [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in got]
+        steps[was_runner] = llm.stats()["steps_per_mode"]
+        if was_runner == "replicas":
+            assert len(replica_runs) == steps[was_runner]["was"] > 0
+    assert steps["replicas"] == steps["spmd"] == {"was": steps["spmd"]["was"]}
+    for (ids_r, lp_r, plp_r), (ids_s, lp_s, plp_s) in zip(outs["replicas"], outs["spmd"]):
+        assert ids_r == ids_s
+        if lp_s is not None:
+            assert [sorted(a) for a in lp_r] == [sorted(b) for b in lp_s]
+            np.testing.assert_allclose([v.logprob for a in lp_r for v in a.values()],
+                                       [v.logprob for b in lp_s for v in b.values()], rtol=1e-5, atol=1e-6)
+        assert (plp_r is None) == (plp_s is None)
+        if plp_s is not None:
+            assert [None if a is None else sorted(a) for a in plp_r] == [None if b is None else sorted(b) for b in plp_s]
+    assert outs["spmd"][1][0] != WANT[1][:8]  # the penalties changed the greedy tokens: they ran
+
+
 def test_replica_was_two_layers_ahead_matches():
     got, stats = run(CKPT, "dp=4", "sidp", "striped", "was", was_runner="replicas", was_prefetch_depth=2)
     assert got == WANT and stats["steps_per_mode"] == {"was": stats["num_steps"]}
@@ -260,7 +295,7 @@ def test_replica_was_is_refused_where_it_does_not_apply():
 
 
 def test_calibration_of_replica_was(tmp_path, monkeypatch):
-    from sidp_jax.pool import calibrate
+    from sidp_jax.engine import ffn_calibration as calibrate
 
     monkeypatch.setenv("SIDP_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(calibrate, "TOKENS", (8, 32))

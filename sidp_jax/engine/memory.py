@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from sidp_jax import XLA_MEM_FRACTION  # the fraction `import sidp_jax` sets (imports no jax)
+from sidp_jax.engine_config import XLA_MEM_FRACTION  # the fraction `import sidp_jax` sets
 
 
 def device_memory(device) -> dict | None:

@@ -1,10 +1,11 @@
 """The device side of a step: one SPMD program over the ("dp", "tp") mesh.
 
-Each replica runs `models.decoder.forward` on its own batch row and KV pages under
-`jax.shard_map`; the layout decides where weights live and the FFN strategy (sidp_jax.pool)
-how a replica reaches pooled FFN weights. Sampling happens in the same program, so only the
-sampled token ids (and requested logprobs) come back to the host. WaS steps of a striped sidp
-layout instead run as per-replica programs (sidp_jax/pool/replica_was.py) on the same KV cache.
+Each replica runs sidp_jax/engine/step.py's stages around `models.decoder.paged_layers` on its own
+batch row and KV pages under `jax.shard_map`; the layout decides where weights live and the FFN
+strategy (sidp_jax/pool/ffn.py) how a replica reaches pooled FFN weights. Sampling happens in the
+same program, so only the sampled token ids (and requested logprobs) come back to the host. WaS
+steps of a striped sidp layout instead run as per-replica programs
+(sidp_jax/engine/replica_runner.py) on the same KV cache, from the same stages.
 
 Attention: where `attention` allows the Pallas kernels ("auto": on GPU, when their constraints
 hold for the model's shapes; "pallas-interpret": interpret mode on any backend, for the CPU tests
@@ -19,7 +20,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import time
 
 import jax
@@ -28,18 +28,18 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import step_compiler_options
-from sidp_jax.engine.penalty_counts import count_sampled, init_arrays, init_lengths, row_counts
-from sidp_jax.engine.sampler import Sampled, SamplerFlags, prompt_logprobs, sample
+from sidp_jax.engine.penalty_counts import init_arrays, init_lengths, row_counts
+from sidp_jax.engine.replica_runner import ReplicaWaS, uses_replica_was
+from sidp_jax.engine.sampler import Sampled, SamplerFlags
+from sidp_jax.engine.step import step_begin, step_end
 from sidp_jax.engine.step_inputs import EDIT_WIDTH, StepInputs, StepShape
-from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
 from sidp_jax.engine_config import Attention, AttentionKind, KernelPath
 from sidp_jax.kernels.attention import DEFAULT_TILE_TOKENS, decode_attention, kernel_unsupported_reason, mixed_attention
 from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.models.config import ModelConfig
-from sidp_jax.models.decoder import forward, head_logits
+from sidp_jax.models.decoder import paged_layers
 from sidp_jax.parallel.layouts import Layout
 from sidp_jax.pool import ffn as pool_ffn
-from sidp_jax.pool.replica_was import ReplicaWaS, uses_replica_was
 
 KV_SPEC = P("dp", None, None, "tp", None)  # [replica, L*pages, page, kv_heads, head_dim]
 
@@ -115,17 +115,12 @@ class ModelRunner:
         def local(params, kv, counts, batch, samp):
             squeeze = functools.partial(jax.tree.map, lambda a: a[0])
             kv, counts, batch, samp = squeeze(kv), squeeze(counts), squeeze(batch), squeeze(samp)
-            batch = with_prev_tokens(batch)
+            batch, x, cos, sin = step_begin(cfg, params, batch)
             strategy = self._ffn(mode)
-            logits, kv, x = forward(cfg, params, kv, batch, ffn_for=lambda l: (strategy, lay.ffn_weights(params, l)),
-                                    attn_fn=self._attn_fn(attn, batch), tp_axis=tp_axis,
-                                    skip_idle=lay.num_replicas > 1, return_hidden=True)
-            sampled = sample(logits, samp, counts=counts)
-            counts = jax.lax.cond(jnp.any(samp["count_slot"] > 0), lambda: count_sampled(counts, samp, sampled.tokens),
-                                  lambda: counts)
-            out = pad_tokens(sampled, batch["prev_tokens"].shape[0])
-            if flags.prompt_logprobs >= 0:  # every token's logits: only in steps that asked for them
-                out.prompt = prompt_logprobs(head_logits(cfg, params, x), batch["next_token"], flags.prompt_logprobs)
+            x, kv = paged_layers(cfg, params, x, cos, sin, kv, batch,
+                                 ffn_for=lambda l: (strategy, lay.ffn_weights(params, l)),
+                                 attn_fn=self._attn_fn(attn, batch), tp_axis=tp_axis, skip_idle=lay.num_replicas > 1)
+            out, counts = step_end(cfg, params, x, batch, samp, counts, flags)
             expand = functools.partial(jax.tree.map, lambda a: a[None])
             return expand(out), expand(kv), expand(counts)
 
@@ -192,9 +187,8 @@ class ModelRunner:
         variant = f"{mode}/{attn}/T={shape.T}/S={shape.S}/MB={shape.MB}" + _sampler_variant(flags, samp)
         first = variant not in self.first_call_seconds
         t0 = time.perf_counter()
-        if mode == "was" and self.replica_was is not None and flags.prompt_logprobs < 0 \
-                and not samp["penalty_slot"].any():  # per-replica WaS (penalty counts live in the SPMD step)
-            out, self.kv = self.replica_was.run(self.kv, batch, samp, attn)
+        if mode == "was" and self.replica_was is not None:
+            out, self.kv, self.counts = self.replica_was.run(self.kv, self.counts, batch, samp, flags, attn)
         else:
             fn = self._compiled.get((mode, flags, attn, _signature(batch, samp)))
             self.precompiled_steps += fn is not None
@@ -215,10 +209,10 @@ class ModelRunner:
         return batch, shape.abstract(shape.sampling_fields(), self.batch_sharding)
 
     def precompile(self, modes: list[str], shapes: list[tuple[bool, int, int]], max_pages: int,
-                   workers: int | None = None, progress: bool = True) -> float:
+                   workers: int = 1, progress: bool = True) -> float:
         """Compile every SPMD step variant ahead of time, so that no step of the run waits on a
-        compile. shapes: batch.step_shapes. workers (default $SIDP_JAX_COMPILE_WORKERS, else 1):
-        compiles at once. One by default: XLA autotunes each GEMM by timing it on the GPU, and
+        compile. shapes: batch.step_shapes. workers (EngineConfig.compile_workers): compiles at
+        once. One by default: XLA autotunes each GEMM by timing it on the GPU, and
         concurrent compiles would time their candidates against each other. Returns the seconds."""
         t0 = time.perf_counter()
         for L in init_lengths(max_pages * self.page_size):  # the penalty rows' small programs, on scratch row 0
@@ -237,7 +231,7 @@ class ModelRunner:
             exe = self.step_fn(mode, flags, decode_only).lower(self.params, self.kv, self.counts, batch, samp).compile()
             return (mode, flags, attn, _signature(batch, samp)), exe
 
-        workers = max(1, min(len(jobs), workers or int(os.environ.get("SIDP_JAX_COMPILE_WORKERS", "1"))))
+        workers = max(1, min(len(jobs), workers))
         bar = _progress(len(jobs), progress, "Compiling step variants")
         compiled = {}
         try:

@@ -18,9 +18,9 @@ from sidp_jax.loading.placed_checkpoint import is_placed_checkpoint, restore_pla
 from sidp_jax.models.config import PRESETS, ModelConfig
 from sidp_jax.models.params import init_params
 from sidp_jax.parallel.capacity import dp_comparison_line, weight_bytes_per_gpu
-from sidp_jax.pool.calibrate import calibrated_crossover
 from sidp_jax.pool.policy import ModePolicy
-from sidp_jax.pool.replica_was import replica_was_extra_bytes, uses_replica_was
+from sidp_jax.engine.ffn_calibration import calibrated_crossover
+from sidp_jax.engine.replica_runner import replica_was_extra_bytes, uses_replica_was
 
 CPU_DEFAULT_KV_TOKENS = 32768  # per replica, where the device reports no memory (CPU)
 
@@ -74,7 +74,8 @@ def build_runner(llm, config: EngineConfig):
     modes = ["was", "cas"] if fixed is None else [fixed]
     crossover_source = "given" if crossover_tokens is not None else "cost model defaults"
     if fixed is None and crossover_tokens is None and layout.platform == "gpu":
-        crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, llm.dtype, replicas)  # before KV
+        crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, llm.dtype, replicas,  # before KV
+                                                                  config.cache_dir)
     if fixed is None and crossover_tokens is not None:  # size the KV only for modes auto can pick
         if crossover_tokens > max_num_batched_tokens:
             modes = ["cas"]
@@ -130,7 +131,8 @@ def build_runner(llm, config: EngineConfig):
     return runner, scheduler, policy, info
 
 
-def precompile_steps(llm, enabled: bool | None, max_num_batched_tokens: int, max_num_seqs: int) -> float | None:
+def precompile_steps(llm, enabled: bool | None, max_num_batched_tokens: int, max_num_seqs: int,
+                     workers: int = 1) -> float | None:
     """Compile every step variant at start-up. enabled None: on GPUs, where one
     variant of a 64-80 layer program takes 10-20 s to compile (a run would otherwise stall on each
     new batch size); with the persistent compilation cache a rerun loads them instead. Only on the
@@ -142,7 +144,7 @@ def precompile_steps(llm, enabled: bool | None, max_num_batched_tokens: int, max
         return None
     try:
         return runner.precompile(llm.kv_info["step_modes"], step_shapes(max_num_batched_tokens, max_num_seqs),
-                                 llm.engine.max_pages, progress=llm.verbose)
+                                 llm.engine.max_pages, workers, progress=llm.verbose)
     except Exception as e:  # never fatal: every variant still compiles on first use
         logging.getLogger("sidp_jax").warning("precompiling the step variants failed (%s: %s); each compiles "
                                               "on first use instead", type(e).__name__, e)

@@ -159,10 +159,6 @@ class StepInputs:
     sampling: dict[str, np.ndarray]
     flags: SamplerFlags
 
-    @property
-    def decode_only(self) -> bool:
-        return self.shape.decode_only
-
 
 def step_shape(plans: list[list[ScheduledChunk]], max_tokens_bucket: int, max_rows_bucket: int,
                max_pages_bucket: int, tile_tokens: int | None) -> StepShape:

@@ -310,10 +310,13 @@ def make_sampling_params(base: dict, overrides: dict) -> SamplingParams:
     merged = {**base, **overrides}
     try:
         return SamplingParams.from_dict(merged)
-    except TypeError:  # e.g. "temperature": "hot" fails a comparison; find the field to blame
+    except (TypeError, OverflowError):  # "temperature": "hot" fails a comparison, a 400-digit integer the
+        # conversion to float: find the field to blame
         for name, value in overrides.items():
             try:
                 SamplingParams.from_dict({**base, name: value})
+            except OverflowError:
+                raise ValueError(f"SamplingParams.{name} is out of range, got {value!r}") from None
             except (TypeError, ValueError):
                 raise ValueError(f"SamplingParams.{name} has an invalid type, got {value!r}") from None
         raise ValueError(f"invalid sampling fields {sorted(merged)}") from None

@@ -170,7 +170,7 @@ class JobSummary:
 
 
 def default_llm_factory(**engine_kwargs):
-    from sidp_jax import LLM  # imports jax: keep it out of module import
+    from sidp_jax.llm import LLM  # imports jax: keep it out of module import
 
     return LLM(**engine_kwargs)
 

@@ -98,7 +98,7 @@ def _parse(line: int, rid, obj: dict, base_sampling: dict) -> JobRequest:
     if obj["method"] != "POST":
         raise ValueError(f"'method' must be \"POST\", got {obj['method']!r}")
     url = obj["url"]
-    if url not in URLS:
+    if not isinstance(url, str) or url not in URLS:  # a list or an object is unhashable
         raise ValueError(f"'url' must be one of {', '.join(map(repr, URLS))}, got {url!r}")
     endpoint = URLS[url]
     if not isinstance(obj["body"], dict):

@@ -7,7 +7,7 @@ matmul rate R, HBM bandwidth B, link bandwidth N and a per-collective latency la
                all-gather and a reduce-scatter of D*T*H activations, on the critical path.
   CaS owner:   the owner runs all D*T tokens: max(2DTF/R, 2F/B) plus the same activation traffic.
 The constants are defaults from H200 figures; on GPUs the engine measures the crossover itself
-instead (sidp_jax/pool/calibrate.py) and hands it to ModePolicy as `crossover_tokens`.
+instead (sidp_jax/engine/ffn_calibration.py) and hands it to ModePolicy as `crossover_tokens`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Rather than trusting a model of link bandwidth and overlap, time the engine's own FFN strategies
 (sidp_jax.pool.ffn) on a few layers of the model's real shape at a few tokens-per-replica sizes,
 and take the crossover from the timings. Cached per (device kind, mesh, placement, shape) under
-~/.cache/sidp_jax (or $SIDP_JAX_CACHE). Runs on GPUs only; elsewhere the cost model's defaults.
+the engine's cache directory (EngineConfig.cache_dir). Runs on GPUs only; elsewhere the cost model's defaults.
 """
 
 from __future__ import annotations
@@ -16,20 +16,20 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sidp_jax.engine.compilation import cache_root
 from sidp_jax.engine.timing import median_seconds
+from sidp_jax.engine_config import cache_root
 from sidp_jax.models.modules import ffn_leaves
 from sidp_jax.models.params import init_params
 from sidp_jax.pool import ffn as pool_ffn
-from sidp_jax.pool.replica_was import ffn_chain_seconds
+from sidp_jax.engine.replica_runner import ffn_chain_seconds
 
 log = logging.getLogger("sidp_jax")
 TOKENS = (128, 512, 2048, 8192)
 LAYERS = 4
 
 
-def _cache_path(layout, cfg, dtype, replicas: bool) -> str:
-    root = cache_root()
+def _cache_path(layout, cfg, dtype, replicas: bool, cache_dir: str | None) -> str:
+    root = cache_root(cache_dir)
     kind = layout.mesh.devices.flat[0].device_kind.replace(" ", "_")
     name = (f"crossover-{kind}-dp{layout.num_replicas}-tp{layout.tp}-{layout.placement}-"
             f"{cfg.hidden_size}x{cfg.intermediate_size}-{jnp.dtype(dtype).name}{'-fp8' if cfg.quantization else ''}"
@@ -86,10 +86,11 @@ def crossover_from(timings: dict) -> int:
     return 1 << 30  # WaS never won: always CaS
 
 
-def calibrated_crossover(layout, cfg, dtype, replicas: bool = False) -> tuple[int, str]:
+def calibrated_crossover(layout, cfg, dtype, replicas: bool = False, cache_dir: str | None = None) -> tuple[int, str]:
     """(crossover tokens, where it came from); measures and caches on GPUs.
-    replicas: WaS runs as per-replica programs (sidp_jax.pool.replica_was), not in the SPMD step."""
-    path = _cache_path(layout, cfg, dtype, replicas)
+    replicas: WaS runs as per-replica programs (sidp_jax/engine/replica_runner.py), not in the SPMD
+    step; cache_dir: EngineConfig.cache_dir."""
+    path = _cache_path(layout, cfg, dtype, replicas, cache_dir)
     if os.path.isfile(path):
         with open(path) as f:
             data = json.load(f)

@@ -1,11 +1,11 @@
 """Weight-as-a-Service by per-replica programs: the paper's independent replicas.
 
-Inside one SPMD program XLA hides little of the weight fetch behind compute (0.16-0.30 overlap
-efficiency for an all-gather in the layer scan on 2x H200, benchmarks/RESULTS.md) and keeps
-gathered layers alive far beyond a double buffer. Here each replica instead runs one jitted
-call per layer (models.decoder.layer), and the next layer's remote FFN slices arrive by
-asynchronous cross-device `device_put` (copy engines, no SMs) while the current layer computes:
-0.93 overlap efficiency in the same benchmark.
+Inside one SPMD program XLA hides little of the weight fetch behind compute and keeps gathered
+layers alive far beyond a double buffer (benchmarks/RESULTS.md, "WaS overlap"). Here each replica
+instead runs the step's stages (sidp_jax/engine/step.py: begin, then one jitted call per layer,
+models.decoder.layer, then end) as its own programs, and the next layer's remote FFN slices
+arrive by asynchronous cross-device `device_put` (copy engines, no SMs) while the current layer
+computes.
 
 Striped placement: device s holds the 1/D slice s of every layer's FFN (intermediate axis), each
 layer its own array. `prefetch_depth` layers ahead, each device copies its slice of that layer
@@ -25,10 +25,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.compilation import step_compiler_options
-from sidp_jax.engine.sampler import sample
-from sidp_jax.engine.token_buffer import pad_tokens, with_prev_tokens
+from sidp_jax.engine.step import step_begin, step_end
+from sidp_jax.engine.timing import median_seconds
 from sidp_jax.engine_config import WasRunner
-from sidp_jax.models.decoder import embed, ffn_down, ffn_hidden, head_logits, layer, paged_attend
+from sidp_jax.models.decoder import ffn_down, ffn_hidden, layer, paged_attend
 from sidp_jax.models.modules import ffn_leaves
 from sidp_jax.parallel.capacity import ffn_layer_bytes
 
@@ -104,8 +104,6 @@ def local_views(tree, devices: list) -> list:
 def ffn_chain_seconds(layout, layers: list[dict], x: jax.Array, depth: int = 1) -> float:
     """Seconds per layer of striped WaS FFN layers run this way (for the mode calibration).
     layers: per-layer {"gate_up", "down"} sharded as the striped layout stores them."""
-    from sidp_jax.engine.timing import median_seconds
-
     devices = list(layout.mesh.devices[:, 0])
     local = local_views(layers, devices)
     xs = [shard_on(x, d) for d in devices]
@@ -139,10 +137,10 @@ class ReplicaWaS:
         self.fetcher = FfnFetcher([[ffn_leaves(w) for w in p["layers"]] for p in self.local], self.devices,
                                   prefetch_depth)
         self.batch_sharding = NamedSharding(layout.mesh, P("dp"))
-        self._embed = jax.jit(lambda p, b, prev: embed(cfg, p, with_prev_tokens(dict(b, prev_tokens=prev[0]))))
+        self._begin = jax.jit(lambda p, b, prev: step_begin(cfg, p, dict(b, prev_tokens=prev[0])))
         self._layer = jax.jit(self._one_layer, donate_argnums=(3,), static_argnums=(8,),
                               compiler_options=step_compiler_options(layout.platform))
-        self._head = jax.jit(self._one_head, static_argnums=(4,))
+        self._end = jax.jit(self._one_end, donate_argnums=(4,), static_argnums=(5,))
 
     def _one_layer(self, w, fetched, h, kv, layer_index, batch, cos, sin, attn: str):
         kv = jax.tree.map(lambda a: a[0], kv)
@@ -151,24 +149,27 @@ class ReplicaWaS:
                       attend=paged_attend(self.cfg, layer_index, batch, self.attn_fn_for(attn, batch)))
         return h, jax.tree.map(lambda a: a[None], kv)
 
-    def _one_head(self, p, x, b, s, width: int):
-        """Logits and sampling (no row has penalties here: those steps run the SPMD program)."""
-        out = pad_tokens(sample(head_logits(self.cfg, p, x, b), s), width)
-        return jax.tree.map(lambda a: a[None], out)
+    def _one_end(self, p, x, b, s, counts, flags):
+        """The step's end (sidp_jax/engine/step.py) on one replica: its outputs and penalty counts
+        with the replica axis put back."""
+        out, counts = step_end(self.cfg, p, x, b, s, counts[0], flags)
+        return jax.tree.map(lambda a: a[None], out), counts[None]
 
-    def run(self, kv: dict, batch: dict, samp: dict, attn: str = "reference"):
-        """kv: the global cache; batch/samp: numpy [D, ...], but batch["prev_tokens"]: the previous
-        step's tokens [D, W] on the devices; attn: the step's attention kind
-        (ModelRunner.attention_kind). Returns (outputs [D, ...] on the devices, kv); nothing waits."""
+    def run(self, kv: dict, counts: jax.Array, batch: dict, samp: dict, flags, attn: str = "reference"):
+        """kv: the global cache; counts: the penalty counts [D, slots, V]; batch/samp: numpy
+        [D, ...], but batch["prev_tokens"]: the previous step's tokens [D, W] on the devices;
+        flags: the step's SamplerFlags; attn: the step's attention kind (ModelRunner.attention_kind).
+        Returns (outputs [D, ...] on the devices, kv, counts); nothing waits."""
         D, L = len(self.devices), self.cfg.num_layers
         prev = batch["prev_tokens"]
         batch = {k: v for k, v in batch.items() if k != "prev_tokens"}
         active = [r for r in range(D) if batch["num_tokens"][r] > 0]
         kvs = [{k: shard_on(v, d) for k, v in kv.items()} for d in self.devices]
+        count_rows = [shard_on(counts, d) for d in self.devices]
         state = {}
         for r in active:
             b = jax.device_put({k: v[r] for k, v in batch.items()}, self.devices[r])
-            x, cos, sin = self._embed(self.local[r], b, shard_on(prev, self.devices[r]))
+            b, x, cos, sin = self._begin(self.local[r], b, shard_on(prev, self.devices[r]))
             state[r] = [x, b, cos, sin]
         self.fetcher.start(active)
         for l in range(L):
@@ -182,12 +183,13 @@ class ReplicaWaS:
         for r in active:
             x, b, _, _ = state[r]
             s = jax.device_put({k: v[r] for k, v in samp.items()}, self.devices[r])
-            outs[r] = self._head(self.local[r], x, b, s, prev.shape[1])
+            outs[r], count_rows[r] = self._end(self.local[r], x, b, s, count_rows[r], flags)
         kv = {k: jax.make_array_from_single_device_arrays(kv[k].shape, self.kv_sharding, [c[k] for c in kvs])
               for k in kv}
+        counts = jax.make_array_from_single_device_arrays(counts.shape, self.batch_sharding, count_rows)
         template = next(iter(outs.values()))
         for r in set(range(D)) - set(active):  # an idle replica's rows are never read: zeros
             outs[r] = jax.tree.map(lambda a, d=self.devices[r]: jax.device_put(np.zeros(a.shape, a.dtype), d), template)
         stacked = jax.tree.map(lambda *per_replica: jax.make_array_from_single_device_arrays(
             (D, *per_replica[0].shape[1:]), self.batch_sharding, list(per_replica)), *[outs[r] for r in range(D)])
-        return stacked, kv
+        return stacked, kv, counts
