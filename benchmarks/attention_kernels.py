@@ -3,7 +3,9 @@
 For decode (one query token per sequence) at serving shapes (one layer of a cache of
 L_CACHE layers' page pools, Nq=64 / Nkv=8 per device, D=128, P=16, bf16) times
   reference   kernels/paged_attention.py::paged_attention_reference under jit
-  pallas*     kernels/paged_decode_pallas.py (variants: pages per block, warps, stages, group padding)
+  pallas*     kernels/paged_decode_pallas.py (variants: pages per block, warps, stages, group padding;
+              the reshaped-load, float16-widening and probe rows of the 2026-12-02 results are
+              options the kernel no longer has: benchmarks/RESULTS.md)
   jax_paged*  jax.experimental.pallas.ops.gpu.paged_attention.paged_attention (deprecated; its
               layout [Nkv, pages, P, D] is made by a transpose, and q pre-multiplied by the
               scale it lacks, outside the timed region; k{n} = its k_splits)
@@ -71,23 +73,15 @@ def err(out, ref) -> float:
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 
-def pallas_variants(sweep: bool, P: int, probes: bool = False):
-    if probes:  # stages left out (outputs are not attention): time differences place the cost
-        for probe in ("qk_only", "pv_only", "loads_only"):
-            yield f"probe_{probe}", dict(probe=probe)
+def pallas_variants(sweep: bool, P: int):
     if sweep:
-        for pf, hf, block_tokens, w, st, r in itertools.product(
-                (True, False), (True, False), (32, 64, 128, 256), (2, 4, 8), (2, 3, 4, 5), (16, 8)):
-            yield (f"pallas_{'pf' if pf else 'np'}_{'hf' if hf else 'sf'}_bt{block_tokens}_w{w}_s{st}_r{r}",
-                   dict(pages_per_block=max(1, block_tokens // P), num_warps=w, num_stages=st, min_rows=r,
-                        heads_fastest=hf, prefetch_table=pf))
+        for block_tokens, w, st, r in itertools.product((32, 64, 128, 256), (2, 4, 8), (2, 3, 4, 5), (16, 8)):
+            yield (f"pallas_bt{block_tokens}_w{w}_s{st}_r{r}",
+                   dict(pages_per_block=max(1, block_tokens // P), num_warps=w, num_stages=st, min_rows=r))
         return
     yield "pallas", dict()  # defaults: 64-token blocks, 2 warps, 4 stages, bare 8-row group
     yield "pallas_r16", dict(min_rows=16)  # group zero-padded to 16 rows in-kernel
-    yield "pallas_noprefetch", dict(prefetch_table=False)
     yield "pallas_bt128_w4_s2", dict(pages_per_block=max(1, 128 // P), num_warps=4, num_stages=2)
-    yield "pallas_flat", dict(flat_loads=True)  # [block_k, D] gathers from per-token page ids, no reshape
-    yield "pallas_flat_bt128_w4", dict(flat_loads=True, pages_per_block=max(1, 128 // P), num_warps=4)
 
 
 def main():
@@ -104,10 +98,6 @@ def main():
     ap.add_argument("--ragged", action="store_true", help="lengths uniform in [ctx/2, ctx] (default: all ctx)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--burst", type=int, default=10)
-    ap.add_argument("--widen", default="q", help="comma list, an FP8 cache's dot dtype per variant: q (the "
-                    "queries' dtype) and/or float16 (suffix _f16)")
-    ap.add_argument("--probes", action="store_true", help="add the timing probes (QK dot, PV dot or both "
-                    "left out: their errors are meaningless)")
     ap.add_argument("--sweep", action="store_true", help="time a grid of kernel configurations")
     ap.add_argument("--only", default=None, help="regex: keep the kernel variants whose name matches")
     ap.add_argument("--no-jax-paged", action="store_true")
@@ -137,9 +127,7 @@ def main():
                                                  token_seq, positions))
 
         cands = [("reference", ref_fn, (*common, token_seq, positions))]
-        widen = [(w, "" if w == "q" else "_f16" if w == "float16" else f"_{w}") for w in a.widen.split(",")]
-        for (name, kw), (w, suffix) in itertools.product(pallas_variants(a.sweep, P, a.probes), widen):
-            name, kw = name + suffix, kw if w == "q" else dict(kw, widen_to=w)
+        for name, kw in pallas_variants(a.sweep, P):
             if a.only and not re.search(a.only, name):
                 continue
             fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, interpret=a.interpret, **kw))

@@ -12,7 +12,8 @@
 #      XLA_AB="--xla_gpu_enable_command_buffer=" (after the rooflines, roofline.py again with
 #        these XLA_FLAGS, weights ROOF_QUANTS, KV XLA_AB_KV, default fp8),
 #      NORM8=1 (norm_kernels.py at decode sizes: XLA's residual add + RMSNorm + per-token e4m3
-#        quantization against the fused kernel's quantize=True, and the bf16 norm beside them).
+#        quantization against the fused kernel's quantize=True (benchmarks/rms_norm_pallas.py,
+#        checked against the reference first), and the bf16 norm beside them).
 # Results land in $OUT: JSON + logs, tables last. A cold machine's first throughput run spends
 # about 2 minutes precompiling: give the call room (the parent prints only when its runs end).
 set -uo pipefail
@@ -35,7 +36,7 @@ roofline() {  # roofline NAME WEIGHTS KV [VAR=value ...]: roofline.py at B=64 an
 }
 if [ -n "${NORM8:-}" ]; then   # the norm + activation quantization the FP8 step runs before qkv and gate_up
   (cd benchmarks && timeout "${NORM_TIMEOUT:-200}" $now python3 norm_kernels.py --tokens 64,256 --hidden 5120 \
-    --modes add,add8 --chain 20 --out "$OUT/norm-kernels-fp8.json" 2>&1 | tail -22 | tee "$OUT/norm-kernels-fp8.log")
+    --modes add,add8 --chain 20 --out "$OUT/norm-kernels-fp8.json" 2>&1 | tail -26 | tee "$OUT/norm-kernels-fp8.log")
 fi
 for pair in ${PROFILE:-}; do   # kernel time per step by kind, one process per weights:kv pair
   (cd benchmarks && XLA_FLAGS="${PROFILE_XLA_FLAGS:-${XLA_FLAGS:-}}" timeout "${PROF_TIMEOUT:-200}" $now python3 step_profile.py --model "${MODEL:-qwen3-32b}" \

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sidp_jax.engine.timing import median_seconds
-from sidp_jax.models.config import PRESETS, load_config
-from sidp_jax.models.fp8 import E4M3, E4M3_MAX, linear, quantize, quantize_tokens
+from sidp_jax.models.config import PRESETS
+from sidp_jax.models.hf_config import load_config
+from sidp_jax.models.fp8 import E4M3, E4M3_MAX, Quantized, linear, quantize, quantize_tokens
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 BLOCK = 128
@@ -93,7 +94,7 @@ def variants(x, layers):
     xq, _ = quantize_tokens(x)
     out = {
         "bf16": (lambda x, w: linear(x, w), x, [(w,) for w, *_ in layers]),
-        "fp8": (lambda x, q, s: linear(x, q, s), x, [(q, s) for _, q, s, _, _ in layers]),
+        "fp8": (lambda x, q, s: linear(x, Quantized(q, s)), x, [(q, s) for _, q, s, _, _ in layers]),
         "fp8-gemm": (lambda xq, q: jax.lax.dot_general(xq, q, (((1,), (1,)), ((), ())),
                                                        preferred_element_type=jnp.bfloat16),
                      xq, [(q,) for _, q, _, _, _ in layers]),

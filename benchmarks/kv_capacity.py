@@ -21,7 +21,7 @@ def measure(model: str, mesh: str, layout_name: str, placement: str, util: float
     import jax
 
     from sidp_jax import LLM
-    from sidp_jax.parallel.capacity import kv_tokens_per_gpu
+    from sidp_jax.parallel.layouts import kv_tokens_per_gpu
     from sidp_jax.engine.memory import device_memory
 
     parallel, _, ffn_mode = layout_name.partition("/")

@@ -92,7 +92,7 @@ def layer_gemms_ms(params: dict, S: int, reps: int) -> float:
     from sidp_jax.engine.compilation import step_compiler_options
 
     x = jnp.ones((S, params["embed"].shape[1]), params["embed"].dtype)
-    proj = lambda x, w, k, out=None: linear(x, w[k], w.get(k + "_scale"), out_dtype=out)  # bf16 or W8A8
+    proj = lambda x, w, k, out=None: linear(x, w[k], out_dtype=out)  # bf16, or W8A8 where w[k] is Quantized
 
     def gemms(x, layers):
         for w in layers:
@@ -104,15 +104,14 @@ def layer_gemms_ms(params: dict, S: int, reps: int) -> float:
             x = proj(gu[:, 0] * gu[:, 1], w, "down", jnp.float32).astype(o.dtype)
         return x
 
-    layers = [{k: w[k] for k in w if k.split("_scale")[0] in ("qkv", "o", "gate_up", "down")}
-              for w in params["layers"]]
+    layers = [{"qkv": w["qkv"], "o": w["o"], **w["ffn"]} for w in params["layers"]]
     fn = jax.jit(gemms, compiler_options=step_compiler_options(jax.default_backend()))
     return median_seconds(fn, x, layers, reps=reps) * 1e3
 
 
 def gemm_weight_bytes(params: dict) -> int:
     w = params["layers"][0]
-    return sum(a.nbytes for k, a in w.items() if k.split("_scale")[0] in ("qkv", "o", "gate_up", "down"))
+    return sum(a.nbytes for a in jax.tree.leaves((w["qkv"], w["o"], w["ffn"])))
 
 
 def hlo_gemm_census(compiled_text: str, num_layers: int) -> dict:

@@ -24,8 +24,8 @@ from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 
 def simulate(kv_tokens: int, replicas: int, args, thrash_guard: bool) -> dict:
     P = args.page_size
-    sched = Scheduler(replicas, kv_tokens // P + 1, P, args.max_num_seqs, args.max_num_batched_tokens)
-    sched.thrash_guard = thrash_guard
+    sched = Scheduler(replicas, kv_tokens // P + 1, P, args.max_num_seqs, args.max_num_batched_tokens,
+                      thrash_guard=thrash_guard)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     for i in range(args.num_prompts):
         sched.add(Sequence(i, i, 0, [1] * args.input_len, params, 0, args.output_len))

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from sidp_jax.models.config import PRESETS  # noqa: E402
-from sidp_jax.models.decoder import dense_ffn  # noqa: E402
+from sidp_jax.models.ffn import local_ffn as dense_ffn  # noqa: E402
 from sidp_jax.pool.ffn import make_striped_ffns  # noqa: E402
 
 striped_cas = make_striped_ffns({"gate_up": 2, "down": 0})["cas"]  # bf16 leaves: the intermediate axis

@@ -37,11 +37,6 @@ def kernel_unsupported_reason(cfg, layout, page_size: int) -> str | None:
     return None
 
 
-def decode_kernel_supported(cfg, layout, page_size: int) -> bool:
-    """The kernel's GPU constraints hold for this model, layout (tp-local heads) and page size."""
-    return kernel_unsupported_reason(cfg, layout, page_size) is None
-
-
 def decode_attention(q, k_cache, v_cache, offset, block_tables, token_seq, positions, *, scale: float,
                      interpret: bool = False):
     """attn_fn for decode-only steps: q [T, Nq, D] with token i in row i of block_tables [T, MB]."""

@@ -5,23 +5,28 @@ the layers' page pools end to end, layer l's page p at row `l * num_pages + p`; 
 selected by the traced scalar `layer_page_offset` (added to the block table's page ids inside the
 kernel, so no slice or copy of the cache is made).
 
-Grid: one program per (sequence, kv head), launched kv-head-fastest. GQA: the program loads that
-kv head's K/V pages once and attends with the kv head's whole query group (`G = Nq // Nkv` rows)
-at once, so the K/V bytes, which bound decode, are read exactly once per kv head. Both matmuls
-are `tt.dot`s with the group as M: on the GPU stack (jax 0.11.2, H200) an M=8 dot compiles and is
-exact, so the 64/8 group runs bare (no padding). A group smaller than `min_rows` (default 8,
-e.g. MHA's G=1) is zero-padded to `min_rows` rows *inside* the kernel (in registers: broadcast +
-select + reshape; no extra HBM traffic, no extra XLA op) and the padded rows are dropped again
-before the store. `min_rows=16` forces the 16-row padding of the classic Triton dot limit:
-measured 4-15% slower at G=8 (benchmarks/attention_kernels.py, `pallas_r16`).
+Grid: one program per (sequence, kv head), launched kv-head-fastest (grid (Nkv, S): the Nkv
+programs of one sequence run side by side and read the same [P, Nkv, D] page rows together).
+GQA: the program loads that kv head's K/V pages once and attends with the kv head's whole
+query group (`G = Nq // Nkv` rows) at once, so the K/V bytes, which bound decode, are read
+exactly once per kv head. Both matmuls are `tt.dot`s with the group as M: an M=8 dot compiles
+and is exact on the GPU stack, so the 64/8 group runs bare (no padding).
+A group smaller than `min_rows` (default 8, e.g. MHA's G=1) is zero-padded to `min_rows` rows
+*inside* the kernel (in registers: broadcast + select + reshape; no extra HBM traffic, no extra
+XLA op) and the padded rows are dropped again before the store. `min_rows=16` forces the
+16-row padding of the classic Triton dot limit, which is slower at G=8
+(benchmarks/attention_kernels.py, `pallas_r16`).
 
 Per program: loop over the sequence's pages `pages_per_block` at a time (a dynamic trip count
 `cdiv(length, pages_per_block * P)`: ragged lengths stop at their own length), gathering the
-page id of each of the block's tokens from the block-table row, loading K/V as one masked 2-D
-gather of [block tokens, D], and an online softmax with float32 logits, max, sum and
-accumulator. Tokens at or past `length` and pages past the sequence's last page are neither
+page id of each of the block's tokens from the block-table row (the next block's ids are loaded
+one iteration ahead, in the loop carry, so the K/V gather does not wait on the table), loading
+K/V as one masked 2-D gather of [block tokens, D] (`load_kv_tokens`), and an online softmax with
+float32 logits, max, sum and accumulator. An FP8 (e4m3) cache is widened to q's dtype, and both
+dots run in it. Tokens at or past `length` and pages past the sequence's last page are neither
 read nor used (unused block-table entries may hold any value). No reshape stands between the
-loads and the dots: gathering [pages, P, D] and reshaping it was 1.2-1.6x slower on an H200.
+loads and the dots: gathering [pages, P, D] and reshaping it (`load_kv_block`, which the chunk
+kernel still offers) is slower (benchmarks/RESULTS.md, "Paged decode attention kernel").
 Rows with length 0 (padding rows) run no iteration and store zeros.
 
 A group that is not a power of 2 (Qwen2.5-7B: 28 / 4 = 7, Qwen2.5-14B: 40 / 8 = 5) gets zero query
@@ -33,8 +38,11 @@ pages_per_block * P powers of 2 (block tokens >= 16 for the dot's K), D >= 16. `
 runs anywhere (the CPU tests) with the same code path.
 
 Timings against the reference and jax's own `pallas.ops.gpu.paged_attention`:
-`benchmarks/attention_kernels.py` (`bash benchmarks/gpu_kernels.sh`); committed results:
-`benchmarks/results/2026-12-02-h200-attn-decode-*.json`, read in benchmarks/RESULTS.md.
+`benchmarks/attention_kernels.py` (`bash benchmarks/gpu_kernels.sh`), read in
+benchmarks/RESULTS.md, "Paged decode attention kernel", which also covers the variants this kernel
+does not keep: [pages, P, D] loads, FP8 blocks widened to float16, and probes without the QK
+and/or PV dot. The launch order (kv head fastest) and the one-ahead block-table prefetch have no
+measurement against their alternatives.
 """
 
 from __future__ import annotations
@@ -93,8 +101,8 @@ def load_kv_block(k_ref, v_ref, page_ids, i, n_pages, length, offset, page_size:
 
     page_ids: the block's ppb layer-local ids from the block table. Pages past the sequence's end
     may hold any table value: a safe page is read there instead (the load is masked off anyway).
-    Predicated loads stay: unpredicated ones with the stale rows selected away were 6-28%
-    slower on an H200 (benchmarks/RESULTS.md)."""
+    Predicated loads stay: unpredicated ones with the stale rows selected away are slower
+    (benchmarks/RESULTS.md, "Paged decode attention kernel")."""
     ppb, P, D = page_ids.shape[0], page_size, k_ref.shape[-1]
     page_pos = i * ppb + lax.broadcasted_iota(jnp.int32, (ppb,), 0)
     page_ids = jnp.where(page_pos < n_pages, page_ids, 0) + offset
@@ -134,26 +142,22 @@ def load_kv_tokens(k_ref, v_ref, token_pages, i, n_pages, length, offset, page_s
     return k, v, valid
 
 
-def online_softmax_step(acc, m_prev, l_prev, logits, v, precision, skip_pv: bool = False):
-    """Fold one block of masked log2-unit logits [rows, block_k] and its V into (acc, max, sum).
-    skip_pv: a timing probe's, the softmax without its PV dot (acc only rescaled)."""
+def online_softmax_step(acc, m_prev, l_prev, logits, v, precision):
+    """Fold one block of masked log2-unit logits [rows, block_k] and its V into (acc, max, sum)."""
     m_next = jnp.maximum(m_prev, logits.max(axis=-1))
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(logits - m_next[:, None])  # masked: exp2(-inf) = 0
     l_next = alpha * l_prev + p.sum(axis=-1)
-    if skip_pv:
-        return alpha[:, None] * acc + p.sum(axis=-1, keepdims=True), m_next, l_next
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)
     return alpha[:, None] * acc + pv, m_next, l_next
 
 
 def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
-                   scale: float, page_size: int, pages_per_block: int, rows: int, precision, seq_axis: int,
-                   prefetch_table: bool, compute_dtype, probe: str | None, flat_loads: bool):
-    # off_ref [1]; len_ref [S]; bt_ref [MBp] (this sequence's row); q_ref/o_ref [G, D];
-    # k_ref/v_ref [L*num_pages, P, D] (this kv head, squeezed).
-    s = pl.program_id(seq_axis)
+                   scale: float, page_size: int, pages_per_block: int, rows: int, precision):
+    # Grid (Nkv, S): program_id(1) is the sequence. off_ref [1]; len_ref [S]; bt_ref [MBp] (this
+    # sequence's row); q_ref/o_ref [G, D]; k_ref/v_ref [L*num_pages, P, D] (this kv head, squeezed).
+    s = pl.program_id(1)
     length = len_ref[s]
     offset = off_ref[0]
     G, D = q_ref.shape
@@ -161,7 +165,7 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
     block_k = ppb * P
     reps = rows // G
 
-    q = q_ref[...].astype(compute_dtype)
+    q = q_ref[...]
     if reps > 1:  # pad the group to `rows` rows with zeros, in registers
         q3 = jnp.broadcast_to(q[None], (reps, G, D))
         first = lax.broadcasted_iota(jnp.int32, (reps, G, D), 0) == 0
@@ -173,38 +177,26 @@ def _decode_kernel(off_ref, len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *,
 
     last_block = jnp.maximum(n_blocks - 1, 0)
 
-    def table_block(i):  # block i's page ids (clamped to the last block: always in the row)
-        if flat_loads:  # one id per token: a gather from the row (clamped into it)
-            pos = jnp.minimum(i, last_block) * ppb + lax.broadcasted_iota(jnp.int32, (block_k,), 0) // P
-            return _load(bt_ref.at[jnp.minimum(pos, bt_ref.shape[0] - 1)])
-        return bt_ref[pl.ds(jnp.minimum(i, last_block) * ppb, ppb)]
+    def table_block(i):  # block i's page ids, one per token: a gather from the row, clamped to the
+        # last block and into the row (always in bounds)
+        pos = jnp.minimum(i, last_block) * ppb + lax.broadcasted_iota(jnp.int32, (block_k,), 0) // P
+        return _load(bt_ref.at[jnp.minimum(pos, bt_ref.shape[0] - 1)])
 
     def body(i, carry):
         acc, m_prev, l_prev, ids = carry
-        if prefetch_table:  # this block's ids came with the carry; fetch the next block's now
-            page_ids, ids = ids, table_block(i + 1)
-        else:
-            page_ids = table_block(i)
-        load = load_kv_tokens if flat_loads else load_kv_block
-        k, v, valid = load(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, compute_dtype)
-        if probe in ("pv_only", "loads_only"):  # timing probe: K feeds a row sum, not the QK dot
-            logits = jnp.broadcast_to(k.astype(jnp.float32).sum(axis=1)[None, :], (rows, block_k))
-        else:
-            logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                     preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
+        page_ids, ids = ids, table_block(i + 1)  # this block's ids came with the carry; fetch the next's
+        # an FP8 cache's blocks widen to the queries' dtype: both dots run in it
+        k, v, valid = load_kv_tokens(k_ref, v_ref, page_ids, i, n_pages, length, offset, P, q.dtype)
+        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
         valid_k = jnp.broadcast_to(valid.reshape(1, block_k), (rows, block_k))
         logits = jnp.where(valid_k, logits, -jnp.inf)
-        if probe in ("qk_only", "loads_only"):  # timing probe: V is summed, not multiplied by p
-            acc, m_next, l_next = online_softmax_step(acc, m_prev, l_prev, logits, v, precision, skip_pv=True)
-            v_sum = v.astype(jnp.float32).reshape(block_k // rows, rows, D).sum(axis=0)
-            return acc + v_sum, m_next, l_next, ids
         return (*online_softmax_step(acc, m_prev, l_prev, logits, v, precision), ids)
 
     acc = jnp.zeros((rows, D), jnp.float32)
     m = jnp.full((rows,), NEG_INIT, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
-    ids = table_block(0) if prefetch_table else jnp.zeros((block_k if flat_loads else ppb,), jnp.int32)
-    acc, m, l, _ = lax.fori_loop(0, n_blocks, body, (acc, m, l, ids))
+    acc, m, l, _ = lax.fori_loop(0, n_blocks, body, (acc, m, l, table_block(0)))
 
     l = jnp.where(l > 0, l, 1.0)  # length 0: acc is 0, store zeros (not 0/0)
     out = acc / l[:, None]
@@ -221,8 +213,7 @@ def default_pages_per_block(page_size: int, block_tokens: int = 64) -> int:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "heads_fastest",
-                     "prefetch_table", "widen_to", "probe", "flat_loads", "interpret"),
+    static_argnames=("scale", "pages_per_block", "min_rows", "num_warps", "num_stages", "interpret"),
 )
 def paged_decode_attention(
     q: jax.Array,  # [S, Nq, D]
@@ -237,11 +228,6 @@ def paged_decode_attention(
     min_rows: int = 8,
     num_warps: int = 2,
     num_stages: int | None = None,
-    heads_fastest: bool = True,
-    prefetch_table: bool = True,
-    widen_to=None,
-    probe: str | None = None,
-    flat_loads: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention of q (one token per sequence row) over its paged K/V. Returns [S, Nq, D].
@@ -250,26 +236,11 @@ def paged_decode_attention(
     reference with token_seq = arange(S), positions = lengths - 1.
     pages_per_block: pages per inner-loop step (default: 64 tokens' worth, 64 // P).
     min_rows: the query group is zero-padded in-kernel to at least this many rows; 0/1 disables
-    padding. num_warps / num_stages: Triton launch parameters (defaults tuned on an H200; stages:
-    4 for 2-byte inputs, 2 for float32, whose 4 stages of 64-token D=128 K/V blocks would need
-    260 KB of shared memory, more than the H200's 227 KB).
-    heads_fastest: launch order with the kv head varying fastest, so the Nkv programs of one
-    sequence run side by side and read the same pages (the [P, Nkv, D] page rows) together.
-    prefetch_table: load the next block's page ids one iteration ahead (in the loop carry), so
-    the K/V gather does not wait on the block-table load.
-    widen_to: the dtype both dots run in when the cache is FP8 (its blocks widen to it, q is cast
-    to it); default q's dtype. float16 widens e4m3 in one conversion per pair on Hopper: 3-9%
-    faster at 64 sequences on an H200, 0-5% at 256 (benchmarks/RESULTS.md), not the default
-    since q must then fit float16's range.
-    probe: timing probes for benchmarks/attention_kernels.py, whose outputs are NOT attention:
-    "qk_only" (no PV dot), "pv_only" (no QK dot), "loads_only" (neither); the loads stay.
-    flat_loads: gather each block as [block_k, D] rows from per-token page ids (load_kv_tokens;
-    the default) instead of as [ppb, P, D] reshaped to [block_k, D] (load_kv_block). Measured on
-    an H200 (Qwen3-32B heads, context 1024, B=64 / 256): 1.53x / 1.58x faster with a bf16 cache
-    (3.9 TB/s at B=256), 1.23x / 1.27x with an FP8 cache (benchmarks/RESULTS.md).
+    padding. num_warps / num_stages: Triton launch parameters (defaults from the launch sweep,
+    benchmarks/RESULTS.md, "Paged decode attention kernel"; stages: 4 for 2-byte inputs, 2 for
+    float32, whose 4 stages of 64-token D=128 K/V blocks would need 260 KB of shared memory, more
+    than the 227 KB a Hopper GPU gives a block).
     """
-    if probe not in (None, "qk_only", "pv_only", "loads_only"):
-        raise ValueError(f"probe must be None, qk_only, pv_only or loads_only; got {probe!r}")
     S, Nq, D = q.shape
     NP, P, Nkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:
@@ -281,8 +252,6 @@ def paged_decode_attention(
         out = paged_decode_attention(pad_group(q, Nkv, next_pow2(G)), k_cache, v_cache, layer_page_offset,
                                      block_tables, lengths, scale=scale, pages_per_block=pages_per_block,
                                      min_rows=min_rows, num_warps=num_warps, num_stages=num_stages,
-                                     heads_fastest=heads_fastest, prefetch_table=prefetch_table,
-                                     widen_to=widen_to, probe=probe, flat_loads=flat_loads,
                                      interpret=interpret)
         return unpad_group(out, Nkv, G)
     ppb = pages_per_block or default_pages_per_block(P)
@@ -310,32 +279,25 @@ def paged_decode_attention(
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     kernel = functools.partial(_decode_kernel, scale=float(scale), page_size=P, pages_per_block=ppb,
-                               rows=rows, precision=precision, seq_axis=1 if heads_fastest else 0,
-                               prefetch_table=prefetch_table,
-                               compute_dtype=jnp.dtype(widen_to or q.dtype) if k_cache.dtype.itemsize == 1 else q.dtype,
-                               probe=probe, flat_loads=flat_loads)
-    if heads_fastest:  # Triton launches program_id(0) fastest: grid (Nkv, S)
-        grid, sh = (Nkv, S), (lambda f: (lambda h, s: f(s, h)))
-    else:
-        grid, sh = (S, Nkv), (lambda f: f)
+                               rows=rows, precision=precision)
     kw = {}
     if not interpret and plgpu is not None:
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(Nkv, S),  # Triton launches program_id(0) fastest: a sequence's kv heads side by side
         in_specs=[
-            pl.BlockSpec((1,), sh(lambda s, h: (0,))),  # layer page offset
-            pl.BlockSpec((S,), sh(lambda s, h: (0,))),  # lengths (read lengths[s])
-            pl.BlockSpec((None, MBp), sh(lambda s, h: (s, 0))),  # block-table row
-            pl.BlockSpec((None, None, G, D), sh(lambda s, h: (s, h, 0, 0))),  # q group
-            pl.BlockSpec((NP, P, None, D), sh(lambda s, h: (0, 0, h, 0))),  # K, kv head h
-            pl.BlockSpec((NP, P, None, D), sh(lambda s, h: (0, 0, h, 0))),  # V, kv head h
+            pl.BlockSpec((1,), lambda h, s: (0,)),  # layer page offset
+            pl.BlockSpec((S,), lambda h, s: (0,)),  # lengths (read lengths[s])
+            pl.BlockSpec((None, MBp), lambda h, s: (s, 0)),  # block-table row
+            pl.BlockSpec((None, None, G, D), lambda h, s: (s, h, 0, 0)),  # q group
+            pl.BlockSpec((NP, P, None, D), lambda h, s: (0, 0, h, 0)),  # K, kv head h
+            pl.BlockSpec((NP, P, None, D), lambda h, s: (0, 0, h, 0)),  # V, kv head h
         ],
-        out_specs=pl.BlockSpec((None, None, G, D), sh(lambda s, h: (s, h, 0, 0))),
+        out_specs=pl.BlockSpec((None, None, G, D), lambda h, s: (s, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((S, Nkv, G, D), q.dtype),
         interpret=interpret,
-        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}" + ("_flat" if flat_loads else "") + (f"_{probe}" if probe else ""),
+        name=f"paged_decode_G{G}_r{rows}_P{P}_ppb{ppb}_flat",
         **kw,
     )(off, lengths, bt, q4, k_cache, v_cache)
     return out.reshape(S, Nq, D)

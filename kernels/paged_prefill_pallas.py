@@ -22,10 +22,10 @@ decode rows of a mixed step are filled there by the decode kernel first, padding
 zero). Queries and outputs are read and written with masked gathers/scatters of the tile's rows,
 so tiles need no alignment and no padded copy of q is made.
 
-Measured (H200, jax 0.11.2, bf16, Qwen3-32B heads, one layer; benchmarks/mixed_attention.py):
-a 2048-token chunk over a 2048-token prefix 780 us (the reference: 25.4 ms); a mixed step of 240
-decode rows + a 256-token chunk 500 us with the decode kernel (reference 3.6 ms). Tiles of 16
-tokens x 8 heads, 4 warps, 2 stages won the sweep; 32/64-token tiles are 1.1-3.9x slower.
+It exists because the reference gathers each token's whole context: on long chunks and mixed
+steps the kernels take a small fraction of the reference's time (benchmarks/mixed_attention.py;
+benchmarks/RESULTS.md, "Mixed-step (chunk) attention kernel"). Tiles of 16 tokens x the group,
+4 warps and 2 stages are the launch sweep's best there; 32- and 64-token tiles are slower.
 
 Constraints (GPU): G, tile_tokens, D, pages_per_block and pages_per_block * P powers of 2,
 D >= 16 and pages_per_block * P >= 16. `interpret=True` runs anywhere (the CPU tests).
@@ -125,13 +125,13 @@ def paged_prefill_attention(
     """Causal attention of each tile's query tokens over its row's pages. Returns [T, Nq, D].
 
     flat_loads: gather K/V blocks as [block tokens, D] from per-token page ids, as the decode
-    kernel does (default; H200, bf16, 16-token tiles: 1.11x faster on one 2048-token chunk at
-    2048, 1.48x on 16 prompts of 128, benchmarks/mixed_attention.py); False: [pages, P, D]
-    loads reshaped to [block tokens, D].
+    kernel does (default: faster with bf16 and 16-token tiles, benchmarks/RESULTS.md,
+    "Mixed-step (chunk) attention kernel"); False: [pages, P, D] loads reshaped to
+    [block tokens, D].
 
-    Defaults (tuned on an H200, bf16, G=8, D=128): 64-token K/V blocks, 4 warps, 2 stages. With
-    4-byte inputs they would need 266 KB of shared memory (the H200 has 227 KB): float32 runs
-    32-token blocks in 1 stage."""
+    Defaults (tuned for bf16, G=8, D=128): 64-token K/V blocks, 4 warps, 2 stages. With 4-byte
+    inputs they would need 266 KB of shared memory (a Hopper GPU gives a block 227 KB): float32
+    runs 32-token blocks in 1 stage."""
     T, Nq, D = q.shape
     NP, P, Nkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape or out_init.shape != q.shape:

@@ -21,12 +21,8 @@ import jax.numpy as jnp
 
 from sidp_jax.kernels.paged_attention import paged_attention_reference, write_kv
 from sidp_jax.models.config import ModelConfig, rope_inv_freq
-from sidp_jax.models.fp8 import linear, scale_name
-
-
-def amax_over(axes: tuple[str, ...]):
-    """FP8 activations split over mesh `axes`: each token's scale from its whole row (None: local)."""
-    return (lambda amax: jax.lax.pmax(amax, axes)) if axes else None
+from sidp_jax.models.ffn import local_ffn
+from sidp_jax.models.fp8 import amax_over, linear
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -44,37 +40,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _proj(x: jax.Array, w: dict, name: str, *, out_dtype=None, reduce_amax=None) -> jax.Array:
-    """x through projection `name` of w: a GEMM in the compute dtype, or W8A8 where the layer is
-    FP8 (a `<name>_scale` beside it; models/fp8.py). reduce_amax: see fp8.quantize_tokens."""
-    return linear(x, w[name], w.get(scale_name(name)), out_dtype=out_dtype, reduce_amax=reduce_amax)
-
-
-def ffn_hidden(x: jax.Array, w: dict) -> jax.Array:
-    """silu(gate) * up [T, I] (or a slice of I) in x's dtype, from gate_up [H, 2, I]."""
-    gu = _proj(x, w, "gate_up")
-    return (jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)).astype(x.dtype)
-
-
-def ffn_down(h: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
-    """float32 [T, H]: down [I, H] (or a slice of I, summed by the caller) applied to h."""
-    return _proj(h, w, "down", out_dtype=jnp.float32, reduce_amax=reduce_amax)
-
-
-def swiglu(x: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
-    """SwiGLU with w's gate_up [H, 2, I] and down [I, H] (or any slice of I, summed by the
-    caller, who passes reduce_amax when the layer is FP8: the slices then share one scale)."""
-    return ffn_down(ffn_hidden(x, w), w, reduce_amax)
-
-
-def dense_ffn(x: jax.Array, layer, w: dict, active=None, split_axes: tuple[str, ...] = ()) -> jax.Array:
-    """The FFN with the layer's own (local) weights.
-
-    active: this replica has tokens this step; when False the GEMMs are skipped (the paper's
-    dummy skipping: an idle replica only takes part in the collectives). None: always run.
-    split_axes: the mesh axes the intermediate axis is split over here (FP8 scales span them)."""
-    del layer
-    run = lambda: swiglu(x, w, amax_over(split_axes)).astype(x.dtype)
-    return run() if active is None else jax.lax.cond(active, run, lambda: jnp.zeros_like(x))
+    """x through projection `name` of w: a GEMM in the compute dtype, or W8A8 where the weight is
+    Quantized (models/fp8.py). reduce_amax: see fp8.quantize_tokens."""
+    return linear(x, w[name], out_dtype=out_dtype, reduce_amax=reduce_amax)
 
 
 def qkv_projection(cfg: ModelConfig, w: dict, x: jax.Array, cos, sin):
@@ -174,7 +142,7 @@ def paged_layers(cfg: ModelConfig, params: dict, x: jax.Array, cos, sin, kv: dic
     its own compute (only worth a `lax.cond` where several replicas share the program)."""
     active = batch["num_tokens"] > 0 if skip_idle else None
     for l, w in enumerate(params["layers"]):
-        ffn, ffn_w = ffn_for(l) if ffn_for is not None else (dense_ffn, w)
+        ffn, ffn_w = ffn_for(l) if ffn_for is not None else (local_ffn, w["ffn"])
         x, kv = layer(cfg, w, x, kv, cos, sin, attend=paged_attend(cfg, l, batch, attn_fn),
                       ffn=lambda x_, act, ffn=ffn, l=l, ffn_w=ffn_w: ffn(x_, l, ffn_w, act),
                       tp_axis=tp_axis, active=active)
@@ -215,6 +183,6 @@ def dense_forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: 
     cos, sin = rope_angles(cfg, flat_pos)
     attend = causal_attend(seq, flat_pos, cfg.head_dim ** -0.5)
     for w in params["layers"]:
-        x, _ = layer(cfg, w, x, None, cos, sin, attend=attend, ffn=lambda x_, act, w=w: dense_ffn(x_, None, w))
+        x, _ = layer(cfg, w, x, None, cos, sin, attend=attend, ffn=lambda x_, act, w=w: local_ffn(x_, None, w["ffn"]))
     logits = head_logits(cfg, params, x).reshape(B, T, -1)
     return logits[0] if squeeze else logits

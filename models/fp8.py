@@ -8,14 +8,17 @@ quantized per token, on the fly, to the same format (dynamic scaling), so each G
 e4m3 x e4m3 `dot_general` accumulated in float32 (on Hopper a cuBLASLt FP8 GEMM; on CPU XLA
 emulates it), then scaled by the outer product of the two scales.
 
+A quantized weight is one value of type `Quantized` (the e4m3 values and their scales together,
+a pytree node), so that layouts, the weight pool and loading handle it as any other weight.
 `fp8_specs` turns a layer's ParamSpecs into that storage: the four projections (qkv, o, gate_up,
-down) become e4m3 leaves plus `<name>_scale` leaves; norms, biases, embeddings and the LM head
-stay in the compute dtype, as in vLLM and in Qwen's own FP8 releases.
+down) become `Quantized(values, scale)`; norms, biases, embeddings and the LM head stay in the
+compute dtype, as in vLLM and in Qwen's own FP8 releases.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +29,18 @@ QUANTIZED = ("qkv", "o", "gate_up", "down")  # the projections W8A8 covers
 TINY_AMAX = 1e-12  # an all-zero row or channel gets this amax (its scale never divides by zero)
 
 
-def scale_name(name: str) -> str:
-    return f"{name}_scale"
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Quantized:
+    """An FP8 projection: e4m3 `values` [*out, *in] and a float32 `scale` per output channel
+    [*out]. Its leaves may also be ParamSpecs, shardings or ShapeDtypeStructs: it is a pytree node."""
+    values: Any
+    scale: Any
+
+
+def amax_over(axes: tuple[str, ...]):
+    """FP8 activations split over mesh `axes`: each token's scale from its whole row (None: local)."""
+    return (lambda amax: jax.lax.pmax(amax, axes)) if axes else None
 
 
 def quantize(w: jax.Array, num_out: int, reduce_amax=None) -> tuple[jax.Array, jax.Array]:
@@ -51,20 +64,20 @@ def quantize_tokens(x: jax.Array, reduce_amax=None) -> tuple[jax.Array, jax.Arra
     return quantize(x, 1, reduce_amax)
 
 
-def linear(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, out_dtype=None, reduce_amax=None):
+def linear(x: jax.Array, w, *, out_dtype=None, reduce_amax=None):
     """x [T, *in] times a projection -> [T, *out], contracting all of x's axes but the first.
 
-    scale None: w [*in, *out] in the compute dtype, one GEMM in out_dtype (default x's).
-    Otherwise w is e4m3 [*out, *in] with its per-channel scale [*out]: W8A8 (see the module)."""
+    w an array: [*in, *out] in the compute dtype, one GEMM in out_dtype (default x's).
+    w Quantized: e4m3 values [*out, *in] with their per-channel scale [*out]: W8A8 (see the module)."""
     k = x.ndim - 1
     out_dtype = out_dtype or x.dtype
-    if scale is None:
+    if not isinstance(w, Quantized):
         dims = ((tuple(range(1, x.ndim)), tuple(range(k))), ((), ()))
         return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
     xq, x_scale = quantize_tokens(x, reduce_amax)
-    x_axes, w_axes = tuple(range(1, x.ndim)), tuple(range(w.ndim - k, w.ndim))
-    y = jax.lax.dot_general(xq, w, ((x_axes, w_axes), ((), ())), preferred_element_type=jnp.float32)
-    return (y * x_scale.reshape(-1, *[1] * scale.ndim) * scale).astype(out_dtype)
+    x_axes, w_axes = tuple(range(1, x.ndim)), tuple(range(w.values.ndim - k, w.values.ndim))
+    y = jax.lax.dot_general(xq, w.values, ((x_axes, w_axes), ((), ())), preferred_element_type=jnp.float32)
+    return (y * x_scale.reshape(-1, *[1] * w.scale.ndim) * w.scale).astype(out_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +106,13 @@ def contracted_axes(axes: tuple[str | None, ...]) -> tuple[int, ...]:
 
 
 def fp8_specs(layer_specs: dict) -> dict:
-    """A layer's ParamSpecs with the QUANTIZED projections stored as e4m3 plus scales."""
+    """A layer's ParamSpecs (nested dicts) with the QUANTIZED projections stored as
+    Quantized(e4m3 values, float32 scales)."""
     out = {}
     for name, spec in layer_specs.items():
+        if isinstance(spec, dict):
+            out[name] = fp8_specs(spec)
+            continue
         if name not in QUANTIZED:
             out[name] = spec
             continue
@@ -103,10 +120,10 @@ def fp8_specs(layer_specs: dict) -> dict:
         o_axes = tuple(i for i in range(len(spec.axes)) if i not in k_axes)
         perm = o_axes + k_axes
         quant = lambda part: Quant(part, perm, len(o_axes), spec.shape, spec.axes)
-        out[name] = dataclasses.replace(spec, shape=tuple(spec.shape[i] for i in perm),
-                                        axes=tuple(spec.axes[i] for i in perm), dtype="float8_e4m3fn",
-                                        quant=quant("weight"))
-        out[scale_name(name)] = dataclasses.replace(spec, shape=tuple(spec.shape[i] for i in o_axes),
-                                                    axes=tuple(spec.axes[i] for i in o_axes), dtype="float32",
-                                                    quant=quant("scale"))
+        values = dataclasses.replace(spec, shape=tuple(spec.shape[i] for i in perm),
+                                     axes=tuple(spec.axes[i] for i in perm), dtype="float8_e4m3fn",
+                                     quant=quant("weight"))
+        scale = dataclasses.replace(spec, shape=tuple(spec.shape[i] for i in o_axes),
+                                    axes=tuple(spec.axes[i] for i in o_axes), dtype="float32", quant=quant("scale"))
+        out[name] = Quantized(values, scale)
     return out

@@ -23,28 +23,23 @@ from flax import nnx
 
 from sidp_jax.models import decoder
 from sidp_jax.models.config import ModelConfig
-from sidp_jax.models.fp8 import fp8_specs, scale_name
-from sidp_jax.models.params import Convert, ParamSpec, initial_value
+from sidp_jax.models.fp8 import fp8_specs
+from sidp_jax.models.params import Convert, ParamSpec, declare
+from sidp_jax.models.registry import family_of
 
 _LAYER = "model.layers.{l}"
 
 
-def _param(rngs: nnx.Rngs, dtype, shape, axes, init, hf=(), hf_shapes=(), convert=Convert("copy"),
-           stored_dtype: str | None = None) -> nnx.Param:
-    """stored_dtype: the leaf's dtype whatever the engine's compute dtype (None: the compute dtype)."""
-    value = initial_value(init, rngs.params(), shape, axes, stored_dtype or dtype)
-    return nnx.Param(value, logical_axes=tuple(axes), init=init, hf=tuple(hf), hf_shapes=tuple(hf_shapes),
-                     convert=convert, stored_dtype=stored_dtype)
-
-
 class DecoderLayer(nnx.Module):
-    """One Llama/Qwen2/Qwen3 decoder layer's weights (q, k, v fused into one GEMM at load time)."""
+    """One decoder layer's weights: attention as the family declares it (q, k, v fused into one
+    GEMM at load time; optional qkv bias, per-head q/k norms, static FP8 KV scales), the two
+    RMSNorms, and the family's FFN group under `ffn` (models/ffn.py)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        H, D = cfg.hidden_size, cfg.head_dim
         Nq, Nkv = cfg.num_heads, cfg.num_kv_heads
         G = Nq // Nkv  # query heads per kv head: q head h = kv * G + g, as transformers' repeat_kv
-        p = functools.partial(_param, rngs, dtype)
+        p = functools.partial(declare, rngs, dtype)
         attn = lambda name: f"{_LAYER}.self_attn.{name}"
         self.attn_norm = p((H,), ("embed",), "ones", [f"{_LAYER}.input_layernorm.weight"], [(H,)])
         # [H, Nkv, G + 2, D]: per kv head its G query heads, then k, then v; splits over tp by kv head.
@@ -66,26 +61,14 @@ class DecoderLayer(nnx.Module):
         self.o = p((Nq, D, H), ("q_heads", "head_dim", "embed"), "normal", [attn("o_proj.weight")], [(H, Nq * D)],
                    Convert("o", (Nq, D)))
         self.ffn_norm = p((H,), ("embed",), "ones", [f"{_LAYER}.post_attention_layernorm.weight"], [(H,)])
-        # gate and up fused on one axis: one GEMM, and one transfer per layer for SiDP's pool.
-        self.gate_up = p((H, 2, I), ("embed", None, "ffn"), "normal",
-                         [f"{_LAYER}.mlp.gate_proj.weight", f"{_LAYER}.mlp.up_proj.weight"], [(I, H), (I, H)],
-                         Convert("gate_up"))
-        self.down = p((I, H), ("ffn", "embed"), "normal", [f"{_LAYER}.mlp.down_proj.weight"], [(H, I)], Convert("T"))
-
-
-# What SiDP pools (an FP8 model's FFN also has its scales); a layer holds the ones that apply.
-FFN_LEAVES = ("gate_up", "down", scale_name("gate_up"), scale_name("down"))
-
-
-def ffn_leaves(w: dict) -> dict:
-    return {k: w[k] for k in FFN_LEAVES if k in w}
+        self.ffn = family_of(cfg).ffn(cfg, dtype=dtype, rngs=rngs)
 
 
 class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         H, V = cfg.hidden_size, cfg.vocab_size
         self.cfg = cfg
-        p = functools.partial(_param, rngs, dtype)
+        p = functools.partial(declare, rngs, dtype)
         self.embed = p((V, H), ("vocab", "embed"), "normal", ["model.embed_tokens.weight"], [(V, H)])
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = p((H,), ("embed",), "ones", ["model.norm.weight"], [(H,)])
@@ -122,12 +105,15 @@ def model_specs(cfg: ModelConfig) -> dict:
     _, state = nnx.split(abstract_model(dataclasses.replace(cfg, quantization=None)))
     specs: dict = {"layers": [{} for _ in range(cfg.num_layers)]}
     for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        keys = [getattr(k, "key", k) for k in path]
+        keys = [str(getattr(k, "key", k)) for k in path]
         meta = var.get_metadata()
         layer = int(keys[1]) if keys[0] == "layers" else None
         leaf = ParamSpec(tuple(var.shape), meta["logical_axes"], meta["init"], meta["hf"], meta["hf_shapes"],
-                         meta["convert"], layer=layer, name=str(keys[-1]), dtype=meta.get("stored_dtype"))
-        (specs["layers"][layer] if layer is not None else specs)[str(keys[-1])] = leaf
+                         meta["convert"], layer=layer, name=keys[-1], dtype=meta.get("stored_dtype"))
+        node = specs["layers"][layer] if layer is not None else specs
+        for key in keys[2 if layer is not None else 0:-1]:  # a group (the FFN): a nested dict
+            node = node.setdefault(key, {})
+        node[keys[-1]] = leaf
     if cfg.quantization == "fp8":
         specs["layers"] = [fp8_specs(w) for w in specs["layers"]]
     elif cfg.quantization is not None:

@@ -78,6 +78,18 @@ def is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
+def declare(rngs, dtype, shape, axes, init, hf=(), hf_shapes=(), convert=Convert("copy"),
+            stored_dtype: str | None = None):
+    """An nnx.Param with its declaration as metadata: logical axes, initializer, Hugging Face
+    source names ("{l}": the layer index) and shapes, converter. stored_dtype: the leaf's dtype
+    whatever the engine's compute dtype (None: the compute dtype)."""
+    from flax import nnx
+
+    value = initial_value(init, rngs.params(), shape, axes, stored_dtype or dtype)
+    return nnx.Param(value, logical_axes=tuple(axes), init=init, hf=tuple(hf), hf_shapes=tuple(hf_shapes),
+                     convert=convert, stored_dtype=stored_dtype)
+
+
 def fan_in(shape: tuple[int, ...], axes: tuple) -> int:
     """Input width: the hidden size, or for projections back into it (o, down) the dims in between."""
     if axes[-1] == "embed" and axes[0] != "vocab":

@@ -11,10 +11,11 @@ from typing import Iterator
 from sidp_jax.chat_messages import check_chat_template_kwargs, normalize_messages
 from sidp_jax.engine.compilation import enable_compile_cache
 from sidp_jax.engine.engine import Engine, Request
-from sidp_jax.engine.startup import build_runner, precompile_steps, report_kv
+from sidp_jax.engine.startup import EngineSpec, precompile_steps, report_kv, start
 from sidp_jax.engine_config import EngineConfig, KvCacheDtype
 from sidp_jax.loading.placed_checkpoint import is_placed_checkpoint, placed_quantization
-from sidp_jax.models.config import PRESET_GENERATION_DEFAULTS, PRESETS, ModelConfig, dtype_from_name, load_config
+from sidp_jax.models.config import PRESET_GENERATION_DEFAULTS, PRESETS, ModelConfig, dtype_from_name
+from sidp_jax.models.hf_config import load_config
 from sidp_jax.models.fp8 import E4M3
 from sidp_jax.outputs import RequestOutput
 from sidp_jax.parallel.layouts import make_layout
@@ -74,23 +75,25 @@ class LLM:
         self.compile_cache = enable_compile_cache(self.layout.platform, config.compile_cache, config.cache_dir)
         self.max_model_len = config.max_model_len or min(self.cfg.max_position_embeddings, 32768)
         self.verbose = verbose
-        runner, scheduler, policy, kv_info = build_runner(self, config)
-        self.kv_info = kv_info
-        if self.max_model_len > kv_info["tokens_per_replica"]:
+        spec = EngineSpec(self.model, self.cfg, self.layout, self.dtype, self.kv_dtype, self.max_model_len, config,
+                          verbose)
+        started = start(spec)
+        kv = started.kv
+        if self.max_model_len > kv.tokens_per_replica:
             print(f"[sidp_jax] max_model_len {self.max_model_len} exceeds one replica's KV capacity; "
-                  f"lowering it to {kv_info['tokens_per_replica']}")
-            self.max_model_len = kv_info["tokens_per_replica"]
+                  f"lowering it to {kv.tokens_per_replica}")
+            self.max_model_len = kv.tokens_per_replica
         eos = self.tokenizer.eos_token_ids if self.tokenizer else []
-        self.engine = Engine(runner, scheduler, tokenizer=self.tokenizer, eos_ids=eos,
+        self.engine = Engine(started.runner, started.scheduler, tokenizer=self.tokenizer, eos_ids=eos,
                              max_model_len=self.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
-                             max_num_seqs=config.max_num_seqs, seed=config.seed, mode_policy=policy,
+                             max_num_seqs=config.max_num_seqs, seed=config.seed, mode_policy=started.policy,
                              async_scheduling=config.async_scheduling)
         self._request_counter = 0
-        self.kv_info["precompile_seconds"] = precompile_steps(self, config.precompile, config.max_num_batched_tokens,
-                                                              config.max_num_seqs, config.compile_workers)
+        kv.precompile_seconds = precompile_steps(spec, started, self.engine.max_pages)
+        self.kv_info = dataclasses.asdict(kv)  # part of stats()
         self.startup_seconds = time.perf_counter() - t_start
         if verbose:
-            print(report_kv(self, kv_info))
+            print(report_kv(spec, kv, self.max_model_len))
             print(f"[sidp_jax] start-up {self.startup_seconds:.1f} s (compilation cache: {self.compile_cache or 'off'}); "
                   f"each step variant compiles on first use (stats()['first_call_seconds'])")
 

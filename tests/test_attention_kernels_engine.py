@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from sidp_jax import LLM, SamplingParams
-from sidp_jax.models.config import load_config
+from sidp_jax.models.hf_config import load_config
 from sidp_jax.kernels.attention import kernel_unsupported_reason
 from sidp_jax.parallel.layouts import make_layout
 

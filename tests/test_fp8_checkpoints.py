@@ -13,7 +13,7 @@ import pytest
 
 from fixture_paths import FIXTURES, REFERENCE, TINY_QWEN3
 from sidp_jax.loading.checkpoint import from_pretrained
-from sidp_jax.loading.fp8 import dequantize, fp8_scheme, open_checkpoint
+from sidp_jax.loading.fp8_checkpoint import dequantize, fp8_scheme, open_checkpoint
 from sidp_jax.loading.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 FORMS = ["block", "channel"]

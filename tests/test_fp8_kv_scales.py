@@ -14,7 +14,7 @@ from fixture_paths import REFERENCE, TINY_QWEN3, checkpoint
 from sidp_jax import LLM, SamplingParams
 from sidp_jax.kernels.paged_attention import paged_attention_reference, write_kv
 from sidp_jax.loading.safetensors_io import SafetensorsCheckpoint
-from sidp_jax.models.config import load_config
+from sidp_jax.models.hf_config import load_config
 from sidp_jax.models.decoder import with_kv_scales
 from sidp_jax.models.fp8 import E4M3, E4M3_MAX
 from test_fp8 import GEMM_REL_RMS as E4M3_REL_RMS, _rel_rms  # two operands each rounded by at most 2^-4

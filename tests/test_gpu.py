@@ -95,13 +95,13 @@ def test_fp8_gemms_lower_to_cublaslt_fp8_without_weight_transposes():
     import jax.numpy as jnp
     import numpy as np
 
-    from sidp_jax.models.fp8 import linear, quantize
+    from sidp_jax.models.fp8 import Quantized, linear, quantize
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 1024)), jnp.bfloat16)
     w = jnp.asarray(np.random.default_rng(1).standard_normal((2048, 1024)) / 32, jnp.float32)
     q, s = quantize(w, 1)
     x, q, s = jax.device_put((x, q, s), gpus()[0])
-    fn = jax.jit(lambda x, q, s: linear(x, q, s))
+    fn = jax.jit(lambda x, q, s: linear(x, Quantized(q, s)))
     hlo = fn.lower(x, q, s).compile().as_text()
     assert re.search(r'custom_call_target="__cublas\$lt\$matmul\$f8"', hlo), hlo[-3000:]
     assert not re.search(r"f8e4m3fn\[(?:2048,1024|1024,2048)\][^=]*? (?:transpose|copy)\(", hlo), hlo[-3000:]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from sidp_jax import LLM, SamplingParams
-from sidp_jax.parallel.capacity import kv_tokens_per_gpu, weight_bytes_per_gpu
 from sidp_jax.loading.checkpoint import load_params
-from sidp_jax.models.config import PRESETS, ModelConfig, load_config
-from sidp_jax.parallel.layouts import make_layout
+from sidp_jax.models.config import PRESETS, ModelConfig
+from sidp_jax.models.hf_config import load_config
+from sidp_jax.parallel.layouts import kv_tokens_per_gpu, make_layout, weight_bytes_per_gpu
 from sidp_jax.pool.policy import ModePolicy
 
 from fixture_paths import REFERENCE, TINY_QWEN3 as CKPT
@@ -106,7 +106,7 @@ def test_kv_capacity_ratios_match_the_design_bounds():
 
 def test_mode_policy_picks_cas_for_small_steps_and_was_for_large():
     q = PRESETS["qwen3-32b"]
-    shape = dict(num_replicas=2, hidden=q.hidden_size, intermediate=q.intermediate_size)
+    shape = dict(num_replicas=2, hidden=q.hidden_size, ffn_params=3 * q.hidden_size * q.intermediate_size)
     policy = ModePolicy(fixed=None, placement="striped", **shape)
     c = policy.crossover
     assert 256 <= c <= 16384
@@ -136,9 +136,9 @@ def test_mode_policy_picks_cas_for_small_steps_and_was_for_large():
 
 
 def ffn_leaves(layout, params):
-    if layout.owner_groups:
+    if layout.ffn_storage(load_config(CKPT)) is not None:
         return jax.tree.leaves(params["ffn_groups"])
-    return [w[k] for w in params["layers"] for k in ("gate_up", "down")]
+    return jax.tree.leaves([w["ffn"] for w in params["layers"]])
 
 
 def test_every_weight_is_its_own_per_layer_array():
@@ -148,8 +148,9 @@ def test_every_weight_is_its_own_per_layer_array():
     assert len(params["layers"]) == cfg.num_layers
     H, I = cfg.hidden_size, cfg.intermediate_size
     for w in params["layers"]:
-        assert w["gate_up"].shape == (H, 2, I) and w["down"].shape == (I, H)
-        assert {s.data.shape for s in w["gate_up"].addressable_shards} == {(H, 2, I // 4)}
+        ffn = w["ffn"]
+        assert ffn["gate_up"].shape == (H, 2, I) and ffn["down"].shape == (I, H)
+        assert {s.data.shape for s in ffn["gate_up"].addressable_shards} == {(H, 2, I // 4)}
 
 
 def test_owner_placement_puts_layer_l_on_rank_l_mod_d():
@@ -164,10 +165,10 @@ def test_owner_placement_puts_layer_l_on_rank_l_mod_d():
         for device, layer in zip((d0, d1), rows):
             assert shards[device].shape[0] == 1  # each rank's local view: exactly its own layer
             if layer >= 0:
-                np.testing.assert_array_equal(shards[device][0], np.asarray(ref["layers"][layer]["down"]))
+                np.testing.assert_array_equal(shards[device][0], np.asarray(ref["layers"][layer]["ffn"]["down"]))
             else:
                 assert not shards[device].any()
-    assert all("down" not in w and "gate_up" not in w for w in params["layers"])
+    assert all("ffn" not in w for w in params["layers"])
 
 
 def test_placed_weights_restore_from_orbax_into_the_mesh(tmp_path):
@@ -185,15 +186,19 @@ def test_placed_weights_restore_from_orbax_into_the_mesh(tmp_path):
         LLM(str(tmp_path / "placed"), **{**kw, "placement": "striped"})
 
 
-def test_a_placed_checkpoint_in_the_old_stacked_form_is_refused(tmp_path):
+@pytest.mark.parametrize("written_by", ["v1", "v2"])
+def test_a_placed_checkpoint_in_an_older_form_is_refused(tmp_path, written_by):
     kw = dict(mesh="dp=2", parallel="sidp", placement="striped", dtype="float32", verbose=False,
               devices=jax.devices("cpu"), kv_cache_tokens=256)
     LLM(CKPT, **kw).save_placed(str(tmp_path / "placed"))
     record = tmp_path / "placed" / "sidp_layout.json"
     old = json.loads(record.read_text())
-    old.pop("format"), old.pop("ffn_groups")
-    record.write_text(json.dumps({**old, "ffn_layer_order": [0, 1, 2]}))  # what v1 wrote
-    with pytest.raises(ValueError, match=r"old stacked form.*save_placed"):
+    if written_by == "v1":
+        old.pop("format"), old.pop("ffn_groups")
+        record.write_text(json.dumps({**old, "ffn_layer_order": [0, 1, 2]}))
+    else:  # flat FFN leaves and "<name>_scale" keys
+        record.write_text(json.dumps({**old, "format": "per-layer-v2"}))
+    with pytest.raises(ValueError, match=r"older form.*save_placed"):
         LLM(str(tmp_path / "placed"), **kw)
 
 

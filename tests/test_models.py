@@ -12,7 +12,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sidp_jax.loading.checkpoint import load_params
-from sidp_jax.models.config import PRESETS, config_from_hf_dict, load_config
+from sidp_jax.models.config import PRESETS
+from sidp_jax.models.hf_config import config_from_hf_dict, load_config
+from sidp_jax.models.registry import num_params
 from sidp_jax.parallel.layouts import make_layout
 from sidp_jax.models.decoder import forward
 from sidp_jax.loading.safetensors_io import CheckpointError
@@ -86,7 +88,7 @@ def test_the_flax_module_scores_tokens_like_transformers():
 
     model = from_pretrained(checkpoint("tiny-qwen3"), dtype=jnp.float32, device=jax.devices("cpu")[0])
     assert isinstance(model, Decoder) and isinstance(model.layers[0].qkv, nnx.Param)
-    assert model.layers[0].gate_up.get_metadata()["logical_axes"] == ("embed", None, "ffn")
+    assert model.layers[0].ffn.gate_up.get_metadata()["logical_axes"] == ("embed", None, "ffn")
     meta, tensors = reference("tiny-qwen3")
     p0, p1 = (meta["prompts"][i]["token_ids"] for i in (0, 1))
     want0, want1 = tensors["logits_0"], tensors["logits_1"]
@@ -133,8 +135,8 @@ def test_configs_of_both_generations():
 def test_presets_have_the_real_shapes():
     q = PRESETS["qwen3-32b"]
     assert q.kv_bytes_per_token() == 256 * 1024
-    assert abs(q.num_params() / 1e9 - 32.8) < 0.3
-    assert abs(3 * q.hidden_size * q.intermediate_size * q.num_layers / q.num_params() - 0.77) < 0.01
+    assert abs(num_params(q) / 1e9 - 32.8) < 0.3
+    assert abs(3 * q.hidden_size * q.intermediate_size * q.num_layers / num_params(q) - 0.77) < 0.01
     assert PRESETS["llama3.1-70b"].kv_bytes_per_token() == 320 * 1024
 
 
@@ -278,7 +280,7 @@ def test_a_corrupt_tokenizer_is_an_error_at_load_time(tmp_path):
 
 
 def test_config_values_beyond_any_real_model_are_refused_naming_the_field():
-    from sidp_jax.models.config import config_from_hf_dict
+    from sidp_jax.models.hf_config import config_from_hf_dict
 
     base = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "intermediate_size": 128,

@@ -1,4 +1,4 @@
-"""sidp_jax.jobs.ray on a local Ray cluster (CPU): 2 actors, each a dp=4 SiDP group on 4 virtual devices.
+"""sidp_jax.jobs.ray_job on a local Ray cluster (CPU): 2 actors, each a dp=4 SiDP group on 4 virtual devices.
 
 Greedy results must equal those of one LLM.generate/chat in a single process, and every id must
 come out exactly once. The reference LLM runs first, in a Ray worker with the actors' 4-device

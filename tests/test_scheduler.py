@@ -42,8 +42,7 @@ def test_guard_recomputes_less_and_finishes_everything():
     needed = n * (prompt + out - 1)
     results = {}
     for guard in (False, True):
-        sched = Scheduler(2, 1000 // P + 1, P, 64, 256)  # ~1000 tokens per replica: ~2-3 full sequences
-        sched.thrash_guard = guard
+        sched = Scheduler(2, 1000 // P + 1, P, 64, 256, thrash_guard=guard)  # ~1000 tokens a replica: 2-3 sequences
         seqs = make_seqs(n, prompt, out)
         computed = run(sched, seqs)
         assert all(len(s.output_ids) == out for s in seqs)
@@ -54,8 +53,7 @@ def test_guard_recomputes_less_and_finishes_everything():
 
 def readmitted_victims(guard: bool) -> int:
     """Steps in which a sequence preempted in that very step was admitted again."""
-    sched = Scheduler(1, 12 + 1, P, 16, 24)  # 12 pages; 24-token chunks fit in freed pages
-    sched.thrash_guard = guard
+    sched = Scheduler(1, 12 + 1, P, 16, 24, thrash_guard=guard)  # 12 pages; 24-token chunks fit in freed pages
     for s in make_seqs(6, 40, 60):
         sched.add(s)
     events = 0

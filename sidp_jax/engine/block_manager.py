@@ -4,7 +4,7 @@ Page 0 is reserved as the padding tokens' scratch. Pages are reference-counted: 
 whose tokens are known is registered under a key that chains its parent page's key and its
 token ids (blake2b, sidp_jax/engine/sequence.py), and a later sequence whose prompt starts
 with the same tokens takes the cached pages instead of computing them. A page no sequence holds
-stays cached until the pool needs it; then the least recently freed goes first. Free-page
+stays cached until the free list needs it; then the least recently freed goes first. Free-page
 counts include those cached pages, so KV capacity and preemption keep their meaning.
 
 A page is registered when the step that computes it is planned (its tokens are all known on the

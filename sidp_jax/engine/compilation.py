@@ -1,8 +1,9 @@
 """How the engine's programs are compiled: XLA options for its steps, and a persistent cache.
 
 GEMMs as library calls: on GPU the step is compiled with XLA's Triton GEMM emitter off, so every
-projection is one cuBLAS call reading its weight in place (4 per layer). With it on, XLA fused
-half of them into other kernels and the decode step was slower (benchmarks/RESULTS.md).
+projection is one cuBLAS call reading its weight in place (4 per layer). With it on, XLA fuses
+about half of them into other kernels and the decode step is slower (benchmarks/RESULTS.md,
+"Decode step against its roofline, bf16").
 
 The cache: JAX's persistent compilation cache (and with it XLA's GPU autotune cache) under the
 engine's cache directory (EngineConfig.cache_dir). A step of a 64-80 layer model is one unrolled

@@ -1,7 +1,7 @@
 """Measure where WaS starts to beat CaS on this machine, once, and cache it.
 
 Rather than trusting a model of link bandwidth and overlap, time the engine's own FFN strategies
-(sidp_jax.pool.ffn) on a few layers of the model's real shape at a few tokens-per-replica sizes,
+(the layout's, sidp_jax/pool/ffn.py) on a few layers of the model's real shape at a few tokens-per-replica sizes,
 and take the crossover from the timings. Cached per (device kind, mesh, placement, shape) under
 the engine's cache directory (EngineConfig.cache_dir). Runs on GPUs only; elsewhere the cost model's defaults.
 """
@@ -18,9 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine.timing import median_seconds
 from sidp_jax.engine_config import cache_root
-from sidp_jax.models.modules import ffn_leaves
 from sidp_jax.models.params import init_params
-from sidp_jax.pool import ffn as pool_ffn
 from sidp_jax.engine.replica_runner import ffn_chain_seconds
 
 log = logging.getLogger("sidp_jax")
@@ -41,20 +39,20 @@ def measure(layout, cfg, dtype, replicas: bool = False) -> dict:
     """Seconds per FFN layer for each mode at each size in TOKENS (tokens per replica), on LAYERS
     layers of the model's FFN shape stored as the layout stores them and walked in a Python loop."""
     mesh, D, H = layout.mesh, layout.num_replicas, cfg.hidden_size
-    owner = layout.placement == "owner"
+    owner = layout.ffn_storage(cfg) is not None  # groups of D layers stacked over "dp"
     L = -(-LAYERS // D) * D  # owner: whole groups (which layer sits where does not matter here)
     specs, pspecs = layout.stored_specs(cfg), layout.partition_specs(cfg)
-    if owner:  # groups of D layers stacked over "dp"
+    if owner:
         leaf_specs, w_spec, n = specs["ffn_groups"][0], pspecs["ffn_groups"][0], L // D
     else:
-        leaf_specs, w_spec, n = ffn_leaves(specs["layers"][0]), ffn_leaves(pspecs["layers"][0]), L
-    shardings = {k: NamedSharding(mesh, p) for k, p in w_spec.items()}
+        leaf_specs, w_spec, n = specs["layers"][0]["ffn"], pspecs["layers"][0]["ffn"], L
+    shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), w_spec)
     # the model's FFN leaves as the layout stores them (FP8 ones too), n distinct copies
     ws = [init_params(leaf_specs, jax.random.key(i), dtype, shardings) for i in range(n)]
     tp_axis = "tp" if layout.tp > 1 else None
 
     def body(mode):
-        fn = pool_ffn.ffn_strategy(layout, cfg, mode)
+        fn = layout.ffn_strategy(cfg, mode)
 
         def local(x, ws):
             for l in range(L):

@@ -39,10 +39,6 @@ from sidp_jax.kernels.paged_attention import paged_attention_reference
 from sidp_jax.models.config import ModelConfig
 from sidp_jax.models.decoder import paged_layers
 from sidp_jax.parallel.layouts import Layout
-from sidp_jax.pool import ffn as pool_ffn
-
-KV_SPEC = P("dp", None, None, "tp", None)  # [replica, L*pages, page, kv_heads, head_dim]
-
 
 def kv_bytes_per_page(cfg: ModelConfig, layout: Layout, page_size: int, dtype) -> int:
     """Bytes one page takes on one device (kv heads split over tp)."""
@@ -60,7 +56,7 @@ class ModelRunner:
         attention = Attention(attention)  # the choices: sidp_jax/engine_config.py
         self.cfg, self.layout, self.params = cfg, layout, params
         self.num_pages, self.page_size = num_pages, page_size
-        self.kv_sharding = NamedSharding(layout.mesh, KV_SPEC)
+        self.kv_sharding = NamedSharding(layout.mesh, layout.kv_spec)
         self.batch_sharding = NamedSharding(layout.mesh, P("dp"))
         shape = (layout.num_replicas, cfg.num_layers * num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype), out_shardings=self.kv_sharding)
@@ -106,7 +102,7 @@ class ModelRunner:
 
     def _ffn(self, mode: str):
         """The FFN strategy of this layout and mode ("local" where the FFN is not pooled)."""
-        return pool_ffn.ffn_strategy(self.layout, self.cfg, mode)
+        return self.layout.ffn_strategy(self.cfg, mode)
 
     def _build(self, mode: str, flags: SamplerFlags, attn: str):
         cfg, lay = self.cfg, self.layout
@@ -124,7 +120,7 @@ class ModelRunner:
             expand = functools.partial(jax.tree.map, lambda a: a[None])
             return expand(out), expand(kv), expand(counts)
 
-        kv_specs = {"k": KV_SPEC, "v": KV_SPEC}
+        kv_specs = {"k": lay.kv_spec, "v": lay.kv_spec}
         stepped = jax.shard_map(local, mesh=lay.mesh,
                                 in_specs=(lay.partition_specs(cfg), kv_specs, P("dp"), P("dp"), P("dp")),
                                 out_specs=(P("dp"), kv_specs, P("dp")), check_vma=False)

@@ -28,15 +28,15 @@ from sidp_jax.engine.compilation import step_compiler_options
 from sidp_jax.engine.step import step_begin, step_end
 from sidp_jax.engine.timing import median_seconds
 from sidp_jax.engine_config import WasRunner
-from sidp_jax.models.decoder import ffn_down, ffn_hidden, layer, paged_attend
-from sidp_jax.models.modules import ffn_leaves
+from sidp_jax.models.decoder import layer, paged_attend
+from sidp_jax.models.ffn import DenseFfn
 from sidp_jax.parallel.capacity import ffn_layer_bytes
 
 
 def uses_replica_was(layout, was_runner: str) -> bool:
     """auto: per-replica WaS wherever it applies (pooled striped FFN, one GPU per replica)."""
     was_runner = WasRunner(was_runner)  # the choices: sidp_jax/engine_config.py
-    supported = layout.pooled and layout.placement == "striped" and layout.tp == 1
+    supported = layout.replica_runner_applies
     if was_runner == "replicas" and not supported:
         raise ValueError("was_runner='replicas' needs parallel='sidp', placement='striped', tp=1 and dp > 1")
     return supported and was_runner != "spmd"
@@ -55,11 +55,12 @@ def shard_on(array: jax.Array, device) -> jax.Array:
 
 
 def sliced_ffn(x: jax.Array, slices: list[dict]) -> jax.Array:
-    """SwiGLU over an FFN split along its intermediate axis: the sum of each slice's part (FP8:
-    each token's activation scale taken over all slices, as a whole-FFN layout takes it)."""
-    hs = [ffn_hidden(x, w) for w in slices]
+    """A dense FFN group (models/ffn.py DenseFfn) split along its intermediate axis: the sum of
+    each slice's part (FP8: each token's activation scale taken over all slices, as a whole-FFN
+    layout takes it)."""
+    hs = [DenseFfn.hidden(x, w) for w in slices]
     row_max = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(h.astype(jnp.float32)), axis=1) for h in hs])
-    out = sum(ffn_down(h, w, reduce_amax=lambda _: row_max) for h, w in zip(hs, slices))
+    out = sum(DenseFfn.down_proj(h, w, reduce_amax=lambda _: row_max) for h, w in zip(hs, slices))
     return out.astype(x.dtype)
 
 
@@ -103,7 +104,7 @@ def local_views(tree, devices: list) -> list:
 
 def ffn_chain_seconds(layout, layers: list[dict], x: jax.Array, depth: int = 1) -> float:
     """Seconds per layer of striped WaS FFN layers run this way (for the mode calibration).
-    layers: per-layer {"gate_up", "down"} sharded as the striped layout stores them."""
+    layers: per-layer FFN groups sharded as the striped layout stores them."""
     devices = list(layout.mesh.devices[:, 0])
     local = local_views(layers, devices)
     xs = [shard_on(x, d) for d in devices]
@@ -130,11 +131,11 @@ class ReplicaWaS:
 
     def __init__(self, cfg, layout, params: dict, kv_sharding, attn_fn_for, prefetch_depth: int = 1):
         """attn_fn_for(kind, batch): the attention a step of that kind runs (ModelRunner._attn_fn)."""
-        assert layout.placement == "striped" and layout.tp == 1 and layout.pooled
+        assert layout.replica_runner_applies
         self.cfg, self.kv_sharding, self.attn_fn_for = cfg, kv_sharding, attn_fn_for
         self.devices = list(layout.mesh.devices[:, 0])
         self.local = local_views(params, self.devices)
-        self.fetcher = FfnFetcher([[ffn_leaves(w) for w in p["layers"]] for p in self.local], self.devices,
+        self.fetcher = FfnFetcher([[w["ffn"] for w in p["layers"]] for p in self.local], self.devices,
                                   prefetch_depth)
         self.batch_sharding = NamedSharding(layout.mesh, P("dp"))
         self._begin = jax.jit(lambda p, b, prev: step_begin(cfg, p, dict(b, prev_tokens=prev[0])))
@@ -144,7 +145,7 @@ class ReplicaWaS:
 
     def _one_layer(self, w, fetched, h, kv, layer_index, batch, cos, sin, attn: str):
         kv = jax.tree.map(lambda a: a[0], kv)
-        ffn = lambda x, active: sliced_ffn(x, [ffn_leaves(w), *fetched])
+        ffn = lambda x, active: sliced_ffn(x, [w["ffn"], *fetched])
         h, kv = layer(self.cfg, w, h, kv, cos, sin, ffn=ffn,
                       attend=paged_attend(self.cfg, layer_index, batch, self.attn_fn_for(attn, batch)))
         return h, jax.tree.map(lambda a: a[None], kv)

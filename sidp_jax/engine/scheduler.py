@@ -46,10 +46,10 @@ AFFINITY_FREE_SHARE = 0.5  # prefix affinity wins while its replica has half the
 
 
 class Scheduler:
-    thrash_guard = True  # the admission rules above; False: admit whatever fits now (for comparison)
-
     def __init__(self, num_replicas: int, num_pages: int, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, enable_prefix_caching: bool = False):
+                 max_num_batched_tokens: int, enable_prefix_caching: bool = False, thrash_guard: bool = True):
+        """thrash_guard: the admission rules above; False admits whatever fits now (for comparison)."""
+        self.thrash_guard = thrash_guard
         self.blocks = [BlockManager(num_pages, page_size, enable_prefix_caching) for _ in range(num_replicas)]
         self.prefill_tokens_requested = 0  # tokens to prefill at admission (prompts, recomputes)
         self.prefill_tokens_cached = 0  # of which the prefix cache held

@@ -33,7 +33,7 @@ from sidp_jax.engine.scheduler import ScheduledChunk
 
 # Smallest buckets: a decode step of up to 64 rows, or a mixed step of up to 256 tokens, is bound by
 # reading the weights (HBM), so padding it up costs next to nothing, while every extra variant of a
-# 64-80 layer program costs 10-20 s of compilation on GPU (benchmarks/RESULTS.md).
+# 64-80 layer program adds a long compile on GPU (benchmarks/RESULTS.md, "Loading and start-up").
 MIN_DECODE_ROWS = 64
 MIN_MIXED_TOKENS = 256
 EDIT_WIDTH = 16  # (token, bias) pairs per row that precompiled steps take: logit_bias, min_tokens bans

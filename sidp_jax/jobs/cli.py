@@ -1,7 +1,7 @@
 """The command line of the offline job (`run_offline.py`): flags -> JobConfig, run, summary.
 
 The job itself: sidp_jax/jobs/offline_job.py (formats, resume, error records); on a Ray cluster
-(`--ray`): sidp_jax/jobs/ray.py.
+(`--ray`): sidp_jax/jobs/ray_job.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
-import sidp_jax.jobs.ray as sidp_ray
+import sidp_jax.jobs.ray_job as sidp_ray
 from sidp_jax.jobs.job_input import InputError, reader_for
 from sidp_jax.jobs.job_output import OutputError, OutputWriteError, marker_path
 from sidp_jax.jobs.offline_job import (DEFAULT_INPUT, DEFAULT_OUTPUT, JobConfig, JobSummary, LLMFactory,

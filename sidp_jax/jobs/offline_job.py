@@ -77,7 +77,7 @@ The input is streamed: lines are parsed and tokenized one at a time as the engin
 (LLM.stream keeps a bounded window of requests), so memory follows what is in flight; only the
 ids seen so far are kept, to find duplicates across the whole file.
 
-`--ray [ADDRESS]` runs the same job on a Ray cluster, one SiDP group per node: see sidp_jax/jobs/ray.py.
+`--ray [ADDRESS]` runs the same job on a Ray cluster, one SiDP group per node: see sidp_jax/jobs/ray_job.py.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sidp_jax.loading.fp8 import open_checkpoint
+from sidp_jax.loading.fp8_checkpoint import open_checkpoint
 from sidp_jax.loading.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from sidp_jax.models.config import ModelConfig, load_config
+from sidp_jax.models.config import ModelConfig
+from sidp_jax.models.hf_config import load_config
 from sidp_jax.models.modules import Decoder, model_specs, module_from_params
 from sidp_jax.models.params import expected_hf_shapes, is_spec
 

@@ -26,12 +26,13 @@ def is_placed_checkpoint(path) -> bool:
     return isinstance(path, str) and os.path.isfile(os.path.join(path, LAYOUT_FILE))
 
 
-FORMAT = "per-layer-v2"  # per-layer arrays (owner placement: FFN groups); v1 stacked layers on one axis
+# v3: each layer's FFN a group under "ffn", FP8 weights as Quantized(values, scale); v2: the same
+# leaves flat in the layer, FP8 scales as "<name>_scale"; v1: layers stacked on one axis
+FORMAT = "per-layer-v3"
 
 
 def _storage(cfg: ModelConfig, layout) -> list | None:
-    """What decides the arrays' shapes: the owner groups' rows, or None (one array per layer)."""
-    return [list(g) for g in layout.ffn_groups(cfg)] if layout.owner_groups else None
+    return layout.ffn_storage(cfg)
 
 
 def _layout_record(cfg: ModelConfig, layout) -> dict:
@@ -65,8 +66,8 @@ def restore_placed(path: str, cfg: ModelConfig, layout, dtype) -> dict:
         saved = json.load(f)
     if saved.get("format") != FORMAT:
         raise ValueError(
-            f"{path} holds placed weights in the old stacked form (one array per weight with a layer axis); "
-            f"this version keeps one array per layer: re-save it from the Hugging Face checkpoint with "
+            f"{path} holds placed weights in an older form ({saved.get('format', 'stacked')!r}; this version "
+            f"reads {FORMAT!r}): re-save it from the Hugging Face checkpoint with "
             f"LLM(<checkpoint dir>, mesh=..., parallel={saved.get('parallel')!r}, placement="
             f"{saved.get('placement')!r}).save_placed(<new dir>)")
     # Only the FFN storage matters for shapes; any mesh with the same storage can restore.

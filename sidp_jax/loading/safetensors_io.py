@@ -17,7 +17,7 @@ import numpy as np
 
 _DTYPES = {
     "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,  # FP8 checkpoints (sidp_jax/loading/fp8.py)
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,  # FP8 checkpoints (sidp_jax/loading/fp8_checkpoint.py)
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

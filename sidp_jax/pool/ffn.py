@@ -10,11 +10,12 @@ locally; Compute-as-a-Service (CaS) brings every replica's activations to the we
   owner CaS:   all_gather activations, the owner alone computes, a reduce-scatter returns
                each replica its rows (non-owners contribute zeros and skip the GEMMs).
 Each is a function ffn(x [T, H], layer, w, active) -> [T, H], where `layer` is the (static)
-model layer, `w` the layer's own weights (striped: its local 1/D slices) or, for the owner
-placement, its group (Layout.ffn_weights: stacked over "dp", each rank's local view its own
-layer, so the owner is a static root and nothing is indexed per step), and `active` is False
+model layer, `w` the layer's FFN group (models/ffn.py; striped: its local 1/D slices) or, for the
+owner placement, its owner group (Layout.ffn_weights: stacked over "dp", each rank's local view
+its own layer, so the owner is a static root and nothing is indexed per step), and `active` is False
 on a replica without tokens this step: it then skips its own GEMMs and takes part only in the
-collectives (the paper's dummy skipping).
+collectives (the paper's dummy skipping). Which of them a layout uses is the layout's to say
+(sidp_jax/parallel/layouts.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from sidp_jax.models.decoder import dense_ffn
-from sidp_jax.models.modules import ffn_leaves
+from sidp_jax.models.ffn import local_ffn
+from sidp_jax.models.params import is_spec
 
 log = logging.getLogger("sidp_jax")
 
@@ -50,37 +51,30 @@ def _pinned(w, x):
     return jax.lax.optimization_barrier((w, x))
 
 
-def make_striped_ffns(gather_axes: dict[str, int | None], tp_axes: tuple[str, ...] = ()):
-    """Striped placement. gather_axes: where each FFN leaf's intermediate axis is (None: a leaf
-    without one, such as an FP8 down projection's scales); tp_axes: ("tp",) where a replica splits
-    it further over tp (FP8 activation scales then span those axes too)."""
+def make_striped_ffns(gather_axes, tp_axes: tuple[str, ...] = (), group=None):
+    """Striped placement. gather_axes: the FFN group's tree with, per leaf, the axis its
+    intermediate dimension is on (-1: a leaf without one, such as an FP8 down projection's
+    scales); tp_axes: ("tp",) where a replica splits it further over tp (FP8 activation scales then
+    span those axes too); group: the family's FFN group class (models/ffn.py)."""
+    ffn = functools.partial(local_ffn, group=group) if group is not None else local_ffn
 
     def striped_was(x, layer, w, active=None):
-        w, x = _pinned(ffn_leaves(w), x)
-        full = {k: a if gather_axes[k] is None else jax.lax.all_gather(a, "dp", axis=gather_axes[k], tiled=True)
-                for k, a in w.items()}
-        return dense_ffn(x, layer, full, active, split_axes=tp_axes)
+        w, x = _pinned(w, x)
+        full = jax.tree.map(lambda a, axis: a if axis < 0 else jax.lax.all_gather(a, "dp", axis=axis, tiled=True),
+                            w, gather_axes)
+        return ffn(x, layer, full, active, split_axes=tp_axes)
 
     def striped_cas(x, layer, w, active=None):  # an idle replica still serves the others' tokens
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)  # [D*T, H]
-        partial = dense_ffn(everyone, layer, w, split_axes=("dp", *tp_axes))  # this rank's 1/D of the FFN
+        partial = ffn(everyone, layer, w, split_axes=("dp", *tp_axes))  # this rank's 1/D of the FFN
         return jax.lax.psum_scatter(partial, "dp", scatter_dimension=0, tiled=True)
 
     return {"was": striped_was, "cas": striped_cas}
 
 
-def ffn_strategy(layout, cfg, mode: str):
-    """The FFN function of a layout (sidp_jax.parallel.layouts.Layout) and mode: the dense local
-    FFN where the FFN is not pooled, else the placement's WaS or CaS, built for how the layout
-    stores the model's FFN leaves (FP8 ones included)."""
-    tp_axes = ("tp",) if layout.tp > 1 else ()
-    if not layout.pooled:
-        return functools.partial(dense_ffn, split_axes=tp_axes)
-    if layout.placement == "striped":
-        first = ffn_leaves(layout.stored_specs(cfg)["layers"][0])
-        gather_axes = {k: s.axes.index("ffn") if "ffn" in s.axes else None for k, s in first.items()}
-        return make_striped_ffns(gather_axes, tp_axes)[mode]
-    return make_owner_ffns(layout.num_replicas, layout.platform, tp_axes)[mode]
+def ffn_gather_axes(ffn_specs):
+    """Per leaf of an FFN group's ParamSpecs, the axis of its intermediate dimension (-1: none)."""
+    return jax.tree.map(lambda s: s.axes.index("ffn") if "ffn" in s.axes else -1, ffn_specs, is_leaf=is_spec)
 
 
 def _own_row(group: dict) -> dict:
@@ -88,20 +82,21 @@ def _own_row(group: dict) -> dict:
     return jax.tree.map(lambda a: a[0], group)
 
 
-def make_owner_ffns(num_replicas: int, platform: str, tp_axes: tuple[str, ...] = ()):
+def make_owner_ffns(num_replicas: int, platform: str, tp_axes: tuple[str, ...] = (), group=None):
     """Owner placement: w is layer l's group (stacked over "dp"); layer l is static, so its
-    owner l mod D is a static root. platform: the mesh's devices' (Layout.platform); tp_axes:
-    as in make_striped_ffns."""
+    owner l mod D is a static root. platform: the mesh's devices' (Layout.platform); tp_axes and
+    group: as in make_striped_ffns."""
     D = num_replicas
+    ffn = functools.partial(local_ffn, group=group) if group is not None else local_ffn
 
-    def owner_was(x, layer, group, active=None):
-        row, x = _pinned(_own_row(group), x)
-        return dense_ffn(x, layer, broadcast_from(row, "dp", layer % D, platform), active, split_axes=tp_axes)
+    def owner_was(x, layer, stacked, active=None):
+        row, x = _pinned(_own_row(stacked), x)
+        return ffn(x, layer, broadcast_from(row, "dp", layer % D, platform), active, split_axes=tp_axes)
 
-    def owner_cas(x, layer, group, active=None):  # only the owner computes, for everyone
+    def owner_cas(x, layer, stacked, active=None):  # only the owner computes, for everyone
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)
         is_owner = jax.lax.axis_index("dp") == layer % D
-        y = jax.lax.cond(is_owner, lambda: dense_ffn(everyone, layer, _own_row(group), split_axes=tp_axes),
+        y = jax.lax.cond(is_owner, lambda: ffn(everyone, layer, _own_row(stacked), split_axes=tp_axes),
                          lambda: jnp.zeros_like(everyone))
         return jax.lax.psum_scatter(y, "dp", scatter_dimension=0, tiled=True)
 

@@ -1,6 +1,7 @@
 """Per-step choice between WaS and CaS from a cost model of one FFN layer.
 
-With T tokens on the busiest replica, D replicas, F FFN parameters per layer (bf16: 2F bytes),
+With T tokens on the busiest replica, D replicas, F FFN parameters per layer (the family's FFN
+group says how many, models/ffn.py; bf16: 2F bytes),
 matmul rate R, HBM bandwidth B, link bandwidth N and a per-collective latency lat:
   WaS: compute max(2TF/R, 2F/B), fetch 2F(D-1)/D/N, overlapped -> max(compute, fetch / eff)
   CaS striped: each GPU runs its F/D slice on all D*T tokens: max(2TF/R, 2F/(D*B)), plus an
@@ -29,10 +30,10 @@ class CostModel:
 
 
 class ModePolicy:
-    def __init__(self, *, fixed: str | None, num_replicas: int, hidden: int, intermediate: int,
+    def __init__(self, *, fixed: str | None, num_replicas: int, hidden: int, ffn_params: int,
                  placement: str, cost_model: CostModel | None = None, crossover_tokens: int | None = None):
         self.fixed = fixed
-        self.D, self.H, self.F = num_replicas, hidden, 3 * hidden * intermediate
+        self.D, self.H, self.F = num_replicas, hidden, ffn_params
         self.placement = placement
         self.cal = cost_model or CostModel()
         self.crossover = crossover_tokens if crossover_tokens is not None else self._crossover()

@@ -1,5 +1,9 @@
 """Fused RMSNorm (+ residual add) as a Pallas (Triton-lowered) GPU kernel, with its pure-JAX reference.
 
+An experiment, not part of the package: measured, not used by the engine (see the end of this
+docstring). It lived in kernels/ until issue 31; benchmarks/norm_kernels.py times it and checks
+it against the op-by-op reference (`--interpret` runs that check on CPU).
+
 Semantics are `models/decoder.py::rms_norm` (statistics in float32, the normalised value rounded
 to x's dtype, then multiplied by the weight in the promoted dtype), optionally preceded by the
 decoder's residual add: with `residual`, the kernel computes `h = x + residual` (rounded to x's
@@ -11,8 +15,8 @@ same pass.
 Note: under jit, XLA's default `--xla_allow_excess_precision` lets its fusion of the same code
 normalise the float32 sum instead of the rounded h, so the *jitted* reference / decoder differ
 from the op-by-op reference (and from this kernel) by one bf16 ulp in ~20% (on CPU) of the
-outputs of the residual form; the op-by-op reference is what the tests hold the kernel to (h
-bit-exact, y within one ulp).
+outputs of the residual form; the op-by-op reference is what norm_kernels.py holds the kernel to
+(h bit-exact, y within 2 ulps).
 
 Layout: x (and residual) [..., H], row-major; the leading dims are flattened into T rows (a
 free reshape), w [H]. Grid: one program per `block_rows` rows (cdiv(T, block_rows) programs);
@@ -28,7 +32,7 @@ needs to divide the array.
 Constraints: float32 / bfloat16 / float16 inputs (residual: same shape and dtype as x); w of
 shape [H]; block_rows and num_warps powers of 2; the tile block_rows * BH at most 65536
 elements (H up to 65536 at block_rows=1: the row is held in registers, no loop over H).
-`interpret=True` runs anywhere (the CPU tests) with the same code path.
+`interpret=True` runs anywhere (norm_kernels.py --interpret on CPU) with the same code path.
 
 Measured (H200, jax 0.11.2, bf16, H=5120/8192, defaults, vs XLA's fused reference): with the
 residual add 1.03-1.04x at T=256, 1.09-1.14x at T=2048, 1.13-1.19x at T=8192; plain norm

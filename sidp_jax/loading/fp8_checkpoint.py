@@ -13,9 +13,9 @@ The two common forms, from config.json's `quantization_config`:
 
 In both the real weight is the FP8 value times its scale. This module turns such a checkpoint
 into the float weights the engine loads, which an FP8 model then requantizes per output channel
-for W8A8 (models/fp8.py: block scales cost more than they save without a fused kernel, see
-benchmarks/RESULTS.md); the weight scale tensors are consumed here, so the loader's "nothing
-unexpected" check still holds.
+for W8A8 (models/fp8.py: block scales cost more than they save without a fused kernel,
+benchmarks/RESULTS.md, "FP8 GEMMs"); the weight scale tensors are consumed here, so the loader's
+"nothing unexpected" check still holds.
 """
 
 from __future__ import annotations
