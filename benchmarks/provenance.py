@@ -57,7 +57,7 @@ def provenance() -> dict:
                     "gpus": gpus.splitlines() if gpus else [], "platform": platform.platform()},
         "python": platform.python_version(),
         "jax": _version("jax"), "jaxlib": _version("jaxlib"), "flax": _version("flax"),
-        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "SIDP_JAX_TRITON_GEMM", "SIDP_JAX_FP8_SWAP_AB")
+        "env": {k: os.environ[k] for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "SIDP_JAX_CACHE")
                 if k in os.environ},
         "git_commit": _run("git", "rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,

@@ -71,7 +71,7 @@ class SamplingParams:
             self._fail(field, "must be an object mapping token ids to numbers")
         out = {}
         for key, v in value.items():
-            tid = key if _is_int(key) else int(key) if isinstance(key, str) and key.isdigit() else None
+            tid = key if _is_int(key) else int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None
             if tid is None or not 0 <= tid <= self.MAX_INT32:
                 self._fail(field, f"has a key that is not a token id ({key!r})")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \

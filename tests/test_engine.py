@@ -154,7 +154,8 @@ def test_logit_bias_steers_greedy_and_bad_keys_name_the_field(qwen3):
     banned = qwen3.generate(prompts[0], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
                                                        logit_bias={want[0][0]: -100}), use_tqdm=False)[0]
     assert banned.outputs[0].token_ids != want[0][:1]
-    for bias, why in [({"x": 1}, "token id"), ({1: 101}, "-100"), ({1: float("nan")}, "-100"), ([1], "object")]:
+    for bias, why in [({"x": 1}, "token id"), ({"\u00b2": 1}, "token id"), ({"\u0661": 1}, "token id"),
+                      ({1: 101}, "-100"), ({1: float("nan")}, "-100"), ([1], "object")]:
         with pytest.raises(ValueError, match="logit_bias"):
             SamplingParams(logit_bias=bias)
     with pytest.raises(ValueError, match="prompt 0.*logit_bias.*vocabulary"):

@@ -575,7 +575,7 @@ def test_kill_9_at_random_points_never_loses_or_duplicates_a_record(tmp_path):
 
 
 def test_generation_config_defaults_fill_only_what_neither_the_command_line_nor_the_line_set():
-    from sidp_jax.jobs.job_input import parse_line
+    from sidp_jax.jobs.formats import parse_line
     from sidp_jax.jobs.offline_job import tokenized
     from sidp_jax.jobs.openai_batch import parse_batch_line
 

@@ -1,33 +1,16 @@
-"""Input of the offline job: reading JSONL/Parquet lines and turning each into a request or an
-error record (the formats are described in sidp_jax/jobs/offline_job.py). A file is in one of two
-formats, told apart by its lines' keys (`line_format`): the simple one (parsed here) or the OpenAI
-Batch API's (sidp_jax/jobs/openai_batch.py)."""
+"""Input of the offline job: reading JSONL/Parquet lines, and planning them: each line a request
+or an error record, in its format (sidp_jax/jobs/formats.py), duplicates and what an earlier run
+wrote taken out; then the requests' prompts tokenized."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sidp_jax.chat_messages import check_chat_template_kwargs, normalize_messages
-from sidp_jax.sampling_params import SamplingParams
-
-PROMPT_KEYS = ("id", "prompt", "messages", "chat_template_kwargs")
-Key = Any  # a record's resume key: its id, or ("line", N) for an error without a usable id
-
-FORMAT_SIMPLE = "simple"  # {"id", "prompt" | "messages", sampling fields...}
-FORMAT_BATCH = "openai-batch"  # {"custom_id", "method", "url", "body"}
-FORMAT_NAMES = {FORMAT_SIMPLE: "simple (id/prompt/messages)", FORMAT_BATCH: "OpenAI batch (custom_id/body)"}
-
-
-class MalformedLine:
-    """Stands in for a line's object when the reader could not decode it."""
-
-    def __init__(self, why: str):
-        self.why = why
-
+from sidp_jax.jobs.formats import BY_NAME, FORMAT_SIMPLE, InputFormat, line_format, parse_line
+from sidp_jax.jobs.job_request import JobRequest, Key, LineError, MalformedLine, is_valid_id
 
 BYTES_PER_TOKEN = 64  # a line may hold this many bytes per token of max_model_len (JSON escapes included)
 DEFAULT_MAX_LINE_BYTES = BYTES_PER_TOKEN * 131072  # 8 MiB: when max_model_len is not known yet
@@ -160,169 +143,6 @@ def reader_for(path: Path) -> Callable[[Path], Iterator[tuple[int, Any]]]:
 
 
 @dataclasses.dataclass
-class JobRequest:
-    line: int
-    id: str | int  # the simple format's "id", the batch format's "custom_id"
-    prompt: str | None
-    messages: list[dict] | None  # contents are strings (text parts joined)
-    params: SamplingParams
-    prompt_ids: list[int] | None = None  # filled in by tokenize_into() (a one-prompt line)
-    fmt: str = FORMAT_SIMPLE  # the format of its line, and so of its record
-    chat_template_kwargs: dict | None = None  # more apply_chat_template arguments (messages only)
-    endpoint: str | None = None  # batch format: "chat" or "completions"
-    model: str | None = None  # batch format: the body's "model" (only echoed in the response)
-    given: frozenset = frozenset()  # SamplingParams fields the command line or the line set
-    # batch format /v1/completions with a list of prompts: each a string or token ids; the line's
-    # one record answers them all (choices index = prompt * n + sample, as OpenAI numbers them)
-    prompt_list: list | None = None
-    prompt_ids_list: list[list[int]] | None = None  # filled in by tokenize_into()
-
-    @property
-    def prompts_ids(self) -> list[list[int]]:
-        """The token ids of every prompt the line runs (one, or each of its prompt list)."""
-        return self.prompt_ids_list if self.prompt_ids_list is not None else [self.prompt_ids]
-
-    def with_defaults(self, defaults: dict) -> None:
-        """Fill the fields nobody set from the checkpoint's generation_config.json (LLM.generation_defaults)."""
-        unset = {k: v for k, v in defaults.items() if k not in self.given}
-        if unset:
-            self.params = self.params.replace(**unset)
-
-    @property
-    def key(self) -> Key:
-        return self.id
-
-
-@dataclasses.dataclass
-class LineError:
-    line: int
-    error: str
-    id: str | int | None = None  # the line's own id, when it had a usable one
-    fmt: str = FORMAT_SIMPLE  # the format of the record
-    code: str = "invalid_request"  # the batch format's error code
-
-    @property
-    def key(self) -> Key:
-        return self.id if self.id is not None else ("line", self.line)
-
-    def record(self) -> dict:
-        if self.fmt == FORMAT_BATCH:
-            from sidp_jax.jobs.openai_batch import error_record
-
-            return error_record(self)
-        head = {} if self.id is None else {"id": self.id}
-        return {**head, "line": self.line, "error": self.error}
-
-
-def is_valid_id(rid: Any) -> bool:
-    if isinstance(rid, bool):
-        return False
-    return isinstance(rid, int) or (isinstance(rid, str) and rid != "")
-
-
-def line_format(obj: Any) -> str | None:
-    """The format a line's object is in: the batch one if it has "custom_id" or "body"; None for
-    what is not an object (bad JSON, a list...), which belongs to no format."""
-    if not isinstance(obj, dict):
-        return None
-    return FORMAT_BATCH if ("custom_id" in obj or "body" in obj) else FORMAT_SIMPLE
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFormat:
-    name: str  # FORMAT_SIMPLE or FORMAT_BATCH
-    line: int  # the line that set it (0: none did; the output's format, or the simple one)
-
-
-def detect_format(entries: Iterable[tuple[int, Any]]) -> tuple[InputFormat | None, Iterator[tuple[int, Any]]]:
-    """The format of the first line that has one, and the entries again (those read to find it
-    are put back)."""
-    entries = iter(entries)
-    seen = []
-    for line, obj in entries:
-        seen.append((line, obj))
-        fmt = line_format(obj)
-        if fmt is not None:
-            return InputFormat(fmt, line), itertools.chain(seen, entries)
-    return None, iter(seen)
-
-
-def parse_line(line: int, obj: Any, base_sampling: dict, fmt: str | None = None) -> JobRequest | LineError:
-    """A line of the format `fmt` (None: the line's own, see line_format) as a request, or its error."""
-    fmt = fmt or line_format(obj) or FORMAT_SIMPLE
-    if isinstance(obj, MalformedLine):
-        return LineError(line, obj.why, fmt=fmt)
-    if not isinstance(obj, dict):
-        return LineError(line, f"expected a JSON object, got {type(obj).__name__}", fmt=fmt)
-    if fmt == FORMAT_BATCH:
-        from sidp_jax.jobs.openai_batch import parse_batch_line
-
-        return parse_batch_line(line, obj, base_sampling)
-    if "id" not in obj:
-        return LineError(line, "missing 'id'")
-    rid = obj["id"]
-    if not is_valid_id(rid):
-        return LineError(line, f"invalid 'id' {rid!r}: must be a non-empty string or an integer")
-    try:
-        prompt, messages = _prompt_fields(obj)
-        template_kwargs = None
-        if "chat_template_kwargs" in obj:
-            if messages is None:
-                raise ValueError("'chat_template_kwargs' is for 'messages' lines only")
-            template_kwargs = check_chat_template_kwargs(obj["chat_template_kwargs"])
-        overrides = _overrides(obj)
-        params = make_sampling_params(base_sampling, overrides)
-    except ValueError as e:
-        return LineError(line, str(e), id=rid)
-    return JobRequest(line, rid, prompt, messages, params, chat_template_kwargs=template_kwargs,
-                      given=frozenset(base_sampling) | frozenset(overrides))
-
-
-def _prompt_fields(obj: dict) -> tuple[str | None, list[dict] | None]:
-    has_prompt, has_messages = "prompt" in obj, "messages" in obj
-    if has_prompt == has_messages:
-        raise ValueError("need exactly one of 'prompt' or 'messages'")
-    if has_prompt:
-        prompt = obj["prompt"]
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("'prompt' must be a non-empty string")
-        return prompt, None
-    return None, normalize_messages(obj["messages"])
-
-
-def _overrides(obj: dict) -> dict:
-    """A line's sampling fields: its own keys, and those of a "sampling_params" object (as in
-    ray.data.llm's rows) under them; the same field in both is an error."""
-    overrides = {k: v for k, v in obj.items() if k not in PROMPT_KEYS and k != "sampling_params"}
-    if "sampling_params" in obj:
-        nested = obj["sampling_params"]
-        if not isinstance(nested, dict):
-            raise ValueError("'sampling_params' must be an object of SamplingParams fields")
-        twice = sorted(set(nested) & set(overrides))
-        if twice:
-            raise ValueError(f"sampling field(s) given both in 'sampling_params' and on the line: {', '.join(twice)}")
-        overrides.update(nested)
-    return overrides
-
-
-def make_sampling_params(base: dict, overrides: dict) -> SamplingParams:
-    """SamplingParams from the CLI's fields updated by a line's; errors are ValueErrors naming a field."""
-    merged = {**base, **overrides}
-    try:
-        return SamplingParams.from_dict(merged)
-    except (TypeError, OverflowError):  # "temperature": "hot" fails a comparison, a 400-digit integer the
-        # conversion to float: find the field to blame
-        for name, value in overrides.items():
-            try:
-                SamplingParams.from_dict({**base, name: value})
-            except OverflowError:
-                raise ValueError(f"SamplingParams.{name} is out of range, got {value!r}") from None
-            except (TypeError, ValueError):
-                raise ValueError(f"SamplingParams.{name} has an invalid type, got {value!r}") from None
-        raise ValueError(f"invalid sampling fields {sorted(merged)}") from None
-
-
-@dataclasses.dataclass
 class PlanCounts:
     requests: int = 0
     errors: int = 0
@@ -343,14 +163,17 @@ def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: se
         if fmt is None and shape is not None:
             fmt = InputFormat(shape, line)
         if shape is not None and shape != fmt.name:
-            item = LineError(line, f"line {line} is in the {FORMAT_NAMES[shape]} format, but this file is in the "
-                                   f"{FORMAT_NAMES[fmt.name]} format (from line {fmt.line}): a file must not mix "
+            item = LineError(line, f"line {line} is in the {BY_NAME[shape].title} format, but this file is in the "
+                                   f"{BY_NAME[fmt.name].title} format (from line {fmt.line}): a file must not mix "
                                    f"formats", fmt=fmt.name)
         else:
-            item = parse_line(line, obj, base_sampling, fmt.name if fmt else None)
+            try:
+                item = parse_line(line, obj, base_sampling, fmt.name if fmt else None)
+            except RecursionError:  # a value the parser just managed, too deep to quote in the line's error
+                item = _too_deep(line, obj, fmt.name if fmt else FORMAT_SIMPLE)
         if item.id is not None:
             if item.id in first_line_of:
-                name = "custom_id" if item.fmt == FORMAT_BATCH else "id"
+                name = BY_NAME[item.fmt].id_field
                 item = LineError(line, f"duplicate {name} {item.id!r} (first on line {first_line_of[item.id]})",
                                  fmt=item.fmt)
             else:
@@ -363,6 +186,11 @@ def plan_items(entries: Iterator[tuple[int, Any]], base_sampling: dict, done: se
         else:
             counts.errors += 1
         yield item
+
+
+def _too_deep(line: int, obj: Any, fmt: str) -> LineError:
+    rid = obj.get(BY_NAME[fmt].id_field) if isinstance(obj, dict) else None
+    return LineError(line, "a value is nested too deeply", id=rid if is_valid_id(rid) else None, fmt=fmt)
 
 
 def _completion_ids(prompt: str | list[int], tokenizer) -> list[int]:

@@ -1,7 +1,6 @@
 """Output of the offline job: result records, appended and flushed one line at a time, and the
 recovery of what an earlier (possibly killed) run already wrote, under an exclusive lock. The
-records are in the input's format: the simple one (here) or the OpenAI batch one
-(sidp_jax/jobs/openai_batch.py); an output holds one format."""
+records are in the input's format (sidp_jax/jobs/formats.py); an output holds one format."""
 
 from __future__ import annotations
 
@@ -12,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from sidp_jax.jobs import openai_batch
-from sidp_jax.jobs.job_input import FORMAT_BATCH, FORMAT_NAMES, FORMAT_SIMPLE, JobRequest, Key, is_valid_id
+from sidp_jax.jobs.formats import BY_NAME, record_of
+from sidp_jax.jobs.job_request import Key
 
 MARKER_SUFFIX = ".sidp-job"  # beside the output: marks it as this job's, and holds its lock
 
@@ -99,9 +98,9 @@ class JobOutput:
                         raise OutputError(f"line {n} of {self.path} is not a result or error record of this job "
                                           f"({raw[:60]!r}): refusing to append to it; use another --output")
                     if fmt is not None and rec_fmt != fmt:
-                        raise OutputError(f"line {n} of {self.path} is a record of the {FORMAT_NAMES[rec_fmt]} format, "
-                                          f"but the input is in the {FORMAT_NAMES[fmt]} format: an output holds one "
-                                          f"format; use another --output")
+                        raise OutputError(f"line {n} of {self.path} is a record of the {BY_NAME[rec_fmt].title} "
+                                          f"format, but the input is in the {BY_NAME[fmt].title} format: an output "
+                                          f"holds one format; use another --output")
                     fmt = rec_fmt
                     (results if kind == "result" else errors).add(key)
         if (results or errors) and settings is not None and self.recorded is not None and not accept_new_settings:
@@ -197,53 +196,4 @@ def _record_key(raw: bytes) -> tuple[str | None, Key, str | None]:
         rec = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None, None, None
-    if openai_batch.is_batch_record(rec):
-        kind, key = openai_batch.record_key(rec)
-        return kind, key, FORMAT_BATCH if kind else None
-    kind, key = _simple_record_key(rec)
-    return kind, key, FORMAT_SIMPLE if kind else None
-
-
-def _simple_record_key(rec) -> tuple[str | None, Key]:
-    if not isinstance(rec, dict):
-        return None, None
-    if "error" in rec:
-        if is_valid_id(rec.get("id")):
-            return "error", rec["id"]
-        if isinstance(rec.get("line"), int):
-            return "error", ("line", rec["line"])
-        return None, None
-    if is_valid_id(rec.get("id")) and "token_ids" in rec:
-        return "result", rec["id"]
-    return None, None
-
-
-def completion_fields(c) -> dict:
-    fields = {"text": c.text, "token_ids": [int(t) for t in c.token_ids], "finish_reason": c.finish_reason}
-    if c.logprobs is not None:
-        fields["logprobs"] = [{str(int(t)): float(lp) for t, lp in step.items()} for step in c.logprobs]
-    return fields
-
-
-def record_tokens(record: dict) -> tuple[int, int]:
-    """(prompt tokens, generated tokens) of a result record of either format."""
-    if openai_batch.is_batch_record(record):
-        return openai_batch.record_tokens(record)
-    return record["prompt_tokens"], record["output_tokens"]
-
-
-def result_record(req: JobRequest, out, tokenizer=None, model: str | None = None) -> dict:
-    """The record of a finished request in its line's format (the batch one decodes logprob tokens
-    with `tokenizer` and names `model` where the line did not)."""
-    if req.fmt == FORMAT_BATCH:
-        return openai_batch.result_record(req, out, tokenizer, model)
-    completions = sorted(out.outputs, key=lambda c: c.index)
-    record = {
-        "id": req.id,
-        **completion_fields(completions[0]),
-        "prompt_tokens": len(req.prompt_ids),
-        "output_tokens": sum(len(c.token_ids) for c in completions),
-    }
-    if len(completions) > 1:
-        record["completions"] = [completion_fields(c) for c in completions]
-    return record
+    return record_of(rec)

@@ -68,7 +68,8 @@ failing write (a full disk) stops the job with exit 1; rerunning resumes. The ma
 settings the results depend on (`job_settings`); a rerun with other ones is refused with exit 2,
 naming each difference, unless `--accept-new-settings`.
 
-Reading and parsing lines: sidp_jax/jobs/job_input.py; writing and recovering records:
+Reading and planning lines: sidp_jax/jobs/job_input.py; each format behind one interface:
+sidp_jax/jobs/formats.py (simple_format.py, openai_batch.py); writing and recovering records:
 sidp_jax/jobs/job_output.py. Input formats plug into `READERS` (file suffix -> reader yielding (line number, object)):
 JSONL (.jsonl, .ndjson) and Parquet (.parquet, needs pyarrow; "line" is the row number from 1
 and a row's null columns are left out).
@@ -90,9 +91,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from sidp_jax.jobs.job_input import (BYTES_PER_TOKEN, FORMAT_SIMPLE, InputFormat, LineError, PlanCounts, JobRequest,
-                                     detect_format, plan_items, read_jsonl, reader_for, tokenize_into)
-from sidp_jax.jobs.job_output import JobOutput, record_tokens, result_record
+from sidp_jax.jobs.formats import (FORMAT_SIMPLE, InputFormat, detect_format, error_record, record_tokens,
+                                   result_record)
+from sidp_jax.jobs.job_input import BYTES_PER_TOKEN, PlanCounts, plan_items, read_jsonl, reader_for, tokenize_into
+from sidp_jax.jobs.job_output import JobOutput
+from sidp_jax.jobs.job_request import JobRequest, LineError
 from sidp_jax.jobs.openai_batch import model_name
 from sidp_jax.sampling_params import SamplingParams
 
@@ -304,7 +307,7 @@ def errors_written(items: Iterable, writer: JobOutput, summary: JobSummary) -> I
     pass: requests of the input, or the result records of the engine."""
     for item in items:
         if isinstance(item, LineError):
-            writer.write(item.record())
+            writer.write(error_record(item))
             summary.requests_errored += 1
         else:
             yield item

@@ -40,7 +40,10 @@ import time
 from typing import Any, Callable
 
 from sidp_jax.chat_messages import check_chat_template_kwargs, normalize_messages
-from sidp_jax.jobs.job_input import FORMAT_BATCH, JobRequest, Key, LineError, is_valid_id, make_sampling_params
+from sidp_jax.jobs.job_format import JobFormat
+from sidp_jax.jobs.job_request import JobRequest, Key, LineError, is_valid_id, make_sampling_params
+
+NAME = FORMAT_BATCH = "openai-batch"
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 LINE_KEYS = ("custom_id", "method", "url", "body")
@@ -328,3 +331,9 @@ def record_tokens(rec: dict) -> tuple[int, int]:
     """(prompt tokens, generated tokens) of a result line."""
     usage = rec["response"]["body"]["usage"]
     return usage["prompt_tokens"], usage["completion_tokens"]
+
+
+FORMAT = JobFormat(name=NAME, title="OpenAI batch (custom_id/body)", id_field="custom_id",
+                   matches=lambda obj: "custom_id" in obj or "body" in obj, parse=parse_batch_line,
+                   result_record=result_record, error_record=error_record, owns_record=is_batch_record,
+                   record_key=record_key, record_tokens=record_tokens)

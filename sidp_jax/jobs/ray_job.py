@@ -68,10 +68,11 @@ from typing import Any, Callable
 
 from sidp_jax.engine.step_times import step_times
 from sidp_jax.engine_config import EngineConfig
-from sidp_jax.jobs.job_input import LineError, drop_nulls, parse_line
+from sidp_jax.jobs.formats import error_record, format_of_record, parse_line
+from sidp_jax.jobs.job_input import drop_nulls
 from sidp_jax.jobs.job_output import JobOutput
+from sidp_jax.jobs.job_request import LineError
 from sidp_jax.jobs.offline_job import JobConfig, JobSummary, execute_job, stream_records, tokenize_requests
-from sidp_jax.jobs.openai_batch import is_batch_record
 
 INSTALL_HINT = "pip install 'sidp-jax[ray]'"
 Row = dict[str, Any]
@@ -367,14 +368,14 @@ def _run_on_ray(ray, objs: dict[int, Any], requests, cfg: JobConfig, opts: RayOp
             per_actor[stats.pop("actor")] = stats
         record = json.loads(row["record"])
         failed = isinstance(record.get("error"), str)  # the actor's {"id", "error"}, in either format
-        rid = record.get("custom_id") if is_batch_record(record) else record.get("id")
+        rid = record.get(format_of_record(record).id_field)
         if rid not in request_of or rid in written:  # cannot happen: every row is output once
             print(f"warning: dropped an unexpected or repeated record for id {rid!r}", file=sys.stderr)
             continue
         written.add(rid)
         req = request_of[rid]
         if failed:
-            writer.write(LineError(req.line, record["error"], id=rid, fmt=req.fmt).record())
+            writer.write(error_record(LineError(req.line, record["error"], id=rid, fmt=req.fmt)))
             summary.requests_errored += 1
         else:
             writer.write(record)
