@@ -61,21 +61,21 @@ class LLM:
         the devices run (sidp_jax/engine/engine.py); False runs each step to its end first (for
         debugging and comparison; outputs are the same). stats() reports wall, host and device ms
         per step and the devices' idle share."""
-        config = EngineConfig.from_kwargs(**engine_kwargs)
-        self.config = config
+        settings = EngineConfig.from_kwargs(**engine_kwargs)
+        self.settings = settings  # the engine's settings; self.cfg is the model's ModelConfig
         t_start = time.perf_counter()
         self.model = model or BUNDLED_MODEL
         self.cfg, self.tokenizer = self._load_config_and_tokenizer(self.model)
-        if config.quantization is not None:  # else the checkpoint's own (config.json / a placed one's record)
-            self.cfg = dataclasses.replace(self.cfg, quantization=config.quantization)
-        self.dtype = dtype_from_name(resolve_dtype(config.dtype, self.cfg))
-        self.kv_dtype = E4M3 if config.kv_cache_dtype == KvCacheDtype.FP8 else self.dtype
-        self.layout = make_layout(config.mesh, config.parallel, config.placement, devices)
+        if settings.quantization is not None:  # else the checkpoint's own (settings.json / a placed one's record)
+            self.cfg = dataclasses.replace(self.cfg, quantization=settings.quantization)
+        self.dtype = dtype_from_name(resolve_dtype(settings.dtype, self.cfg))
+        self.kv_dtype = E4M3 if settings.kv_cache_dtype == KvCacheDtype.FP8 else self.dtype
+        self.layout = make_layout(settings.mesh, settings.parallel, settings.placement, devices)
         self.layout.check(self.cfg)
-        self.compile_cache = enable_compile_cache(self.layout.platform, config.compile_cache, config.cache_dir)
-        self.max_model_len = config.max_model_len or min(self.cfg.max_position_embeddings, 32768)
+        self.compile_cache = enable_compile_cache(self.layout.platform, settings.compile_cache, settings.cache_dir)
+        self.max_model_len = settings.max_model_len or min(self.cfg.max_position_embeddings, 32768)
         self.verbose = verbose
-        spec = EngineSpec(self.model, self.cfg, self.layout, self.dtype, self.kv_dtype, self.max_model_len, config,
+        spec = EngineSpec(self.model, self.cfg, self.layout, self.dtype, self.kv_dtype, self.max_model_len, settings,
                           verbose)
         started = start(spec)
         kv = started.kv
@@ -85,9 +85,9 @@ class LLM:
             self.max_model_len = kv.tokens_per_replica
         eos = self.tokenizer.eos_token_ids if self.tokenizer else []
         self.engine = Engine(started.runner, started.scheduler, tokenizer=self.tokenizer, eos_ids=eos,
-                             max_model_len=self.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
-                             max_num_seqs=config.max_num_seqs, seed=config.seed, mode_policy=started.policy,
-                             async_scheduling=config.async_scheduling)
+                             max_model_len=self.max_model_len, max_num_batched_tokens=settings.max_num_batched_tokens,
+                             max_num_seqs=settings.max_num_seqs, seed=settings.seed, mode_policy=started.policy,
+                             async_scheduling=settings.async_scheduling)
         self._request_counter = 0
         kv.precompile_seconds = precompile_steps(spec, started, self.engine.max_pages)
         self.kv_info = dataclasses.asdict(kv)  # part of stats()

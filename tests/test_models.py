@@ -306,3 +306,30 @@ def test_a_weight_whose_header_claims_an_integer_dtype_is_refused(tmp_path):
     open(f, "wb").write(bytes(data))
     with pytest.raises(CheckpointError, match="model.norm.weight in model.safetensors is stored as int32"):
         _load(path)
+
+
+def test_a_new_family_is_one_declaration_and_a_registry_line(monkeypatch):
+    """The seam for new models: a Family (models/family.py) registered by its architecture runs
+    with no other change: config.json parsing, the declared layer (here qkv bias and q/k norms
+    together, which no shipped family has) and the engine."""
+    from sidp_jax import LLM, SamplingParams
+    from sidp_jax.models import registry
+    from sidp_jax.models.family import Family
+    from sidp_jax.models.ffn import DenseFfn
+    from sidp_jax.models.modules import model_specs
+
+    toy = Family(name="toy", architectures=("ToyForCausalLM",), ffn=DenseFfn, qk_norm=True, qkv_bias=True)
+    monkeypatch.setattr(registry, "FAMILIES", (*registry.FAMILIES, toy))
+    monkeypatch.setitem(registry.BY_ARCHITECTURE, "ToyForCausalLM", toy)
+    monkeypatch.setitem(registry.BY_NAME, "toy", toy)
+    cfg = config_from_hf_dict({"architectures": ["ToyForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+                               "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "max_position_embeddings": 128})
+    assert cfg.family == "toy" and cfg.qk_norm and cfg.qkv_bias
+    layer = model_specs(cfg)["layers"][0]
+    assert {"q_norm", "k_norm", "qkv_bias"} <= set(layer) and set(layer["ffn"]) == {"gate_up", "down"}
+    llm = LLM(cfg, verbose=False, dtype="float32", devices=jax.devices("cpu")[:1], kv_cache_tokens=128)
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        config_from_hf_dict({"architectures": ["NopeForCausalLM"], "vocab_size": 64})

@@ -42,7 +42,7 @@ class EngineSpec:
     dtype: Any  # compute dtype
     kv_dtype: Any
     max_model_len: int
-    config: EngineConfig
+    settings: EngineConfig  # the engine's settings (`cfg` is always the model's ModelConfig)
     verbose: bool = True
 
 
@@ -74,7 +74,7 @@ class Started:
 
 def check_weights_fit(spec: EngineSpec) -> None:
     """Fail early, with the numbers, when a layout's weights alone exceed the memory budget."""
-    lay, utilization = spec.layout, spec.config.gpu_memory_utilization
+    lay, utilization = spec.layout, spec.settings.gpu_memory_utilization
     mem = device_memory(lay.mesh.devices.flat[0])
     if mem is None:
         return
@@ -90,7 +90,7 @@ def check_weights_fit(spec: EngineSpec) -> None:
 def place_params(spec: EngineSpec) -> dict:
     cfg, layout = spec.cfg, spec.layout
     if isinstance(spec.model, ModelConfig) or spec.model in PRESETS:  # random weights, like vLLM's dummy load
-        return init_params(layout.stored_specs(cfg), jax.random.key(spec.config.seed), spec.dtype,
+        return init_params(layout.stored_specs(cfg), jax.random.key(spec.settings.seed), spec.dtype,
                            layout.param_shardings(cfg))
     if is_placed_checkpoint(spec.model):
         return restore_placed(spec.model, cfg, layout, spec.dtype)
@@ -109,12 +109,12 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
 
 def start(spec: EngineSpec) -> Started:
     """Place the weights, size the KV cache, build the runner, the scheduler and the mode policy."""
-    cfg, layout, config = spec.cfg, spec.layout, spec.config
-    ffn_mode, utilization, page_size, seed = (config.ffn_mode, config.gpu_memory_utilization, config.kv_block_size,
-                                              config.seed)
-    max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
-    kv_cache_tokens, crossover_tokens = config.kv_cache_tokens, config.ffn_crossover_tokens
-    attention, was_runner, was_prefetch_depth = config.attention, config.was_runner, config.was_prefetch_depth
+    cfg, layout, settings = spec.cfg, spec.layout, spec.settings
+    ffn_mode, utilization, page_size, seed = (settings.ffn_mode, settings.gpu_memory_utilization, settings.kv_block_size,
+                                              settings.seed)
+    max_num_seqs, max_num_batched_tokens = settings.max_num_seqs, settings.max_num_batched_tokens
+    kv_cache_tokens, crossover_tokens = settings.kv_cache_tokens, settings.ffn_crossover_tokens
+    attention, was_runner, was_prefetch_depth = settings.attention, settings.was_runner, settings.was_prefetch_depth
     replicas = uses_replica_was(layout, was_runner)
     check_weights_fit(spec)
     params = place_params(spec)
@@ -124,7 +124,7 @@ def start(spec: EngineSpec) -> Started:
     crossover_source = "given" if crossover_tokens is not None else "cost model defaults"
     if fixed is None and crossover_tokens is None and layout.platform == "gpu":
         crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, spec.dtype, replicas,  # before KV
-                                                                  config.cache_dir)
+                                                                  settings.cache_dir)
     if fixed is None and crossover_tokens is not None:  # size the KV only for modes auto can pick
         if crossover_tokens > max_num_batched_tokens:
             modes = ["cas"]
@@ -168,7 +168,7 @@ def start(spec: EngineSpec) -> Started:
                          max_num_seqs=max_num_seqs)
 
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens,
-                          enable_prefix_caching=config.enable_prefix_caching)
+                          enable_prefix_caching=settings.enable_prefix_caching)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
                         hidden=cfg.hidden_size, ffn_params=family_of(cfg).ffn.num_params(cfg), placement=layout.placement,
                         crossover_tokens=crossover_tokens)
@@ -184,13 +184,13 @@ def precompile_steps(spec: EngineSpec, started: Started, max_pages: int) -> floa
     variant of a 64-80 layer program takes long to compile (a run would otherwise stall on each
     new batch size); with the persistent compilation cache a rerun loads them instead. Only on the
     kernel path, whose block tables are always full width, so the shapes are known up front."""
-    runner, config = started.runner, spec.config
-    enabled = config.precompile if config.precompile is not None else spec.layout.platform != "cpu"
+    runner, settings = started.runner, spec.settings
+    enabled = settings.precompile if settings.precompile is not None else spec.layout.platform != "cpu"
     if not enabled or not runner.tile_tokens:
         return None
     try:
-        return runner.precompile(started.kv.step_modes, step_shapes(config.max_num_batched_tokens, config.max_num_seqs),
-                                 max_pages, config.compile_workers, progress=spec.verbose)
+        return runner.precompile(started.kv.step_modes, step_shapes(settings.max_num_batched_tokens, settings.max_num_seqs),
+                                 max_pages, settings.compile_workers, progress=spec.verbose)
     except Exception as e:  # never fatal: every variant still compiles on first use
         logging.getLogger("sidp_jax").warning("precompiling the step variants failed (%s: %s); each compiles "
                                               "on first use instead", type(e).__name__, e)
