@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments, runs the bundled tiny model on the bundled example prompts.",
     )
     p.add_argument("--model", default=None, help="checkpoint directory or preset name (default: bundled tiny model)")
-    p.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="prompts file (.jsonl or .parquet), in the simple or the OpenAI batch format")
+    p.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="prompts file (.jsonl or .parquet), in the simple or the OpenAI batch format "
+                   "(default: the bundled example prompts)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results file, appended (default out/results.jsonl)")
     engine = p.add_argument_group("engine (sidp_jax/engine_config.py; unset flags keep the defaults shown)")
     hints = typing.get_type_hints(EngineConfig)
@@ -126,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, typ in SAMPLING_FLAGS:  # unset: the line's field, else generation_config.json's, else vLLM's
         sampling.add_argument(flag, type=typ, default=None,
                               help=f"default: the checkpoint's generation_config.json, else {getattr(vllm, _dest(flag))}")
-    sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None)
-    sampling.add_argument("--ignore-eos", action="store_true", default=None)
+    sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default: none)")
+    sampling.add_argument("--stop-token-ids", type=int, nargs="+", default=None,
+                          help="token ids that end a completion besides EOS (default: none)")
+    sampling.add_argument("--ignore-eos", action="store_true", default=None,
+                          help="generate past EOS until max_tokens (default: stop at EOS)")
     ray = p.add_argument_group("Ray (across hosts: one SiDP group per node; needs 'sidp-jax[ray]')")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="run on a Ray cluster: ray.init(address=ADDRESS), or RAY_ADDRESS/a local cluster without one")
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-new-settings", action="store_true",
                    help="continue an output whose records were made with other settings (model, sampling flags, "
                    "dtype, quantization, kv-cache-dtype, max-model-len, seed); the new ones are recorded")
-    p.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON here")
+    p.add_argument("--summary-json", type=Path, default=None,
+                   help="also write the summary as JSON here (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks for model-loading errors")
     p.add_argument("--llm-factory", default=None, help=argparse.SUPPRESS)  # tests: module:callable
