@@ -22,10 +22,9 @@ from test_fp8 import GEMM_REL_RMS as E4M3_REL_RMS, _rel_rms  # two operands each
 CPU = jax.devices("cpu")
 SCALED = checkpoint("tiny-qwen3-fp8-channel-kv")  # per kv head scales (tools/make_fp8_fixtures.py)
 UNSCALED = checkpoint("tiny-qwen3-fp8-channel")  # the same weights without them
-# Measured 2026-12-02 (CPU, float32 compute, 44 prompt positions of the reference prompts): prompt
-# logprobs with an FP8 KV cache against a float cache, mean |difference| 0.074 (tiny-qwen3, scale
-# 1) and 0.178 (tiny-qwen3-fp8-channel-kv, W8A8, its checkpoint's scales), top-1 agreement 0.86
-# and 0.80 (benchmarks/RESULTS.md, "FP8"). The tiny random models' near-flat logits make top-1 fragile.
+# Prompt logprobs with an FP8 KV cache against a float cache: what the fixtures measure is in
+# benchmarks/RESULTS.md, "FP8 accuracy"; the bounds leave room above it. The tiny random models'
+# near-flat logits make top-1 fragile.
 KV_LOGPROB_MEAN_ABS = 0.35
 KV_TOP1_AGREEMENT = 0.6
 
