@@ -16,6 +16,8 @@ how attention reaches the keys and values (`attend`) and how the FFN reaches its
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,7 @@ from sidp_jax.kernels.paged_attention import paged_attention_reference, write_kv
 from sidp_jax.models.config import ModelConfig, rope_inv_freq
 from sidp_jax.models.ffn import local_ffn
 from sidp_jax.models.fp8 import amax_over, linear
+from sidp_jax.models.registry import family_of
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -131,6 +134,11 @@ def head_logits(cfg: ModelConfig, params: dict, x: jax.Array, batch: dict | None
     return jnp.einsum("sh,hv->sv", h, head, preferred_element_type=jnp.float32)
 
 
+def own_ffn(cfg: ModelConfig):
+    """ffn(x, layer, w, active) of the model's family (models/registry.py) on weights where they are."""
+    return functools.partial(local_ffn, group=family_of(cfg).ffn)
+
+
 def paged_layers(cfg: ModelConfig, params: dict, x: jax.Array, cos, sin, kv: dict, batch: dict, *, ffn_for=None,
                  attn_fn=paged_attention_reference, tp_axis: str | None = None, skip_idle: bool = False):
     """Every layer of one replica's step over the paged KV cache: (x [T, H], kv).
@@ -138,11 +146,11 @@ def paged_layers(cfg: ModelConfig, params: dict, x: jax.Array, cos, sin, kv: dic
     batch: positions [T], slots [T] (flat cache slot written by each token), token_seq [T],
     block_tables [S, MB], num_tokens [] (real tokens; 0 marks an idle replica). kv: {"k", "v"}
     each [L * pages, P, Nkv_local, D]. ffn_for(l) -> (ffn, weights): how layer l's FFN runs and
-    the weights it is handed (default: dense, the layer's own). skip_idle: an idle replica skips
+    the weights it is handed (default: the family's FFN on the layer's own group, own_ffn). skip_idle: an idle replica skips
     its own compute (only worth a `lax.cond` where several replicas share the program)."""
     active = batch["num_tokens"] > 0 if skip_idle else None
     for l, w in enumerate(params["layers"]):
-        ffn, ffn_w = ffn_for(l) if ffn_for is not None else (local_ffn, w["ffn"])
+        ffn, ffn_w = ffn_for(l) if ffn_for is not None else (own_ffn(cfg), w["ffn"])
         x, kv = layer(cfg, w, x, kv, cos, sin, attend=paged_attend(cfg, l, batch, attn_fn),
                       ffn=lambda x_, act, ffn=ffn, l=l, ffn_w=ffn_w: ffn(x_, l, ffn_w, act),
                       tp_axis=tp_axis, active=active)
@@ -183,6 +191,6 @@ def dense_forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: 
     cos, sin = rope_angles(cfg, flat_pos)
     attend = causal_attend(seq, flat_pos, cfg.head_dim ** -0.5)
     for w in params["layers"]:
-        x, _ = layer(cfg, w, x, None, cos, sin, attend=attend, ffn=lambda x_, act, w=w: local_ffn(x_, None, w["ffn"]))
+        x, _ = layer(cfg, w, x, None, cos, sin, attend=attend, ffn=lambda x_, act, w=w: own_ffn(cfg)(x_, None, w["ffn"]))
     logits = head_logits(cfg, params, x).reshape(B, T, -1)
     return logits[0] if squeeze else logits

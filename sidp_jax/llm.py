@@ -66,7 +66,7 @@ class LLM:
         t_start = time.perf_counter()
         self.model = model or BUNDLED_MODEL
         self.cfg, self.tokenizer = self._load_config_and_tokenizer(self.model)
-        if settings.quantization is not None:  # else the checkpoint's own (settings.json / a placed one's record)
+        if settings.quantization is not None:  # else the checkpoint's own (config.json / a placed one's record)
             self.cfg = dataclasses.replace(self.cfg, quantization=settings.quantization)
         self.dtype = dtype_from_name(resolve_dtype(settings.dtype, self.cfg))
         self.kv_dtype = E4M3 if settings.kv_cache_dtype == KvCacheDtype.FP8 else self.dtype

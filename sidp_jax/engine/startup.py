@@ -110,8 +110,7 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
 def start(spec: EngineSpec) -> Started:
     """Place the weights, size the KV cache, build the runner, the scheduler and the mode policy."""
     cfg, layout, settings = spec.cfg, spec.layout, spec.settings
-    ffn_mode, utilization, page_size, seed = (settings.ffn_mode, settings.gpu_memory_utilization, settings.kv_block_size,
-                                              settings.seed)
+    ffn_mode, utilization, page_size = settings.ffn_mode, settings.gpu_memory_utilization, settings.kv_block_size
     max_num_seqs, max_num_batched_tokens = settings.max_num_seqs, settings.max_num_batched_tokens
     kv_cache_tokens, crossover_tokens = settings.kv_cache_tokens, settings.ffn_crossover_tokens
     attention, was_runner, was_prefetch_depth = settings.attention, settings.was_runner, settings.was_prefetch_depth

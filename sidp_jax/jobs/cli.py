@@ -179,13 +179,12 @@ def main(argv: list[str] | None = None, llm_factory: LLMFactory | None = None) -
     try:
         reader_for(cfg.input)
         SamplingParams.from_dict(cfg.sampling)
-        EngineConfig.from_kwargs(**{k: v for k, v in cfg.engine_kwargs.items() if k != "model"})
+        settings = EngineConfig.from_kwargs(**{k: v for k, v in cfg.engine_kwargs.items() if k != "model"})
     except ValueError as e:
         parser.error(str(e))
     if args.ray is None and llm_factory is None and not args.llm_factory:
         try:  # before the model loads: a mesh larger than the machine is a flag mistake
-            check_device_count(EngineConfig.from_kwargs(**{k: v for k, v in cfg.engine_kwargs.items()
-                                                          if k != "model"}).mesh, jax_devices())
+            check_device_count(settings.mesh, jax_devices())
         except ValueError as e:
             parser.error(str(e))
     if args.ray_concurrency is not None and args.ray_concurrency < 1:

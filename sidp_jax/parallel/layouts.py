@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sidp_jax.engine_config import Parallel, Placement, parse_mesh
 from sidp_jax.models.config import ModelConfig
-from sidp_jax.models.ffn import local_ffn
+from sidp_jax.models.decoder import own_ffn
 from sidp_jax.models.modules import model_specs
 from sidp_jax.models.params import is_spec
 from sidp_jax.models.registry import family_of
@@ -159,7 +159,7 @@ class Layout:
 
     def ffn_strategy(self, cfg: ModelConfig, mode: str):
         """ffn(x, layer, w, active) of `mode` (sidp_jax/pool/ffn.py): here the local FFN."""
-        return functools.partial(local_ffn, split_axes=self._tp_axes, group=family_of(cfg).ffn)
+        return functools.partial(own_ffn(cfg), split_axes=self._tp_axes)
 
     @property
     def replica_runner_applies(self) -> bool:

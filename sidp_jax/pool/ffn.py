@@ -26,7 +26,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from sidp_jax.models.ffn import local_ffn
+from sidp_jax.models.ffn import DenseFfn, local_ffn
 from sidp_jax.models.params import is_spec
 
 log = logging.getLogger("sidp_jax")
@@ -51,12 +51,12 @@ def _pinned(w, x):
     return jax.lax.optimization_barrier((w, x))
 
 
-def make_striped_ffns(gather_axes, tp_axes: tuple[str, ...] = (), group=None):
+def make_striped_ffns(gather_axes, tp_axes: tuple[str, ...] = (), group: type = DenseFfn):
     """Striped placement. gather_axes: the FFN group's tree with, per leaf, the axis its
     intermediate dimension is on (-1: a leaf without one, such as an FP8 down projection's
     scales); tp_axes: ("tp",) where a replica splits it further over tp (FP8 activation scales then
     span those axes too); group: the family's FFN group class (models/ffn.py)."""
-    ffn = functools.partial(local_ffn, group=group) if group is not None else local_ffn
+    ffn = functools.partial(local_ffn, group=group)
 
     def striped_was(x, layer, w, active=None):
         w, x = _pinned(w, x)
@@ -82,12 +82,12 @@ def _own_row(group: dict) -> dict:
     return jax.tree.map(lambda a: a[0], group)
 
 
-def make_owner_ffns(num_replicas: int, platform: str, tp_axes: tuple[str, ...] = (), group=None):
+def make_owner_ffns(num_replicas: int, platform: str, tp_axes: tuple[str, ...] = (), group: type = DenseFfn):
     """Owner placement: w is layer l's group (stacked over "dp"); layer l is static, so its
     owner l mod D is a static root. platform: the mesh's devices' (Layout.platform); tp_axes and
     group: as in make_striped_ffns."""
     D = num_replicas
-    ffn = functools.partial(local_ffn, group=group) if group is not None else local_ffn
+    ffn = functools.partial(local_ffn, group=group)
 
     def owner_was(x, layer, stacked, active=None):
         row, x = _pinned(_own_row(stacked), x)
