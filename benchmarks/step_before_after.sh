@@ -22,7 +22,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 case "$what" in
   roofline)
-    CASES=(--model qwen3-32b --batch 64,256,128 --context 320,320,1024 --reps 10)
+    CASES=(--model "${MODEL:-qwen3-32b}" --batch 64,256,128 --context 320,320,1024 --reps 10)  # MODEL=qwen3-14b fits an H100
     timeout 240 $after python3 benchmarks/roofline.py "${CASES[@]}" --out "$OUT/roofline-after.json" 2>&1 | tee "$OUT/roofline-after.log"
     [ -d "$BEFORE" ] && timeout 150 $before python3 "$BEFORE/benchmarks/roofline.py" "${CASES[@]}" --out "$OUT/roofline-before.json" 2>&1 | tee "$OUT/roofline-before.log"
     [ -n "${SKIP_TESTS:-}" ] || (cd tests && timeout 150 env PYTHONPATH=/tmp/sidp-after python3 -m pytest -q -m gpu -p no:cacheprovider . 2>&1 | tail -15 | tee "$OUT/pytest-gpu.log")

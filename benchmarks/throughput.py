@@ -55,8 +55,16 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, q
              "async_scheduling": async_scheduling, "prefix_caching": prefix_caching, "quantization": quantization,
              "kv_cache_dtype": kv_cache_dtype, "max_num_seqs": max_num_seqs,
              "max_num_batched_tokens": max_num_batched_tokens}
-    mixes = sampling_mixes.parse(args.sampling)
-    return {"rows": [{"sampling": mix, **run_mix(args, llm, mix, seed, setup)} for seed, mix in enumerate(mixes)]}
+    rows = []
+    for seed, mix in enumerate(sampling_mixes.parse(args.sampling)):
+        rows.append({"sampling": mix, **run_mix(args, llm, mix, seed, setup)})
+        # each mix's row as soon as it is done: an outer timeout still leaves the finished mixes
+        print(f"[sidp_jax] mix {mix}: {rows[-1]['output_tokens_per_s']:.0f} output tokens/s, "
+              f"complete {rows[-1]['complete']}, compiled mid-run {len(rows[-1]['variants_compiled_in_run'])}", flush=True)
+        if args.out:
+            with open(f"{args.out}.{parallel}.rows.jsonl", "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+    return {"rows": rows}
 
 
 def run_mix(args, llm, mix: str, seed: int, setup: dict) -> dict:
