@@ -19,6 +19,7 @@ Mechanisms:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -29,10 +30,11 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from sidp_jax.models.config import PRESETS  # noqa: E402
-from sidp_jax.models.ffn import local_ffn as dense_ffn  # noqa: E402
+from sidp_jax.models.ffn import DenseFfn, local_ffn  # noqa: E402
 from sidp_jax.pool.ffn import make_striped_ffns  # noqa: E402
 
-striped_cas = make_striped_ffns({"gate_up": 2, "down": 0})["cas"]  # bf16 leaves: the intermediate axis
+dense_ffn = functools.partial(local_ffn, cfg=None, group=DenseFfn)  # a dense group needs no config
+striped_cas = make_striped_ffns({"gate_up": 2, "down": 0}, dense_ffn)["cas"]  # bf16 leaves: the intermediate axis
 from sidp_jax.engine.timing import median_seconds  # noqa: E402
 from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 

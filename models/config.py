@@ -32,6 +32,17 @@ class ModelConfig:
     checkpoint_dtype: str = "bfloat16"
     quantization: str | None = None  # "fp8": W8A8 e4m3 projections (models/fp8.py); None: none
     kv_cache_scales: str | None = None  # the checkpoint's FP8 KV scales: "tensor" or "attn_head" (per kv head)
+    # mixture of experts (models/families/qwen3_moe.py): the layers whose FFN is routed experts
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k experts each token is routed to
+    moe_intermediate_size: int = 0  # each expert's intermediate size (intermediate_size: the dense layers')
+    norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum to 1
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        """The layers whose FFN is a dense SwiGLU (every layer of a dense model)."""
+        return tuple(l for l in range(self.num_layers) if l not in self.moe_layers)
 
     def kv_bytes_per_token(self, dtype=jnp.bfloat16) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * jnp.dtype(dtype).itemsize
@@ -57,6 +68,18 @@ PRESETS: dict[str, ModelConfig] = {
         family="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_layers=64,
         num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
         max_position_embeddings=40960, tie_word_embeddings=False, qkv_bias=False, qk_norm=True),
+    "qwen3-30b-a3b": ModelConfig(
+        family="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+        max_position_embeddings=40960, tie_word_embeddings=False, qkv_bias=False, qk_norm=True,
+        moe_layers=tuple(range(48)), num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        norm_topk_prob=True),
+    "qwen3-235b-a22b": ModelConfig(
+        family="qwen3_moe", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=94,
+        num_heads=64, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
+        max_position_embeddings=40960, tie_word_embeddings=False, qkv_bias=False, qk_norm=True,
+        moe_layers=tuple(range(94)), num_experts=128, num_experts_per_tok=8, moe_intermediate_size=1536,
+        norm_topk_prob=True),
     "qwen2.5-72b": ModelConfig(
         family="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80,
         num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_scaling=None,
@@ -73,6 +96,7 @@ PRESETS: dict[str, ModelConfig] = {
 _QWEN3_SAMPLING = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
 PRESET_GENERATION_DEFAULTS: dict[str, dict] = {
     "qwen3-8b": _QWEN3_SAMPLING, "qwen3-14b": _QWEN3_SAMPLING, "qwen3-32b": _QWEN3_SAMPLING,
+    "qwen3-30b-a3b": _QWEN3_SAMPLING, "qwen3-235b-a22b": _QWEN3_SAMPLING,
     "qwen2.5-72b": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05},
     "llama3.1-8b": {"temperature": 0.6, "top_p": 0.9}, "llama3.1-70b": {"temperature": 0.6, "top_p": 0.9},
 }

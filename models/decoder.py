@@ -16,7 +16,6 @@ how attention reaches the keys and values (`attend`) and how the FFN reaches its
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from sidp_jax.kernels.paged_attention import paged_attention_reference, write_kv
 from sidp_jax.models.config import ModelConfig, rope_inv_freq
 from sidp_jax.models.ffn import local_ffn
 from sidp_jax.models.fp8 import amax_over, linear
-from sidp_jax.models.registry import family_of
+from sidp_jax.models.registry import ffn_group
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -135,8 +134,11 @@ def head_logits(cfg: ModelConfig, params: dict, x: jax.Array, batch: dict | None
 
 
 def own_ffn(cfg: ModelConfig):
-    """ffn(x, layer, w, active) of the model's family (models/registry.py) on weights where they are."""
-    return functools.partial(local_ffn, group=family_of(cfg).ffn)
+    """ffn(x, layer, w, active=None, split_axes=()): layer `layer`'s FFN group (models/registry.py
+    ffn_group: dense, or the experts of a MoE layer) on weights where they are."""
+    def ffn(x, layer, w, active=None, split_axes=()):
+        return local_ffn(x, layer, w, active, split_axes, cfg=cfg, group=ffn_group(cfg, layer))
+    return ffn
 
 
 def paged_layers(cfg: ModelConfig, params: dict, x: jax.Array, cos, sin, kv: dict, batch: dict, *, ffn_for=None,
@@ -190,7 +192,8 @@ def dense_forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: 
     x = params["embed"][tokens.reshape(-1)]
     cos, sin = rope_angles(cfg, flat_pos)
     attend = causal_attend(seq, flat_pos, cfg.head_dim ** -0.5)
-    for w in params["layers"]:
-        x, _ = layer(cfg, w, x, None, cos, sin, attend=attend, ffn=lambda x_, act, w=w: own_ffn(cfg)(x_, None, w["ffn"]))
+    for l, w in enumerate(params["layers"]):
+        x, _ = layer(cfg, w, x, None, cos, sin, attend=attend,
+                     ffn=lambda x_, act, w=w, l=l: own_ffn(cfg)(x_, l, w["ffn"]))
     logits = head_logits(cfg, params, x).reshape(B, T, -1)
     return logits[0] if squeeze else logits

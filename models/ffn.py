@@ -1,7 +1,7 @@
 """The FFN of a decoder layer as a typed group of weights: what SiDP pools.
 
-A family's layer declares its FFN as one of these classes (today `DenseFfn`; a mixture-of-experts
-group is the next). The class is the one place that knows the group: its weights (declared with
+A family's layer declares its FFN as one of these classes: `DenseFfn`, or `MoeFfn` (routed
+experts) in a mixture-of-experts model's MoE layers. The class is the one place that knows the group: its weights (declared with
 their Hugging Face names), its bytes and FLOPs per layer (for capacity, the WaS/CaS cost model and
 the roofline), and its math. In the engine's weight pytree the group is the subtree
 `layers[l]["ffn"]`; the pool's strategies (sidp_jax/pool/ffn.py) move or split that subtree whole.
@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sidp_jax.kernels.grouped_matmul import grouped_matmul
+from sidp_jax.models import expert_routing
 from sidp_jax.models.config import ModelConfig
 from sidp_jax.models.fp8 import amax_over, linear
 from sidp_jax.models.params import Convert, declare
@@ -59,20 +61,72 @@ class DenseFfn(nnx.Module):
         return linear(h, w["down"], out_dtype=jnp.float32, reduce_amax=reduce_amax)
 
     @staticmethod
-    def apply(x: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
+    def apply(cfg: ModelConfig, x: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
         """float32 [T, H] over w's slice of the intermediate axis (summed by the caller, who passes
         reduce_amax when the layer is FP8 and the slices must share one activation scale)."""
+        del cfg
         return DenseFfn.down_proj(DenseFfn.hidden(x, w), w, reduce_amax)
 
 
-def local_ffn(x: jax.Array, layer, w: dict, active=None, split_axes: tuple[str, ...] = (),
-              group: type = DenseFfn) -> jax.Array:
-    """The FFN group `w` (of type `group`, the family's) run where it is: the layer's own weights,
-    or what a strategy gathered.
+class MoeFfn(nnx.Module):
+    """Routed experts (Qwen3-MoE): a router [H, E] picks each token's top k of E SwiGLU experts,
+    whose outputs are summed with the routing weights (models/expert_routing.py). The experts are
+    stacked as they load: gate_up [E, H, 2, I], down [E, I, H] (I: moe_intermediate_size), split
+    over tp on the intermediate axis as the dense FFN is."""
+
+    BLOCK_ROWS = 8  # rows of a grouped-GEMM block (kernels/grouped_matmul.py)
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        expert = lambda proj: [f"{_LAYER}.mlp.experts.{e}.{proj}.weight" for e in range(E)]
+        self.router = declare(rngs, dtype, (H, E), ("embed", None), "normal", [f"{_LAYER}.mlp.gate.weight"], [(E, H)],
+                              Convert("T"))
+        self.experts_gate_up = declare(rngs, dtype, (E, H, 2, I), ("experts", "embed", None, "ffn"), "normal",
+                                       expert("gate_proj") + expert("up_proj"), [(I, H)] * (2 * E),
+                                       Convert("experts_gate_up", (E,)))
+        self.experts_down = declare(rngs, dtype, (E, I, H), ("experts", "ffn", "embed"), "normal",
+                                    expert("down_proj"), [(H, I)] * E, Convert("experts_down", (E,)))
+
+    @staticmethod
+    def num_params(cfg: ModelConfig) -> int:
+        return cfg.num_experts * (3 * cfg.hidden_size * cfg.moe_intermediate_size + cfg.hidden_size)
+
+    @staticmethod
+    def bytes_per_layer(cfg: ModelConfig, item: int) -> int:
+        return MoeFfn.num_params(cfg) * item
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig) -> int:
+        """The router and the k experts a token reaches."""
+        H = cfg.hidden_size
+        return 2 * (cfg.num_experts * H + cfg.num_experts_per_tok * 3 * H * cfg.moe_intermediate_size)
+
+    @staticmethod
+    def apply(cfg: ModelConfig, x: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
+        """float32 [T, H] over w's slice of each expert's intermediate axis (summed by the caller).
+        Routing is computed whole on every device (the router is small and replicated).
+        reduce_amax: unused, as experts are not FP8 yet (models/modules.py refuses FP8 MoE)."""
+        del reduce_amax
+        gate_up, down = w["experts_gate_up"], w["experts_down"]
+        E, H, _, I = gate_up.shape
+        B = MoeFfn.BLOCK_ROWS
+        weights, experts = expert_routing.route(x, w["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        plan = expert_routing.plan_rows(weights, experts, E, B)
+        rows = expert_routing.gather_rows(x, plan)
+        gu = grouped_matmul(rows, gate_up.reshape(E, H, 2 * I), plan.block_expert, B).reshape(-1, 2, I)
+        h = (jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)).astype(x.dtype)
+        y = grouped_matmul(h, down, plan.block_expert, B, out_dtype=jnp.float32)
+        return expert_routing.combine_rows(y, plan, x.shape[0])
+
+
+def local_ffn(x: jax.Array, layer, w: dict, active=None, split_axes: tuple[str, ...] = (), *,
+              cfg: ModelConfig, group: type) -> jax.Array:
+    """The FFN group `w` (of class `group`, models/ffn.py) run where it is: the layer's own
+    weights, or what a strategy gathered.
 
     active: this replica has tokens this step; when False the GEMMs are skipped (the paper's
     dummy skipping: an idle replica only takes part in the collectives). None: always run.
     split_axes: the mesh axes the intermediate axis is split over here (FP8 scales span them)."""
     del layer
-    run = lambda: group.apply(x, w, amax_over(split_axes)).astype(x.dtype)
+    run = lambda: group.apply(cfg, x, w, amax_over(split_axes)).astype(x.dtype)
     return run() if active is None else jax.lax.cond(active, run, lambda: jnp.zeros_like(x))

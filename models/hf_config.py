@@ -37,7 +37,9 @@ def _rope_from_hf(raw: dict) -> tuple[float, dict | None]:
 # before it sizes anything (10^9 layers would otherwise build for minutes while memory grows).
 CONFIG_LIMITS = {"hidden_size": 1 << 16, "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10,
                  "head_dim": 1 << 12, "vocab_size": 1 << 22, "intermediate_size": 1 << 20,
-                 "num_hidden_layers": 1 << 11, "max_position_embeddings": 1 << 24}
+                 "num_hidden_layers": 1 << 11, "max_position_embeddings": 1 << 24,
+                 "num_experts": 1 << 12, "num_experts_per_tok": 1 << 8, "moe_intermediate_size": 1 << 20,
+                 "decoder_sparse_step": 1 << 11}
 
 
 def _pos_int(raw: dict, key: str, default=None) -> int:
@@ -62,6 +64,29 @@ def _pos_float(raw: dict, key: str, default: float) -> float:
 
 
 KV_SCALE_STRATEGIES = ("tensor", "attn_head")
+
+
+def _moe_fields(raw: dict, num_layers: int) -> dict:
+    """A mixture-of-experts family's fields (transformers' Qwen3MoeConfig): layer l has experts iff
+    l is not in mlp_only_layers and (l + 1) % decoder_sparse_step == 0."""
+    if "num_experts" not in raw and "num_local_experts" in raw:  # the name transformers 5 writes
+        raw = {**raw, "num_experts": raw["num_local_experts"]}
+    experts = _pos_int(raw, "num_experts")
+    top_k = _pos_int(raw, "num_experts_per_tok")
+    if top_k > experts:
+        raise ValueError(f"config field 'num_experts_per_tok' = {top_k} exceeds num_experts = {experts}")
+    step = _pos_int(raw, "decoder_sparse_step", 1)
+    dense = raw.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(l, int) and not isinstance(l, bool) and 0 <= l < num_layers
+                                              for l in dense):
+        raise ValueError(f"config field 'mlp_only_layers' must be a list of layer indices below {num_layers}, "
+                         f"got {dense!r}")
+    norm = raw.get("norm_topk_prob", False)  # transformers' class default
+    if not isinstance(norm, bool):
+        raise ValueError(f"config field 'norm_topk_prob' must be true or false, got {norm!r}")
+    return dict(moe_layers=tuple(l for l in range(num_layers) if l not in dense and (l + 1) % step == 0),
+                num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=_pos_int(raw, "moe_intermediate_size"), norm_topk_prob=norm)
 
 
 def config_from_hf_dict(raw: dict) -> ModelConfig:
@@ -101,12 +126,14 @@ def config_from_hf_dict(raw: dict) -> ModelConfig:
             raise ValueError(f"config quantization_config.kv_cache_scheme {kv_scheme!r} is not supported "
                              f"(static 8-bit float, strategy one of {', '.join(KV_SCALE_STRATEGIES)})")
         kv_cache_scales = strategy
+    num_layers = _pos_int(raw, "num_hidden_layers")
+    moe = _moe_fields(raw, num_layers) if family.moe_ffn is not None else {}
     return ModelConfig(
         family=family.name,
         vocab_size=_pos_int(raw, "vocab_size"),
         hidden_size=hidden,
         intermediate_size=_pos_int(raw, "intermediate_size"),
-        num_layers=_pos_int(raw, "num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -120,6 +147,7 @@ def config_from_hf_dict(raw: dict) -> ModelConfig:
         checkpoint_dtype=str(dtype).replace("torch.", ""),
         quantization=quantization,
         kv_cache_scales=kv_cache_scales,
+        **moe,
     )
 
 

@@ -25,7 +25,7 @@ from sidp_jax.models import decoder
 from sidp_jax.models.config import ModelConfig
 from sidp_jax.models.fp8 import fp8_specs
 from sidp_jax.models.params import Convert, ParamSpec, declare
-from sidp_jax.models.registry import family_of
+from sidp_jax.models.registry import ffn_group
 
 _LAYER = "model.layers.{l}"
 
@@ -33,9 +33,9 @@ _LAYER = "model.layers.{l}"
 class DecoderLayer(nnx.Module):
     """One decoder layer's weights: attention as the family declares it (q, k, v fused into one
     GEMM at load time; optional qkv bias, per-head q/k norms, static FP8 KV scales), the two
-    RMSNorms, and the family's FFN group under `ffn` (models/ffn.py)."""
+    RMSNorms, and the layer's FFN group under `ffn` (models/ffn.py: dense, or a MoE layer's experts)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, index: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         H, D = cfg.hidden_size, cfg.head_dim
         Nq, Nkv = cfg.num_heads, cfg.num_kv_heads
         G = Nq // Nkv  # query heads per kv head: q head h = kv * G + g, as transformers' repeat_kv
@@ -61,7 +61,7 @@ class DecoderLayer(nnx.Module):
         self.o = p((Nq, D, H), ("q_heads", "head_dim", "embed"), "normal", [attn("o_proj.weight")], [(H, Nq * D)],
                    Convert("o", (Nq, D)))
         self.ffn_norm = p((H,), ("embed",), "ones", [f"{_LAYER}.post_attention_layernorm.weight"], [(H,)])
-        self.ffn = family_of(cfg).ffn(cfg, dtype=dtype, rngs=rngs)
+        self.ffn = ffn_group(cfg, index)(cfg, dtype=dtype, rngs=rngs)
 
 
 class Decoder(nnx.Module):
@@ -70,7 +70,7 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         p = functools.partial(declare, rngs, dtype)
         self.embed = p((V, H), ("vocab", "embed"), "normal", ["model.embed_tokens.weight"], [(V, H)])
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, l, dtype=dtype, rngs=rngs) for l in range(cfg.num_layers)])
         self.final_norm = p((H,), ("embed",), "ones", ["model.norm.weight"], [(H,)])
         if not cfg.tie_word_embeddings:
             self.lm_head = p((H, V), ("embed", "vocab"), "normal", ["lm_head.weight"], [(V, H)], Convert("T"))
@@ -114,6 +114,8 @@ def model_specs(cfg: ModelConfig) -> dict:
         for key in keys[2 if layer is not None else 0:-1]:  # a group (the FFN): a nested dict
             node = node.setdefault(key, {})
         node[keys[-1]] = leaf
+    if cfg.quantization == "fp8" and cfg.moe_layers:
+        raise ValueError("FP8 is not supported for mixture-of-experts models yet: run them in bf16")
     if cfg.quantization == "fp8":
         specs["layers"] = [fp8_specs(w) for w in specs["layers"]]
     elif cfg.quantization is not None:

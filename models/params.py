@@ -25,7 +25,7 @@ import jax.numpy as jnp
 class Convert:
     """Hugging Face tensors -> our layout. Hashable by value, so one jitted converter serves
     every layer. dims: the shape parameters the kind needs (see __call__)."""
-    kind: str  # "copy" | "T" | "o" | "qkv" | "qkv_bias" | "gate_up" | "per_kv_head"
+    kind: str  # "copy" | "T" | "o" | "qkv" | "qkv_bias" | "gate_up" | "per_kv_head" | "experts_gate_up" | "experts_down"
     dims: tuple[int, ...] = ()
 
     def __call__(self, ws):
@@ -40,6 +40,11 @@ class Convert:
             return jnp.broadcast_to(jnp.reshape(ws[0], (-1,)), self.dims)
         if self.kind == "gate_up":  # gate, up [I, H] -> [H, 2, I]
             return jnp.stack([ws[0].T, ws[1].T], axis=1)
+        if self.kind == "experts_gate_up":  # E gates then E ups, each [I, H] -> [E, H, 2, I]
+            (e,) = self.dims
+            return jnp.stack([jnp.stack(ws[:e]), jnp.stack(ws[e:])], axis=-1).transpose(0, 2, 3, 1)
+        if self.kind == "experts_down":  # E downs [H, I] -> [E, I, H]
+            return jnp.stack(ws).transpose(0, 2, 1)
         nkv, g, d = self.dims
         if self.kind == "qkv":  # q [Nq*D, H], k/v [Nkv*D, H] -> [H, Nkv, G+2, D]
             q, k, v = (w.T.reshape(w.shape[1], nkv, -1, d) for w in ws)
@@ -55,7 +60,7 @@ class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis names, one per dim
     init: str  # "normal" | "ones" | "zeros"
-    hf: tuple[str, ...] = ()  # Hugging Face tensor names, "{l}" for the layer index
+    hf: tuple[str, ...] = ()  # Hugging Face tensor names, "{l}" for the layer index (experts: one name each)
     hf_shapes: tuple[tuple[int, ...], ...] = ()  # their shapes in the checkpoint
     convert: Convert = Convert("copy")
     layer: int | None = None  # the model layer this leaf belongs to (None: model-wide)
@@ -91,9 +96,10 @@ def declare(rngs, dtype, shape, axes, init, hf=(), hf_shapes=(), convert=Convert
 
 
 def fan_in(shape: tuple[int, ...], axes: tuple) -> int:
-    """Input width: the hidden size, or for projections back into it (o, down) the dims in between."""
+    """Input width: the hidden size, or for projections back into it (o, down) the dims in between
+    (an expert's own: not the experts axis)."""
     if axes[-1] == "embed" and axes[0] != "vocab":
-        return math.prod(shape[:-1])
+        return math.prod(n for n, a in zip(shape[:-1], axes[:-1]) if a != "experts")
     return shape[axes.index("embed")]
 
 

@@ -3,13 +3,14 @@ under models/families/ and a line here."""
 
 from __future__ import annotations
 
-from sidp_jax.models.families import llama, qwen2, qwen3
+from sidp_jax.models.families import llama, qwen2, qwen3, qwen3_moe
 from sidp_jax.models.family import Family
 
 FAMILIES: tuple[Family, ...] = (
     llama.FAMILY,
     qwen2.FAMILY,
     qwen3.FAMILY,
+    qwen3_moe.FAMILY,
 )
 
 BY_ARCHITECTURE: dict[str, Family] = {arch: f for f in FAMILIES for arch in f.architectures}
@@ -21,8 +22,13 @@ def family_of(cfg) -> Family:
     return BY_NAME[cfg.family]
 
 
+def ffn_group(cfg, layer: int) -> type:
+    """The FFN group class (models/ffn.py) of the model's layer `layer`."""
+    return family_of(cfg).ffn_group(cfg, layer)
+
+
 def num_params(cfg) -> int:
-    """Parameters of the model (embeddings, attention, norms and the family's FFN group)."""
+    """Parameters of the model (embeddings, attention, norms and each layer's FFN group)."""
     h, l = cfg.hidden_size, cfg.num_layers
     attn = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * h
     if cfg.qkv_bias:
@@ -30,4 +36,4 @@ def num_params(cfg) -> int:
     if cfg.qk_norm:
         attn += 2 * cfg.head_dim
     emb = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    return l * (attn + family_of(cfg).ffn.num_params(cfg) + 2 * h) + emb + h
+    return l * (attn + 2 * h) + sum(ffn_group(cfg, i).num_params(cfg) for i in range(l)) + emb + h

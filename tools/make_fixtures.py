@@ -13,13 +13,22 @@ Setup (Python 3.11 venv, git-ignored):
 
 Run (from the repo root):
 
-    python tools/make_fixtures.py [--out REPO_ROOT]
+    python tools/make_fixtures.py [--out REPO_ROOT] [--only NAME[,NAME...]]
+
+--only rebuilds just the named fixtures (checkpoint directory and reference .json/.safetensors)
+and leaves every other file alone: chat.json is then not rewritten but checked (the rebuilt
+checkpoints must render the conversations exactly as it records), and the tokenizer built here
+must be byte-identical to an existing checkpoint's (if it is not, e.g. under other tokenizers or
+transformers versions, that checkpoint's tokenizer files are copied instead, so that token ids
+stay the same across fixtures). Without --only everything is rebuilt, chat.json included; other
+tools' fixtures in the same folders (the FP8 checkpoints, tiny-qwen3-chat-greedy.json) are kept.
 
 Writes, under --out (the repo root by default):
 
     tests/fixtures/checkpoints/<name>/    config.json, generation_config.json, *.safetensors,
                                          tokenizer.json, tokenizer_config.json [, chat_template.jinja]
-                                         (tiny-llama3, tiny-qwen2)
+                                         (tiny-llama3, tiny-qwen2, tiny-qwen3-moe,
+                                         tiny-qwen3-moe-nonorm)
     sidp_jax/assets/tiny-qwen3/          the same for tiny-qwen3, the bundled default model (stored
                                          once: the tests use the package's copy)
     tests/fixtures/reference/<name>.safetensors   logits_<i> f32 [len, vocab], prompt_<i> i32 [len],
@@ -29,7 +38,20 @@ Writes, under --out (the repo root by default):
 
 for <name> in tiny-llama3 (Llama, llama3 rope scaling, f32, current config form),
 tiny-qwen2 (Qwen2, QKV bias, tied embeddings, bf16, legacy config form) and
-tiny-qwen3 (Qwen3, head_dim 32, q/k norm, f32, sharded, legacy config form).
+tiny-qwen3 (Qwen3, head_dim 32, q/k norm, f32, sharded, legacy config form),
+tiny-qwen3-moe (Qwen3-MoE: 4 layers, 8 experts, top-2, norm_topk_prob, layer 2 a dense MLP
+through mlp_only_layers [2]; f32, sharded, legacy config form as the published Qwen3-30B-A3B has
+it: num_experts, rope_theta, torch_dtype) and tiny-qwen3-moe-nonorm (the same without
+norm_topk_prob, mlp_only_layers [] and decoder_sparse_step 2, so layers 1 and 3 are MoE and 0 and
+2 dense; f32, sharded, transformers 5's config form: num_local_experts, rope_parameters, dtype).
+The MoE checkpoints are smaller per layer than tiny-qwen3 (hidden 32, expert width 24, dense
+width 96) to stay well under 1 MB. Their experts are stored per expert as in the published
+checkpoints, model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight ([out, in] like
+nn.Linear) with the router at model.layers.{l}.mlp.gate.weight [E, H] (transformers 5 fuses
+them in memory, gate_up_proj [E, 2I, H] and down_proj [E, H, I], and splits them again on save);
+check_moe checks the keys, recomputes each MoE block from the files' tensors and checks that the
+reloaded fused weights equal the saved ones. Their references run the experts with
+experts_implementation="eager" (transformers' per-expert loop), as attention is eager.
 All share one byte-level BPE tokenizer (448 ids; models have vocab 512) with Qwen2's exact
 pre-tokenizer pipeline, since transformers 5 loads a qwen2 checkpoint's tokenizer as
 Qwen2Tokenizer, which rebuilds that pipeline from vocab/merges and ignores tokenizer.json's.
@@ -38,9 +60,11 @@ Qwen2Tokenizer, which rebuilds that pipeline from vocab/merges and ignores token
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import safetensors
@@ -61,11 +85,14 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 MAX_NEW_TOKENS = 16
 WEIGHT_STD = 0.2  # std of re-drawn weight matrices: final logits std ~1.5
 MIN_GAP = 1e-2  # required top-2 logit gap at every greedy step (the brief asks for > 1e-3)
+MIN_ROUTER_GAP = 5e-3  # MoE: required gap between the k-th and (k+1)-th router logit at every token
 VOCAB_SIZE = 512  # model vocab; the tokenizer has fewer entries (like real padded vocabs)
 TOKENIZER_VOCAB = 448
 BUNDLED = "tiny-qwen3"  # the package's default model: written to sidp_jax/assets, not tests/fixtures
@@ -254,6 +281,9 @@ PROMPTS: dict[str, list[str]] = {
         "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n",
     ],
 }
+PROMPTS["tiny-qwen3-moe"] = PROMPTS["tiny-qwen3-moe-nonorm"] = PROMPTS["tiny-qwen3"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+SEED_BASE = {"tiny-qwen3-moe": 2000, "tiny-qwen3-moe-nonorm": 3000}  # the others: 1000
 
 COMMON = dict(
     vocab_size=VOCAB_SIZE,
@@ -265,6 +295,29 @@ COMMON = dict(
     max_position_embeddings=512,
     hidden_act="silu",
 )
+
+MOE_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=96,  # the dense layers' MLP
+    moe_intermediate_size=24,  # each expert's
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+    attention_bias=False,
+)
+MOE_VARIANTS = {  # layer l is MoE iff l not in mlp_only_layers and (l + 1) % decoder_sparse_step == 0
+    "tiny-qwen3-moe": dict(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[2]),
+    "tiny-qwen3-moe-nonorm": dict(norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[]),
+}
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -305,7 +358,7 @@ def randomize_(model: torch.nn.Module, seed: int, std: float) -> None:
                 p.copy_(1.0 + 0.2 * noise)
             elif name.endswith(".bias"):
                 p.copy_(0.3 * noise)
-            elif p.ndim == 2:
+            elif p.ndim == 2 or (p.ndim == 3 and ".experts." in name):  # MoE experts: fused [E, out, in]
                 p.copy_(std * noise)
             else:
                 raise ValueError(f"unexpected parameter {name} {tuple(p.shape)}")
@@ -322,6 +375,8 @@ def to_legacy_config(path: Path) -> None:
         cfg["rope_scaling"] = None
     if "dtype" in cfg:
         cfg["torch_dtype"] = cfg.pop("dtype")
+    if "num_local_experts" in cfg:  # transformers 5's name; the published Qwen3-MoE configs say num_experts
+        cfg["num_experts"] = cfg.pop("num_local_experts")
     cfg.pop("layer_types", None)  # all full attention; derived by transformers when absent
     (path / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
 
@@ -367,7 +422,109 @@ def make_model(name: str, ids: dict[str, int]):
         gen = GenerationConfig(eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT], do_sample=True,
                                temperature=0.6, top_p=0.95, top_k=20)
         return model, torch.float32, {"max_shard_size": "300KB"}, True, gen, True
+    if name in MOE_VARIANTS:
+        cfg = Qwen3MoeConfig(**MOE_COMMON, **MOE_VARIANTS[name], **special)
+        model = Qwen3MoeForCausalLM(cfg)
+        gen = GenerationConfig(eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT], do_sample=True,
+                               temperature=0.6, top_p=0.95, top_k=20)
+        # save_original_format: experts per expert, as published (check_moe asserts it)
+        save_kw = {"max_shard_size": "200KB", "save_original_format": True}
+        return model, torch.float32, save_kw, name == "tiny-qwen3-moe", gen, True
     raise KeyError(name)
+
+
+def load_reference(path: Path, **kwargs):
+    """The checkpoint as transformers loads it for the references: f32, eager attention and experts."""
+    if json.loads((path / "config.json").read_text())["model_type"] == "qwen3_moe":
+        kwargs["experts_implementation"] = "eager"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **kwargs)
+
+
+def is_moe_layer(cfg, layer: int) -> bool:
+    return layer not in cfg.mlp_only_layers and cfg.num_experts > 0 and (layer + 1) % cfg.decoder_sparse_step == 0
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safetensors.safe_open(str(shard), "pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    return tensors
+
+
+def router_margin(model, seqs: list[list[int]]) -> tuple[float, dict[int, list[int]]]:
+    """Smallest gap between the k-th and (k+1)-th router logit over every token of seqs, and how
+    often each expert is picked per MoE layer (routing must be neither tied nor trivial)."""
+    cfg, k, margins, counts, hooks = model.config, model.config.num_experts_per_tok, [], {}, []
+    for l, layer in enumerate(model.model.layers):
+        if is_moe_layer(cfg, l):
+            counts[l] = [0] * cfg.num_experts
+
+            def hook(module, args, out, l=l):
+                top = torch.topk(out[0].float(), k + 1, dim=-1)
+                margins.append(float((top.values[:, k - 1] - top.values[:, k]).min()))
+                for e in top.indices[:, :k].flatten().tolist():
+                    counts[l][e] += 1
+
+            hooks.append(layer.mlp.gate.register_forward_hook(hook))
+    try:
+        for seq in seqs:
+            forward_logits(model, seq)
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(margins), counts
+
+
+def check_moe(name: str, path: Path, saved: torch.nn.Module, loaded: torch.nn.Module) -> None:
+    """The checkpoint's experts are stored per expert ([out, in] like nn.Linear, as in the published
+    Qwen3-MoE checkpoints), reload into exactly the fused weights that were saved, and one MoE block
+    recomputed by hand from the files' tensors gives transformers' output."""
+    cfg, files = loaded.config, read_checkpoint(path)
+    H, I, Id, E, k = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.intermediate_size, cfg.num_experts,
+                      cfg.num_experts_per_tok)
+    kinds = []
+    for l in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{l}.mlp."
+        got = {key: list(t.shape) for key, t in files.items() if key.startswith(prefix)}
+        if is_moe_layer(cfg, l):
+            want = {prefix + "gate.weight": [E, H]}
+            for e in range(E):
+                want |= {f"{prefix}experts.{e}.gate_proj.weight": [I, H], f"{prefix}experts.{e}.up_proj.weight": [I, H],
+                         f"{prefix}experts.{e}.down_proj.weight": [H, I]}
+        else:
+            want = {prefix + "gate_proj.weight": [Id, H], prefix + "up_proj.weight": [Id, H],
+                    prefix + "down_proj.weight": [H, Id]}
+        assert got == want, (name, l, sorted(set(got) ^ set(want)))
+        kinds.append("moe" if is_moe_layer(cfg, l) else "dense")
+    assert "moe" in kinds and "dense" in kinds, kinds
+    assert {n for n, p in saved.named_parameters() if p.ndim == 3} == {
+        n for n, p in loaded.named_parameters() if p.ndim == 3} != set(), "experts are not fused in memory"
+    loaded_sd = loaded.state_dict()
+    for key, value in saved.state_dict().items():  # the per-expert round trip, fused again on load
+        assert torch.equal(value, loaded_sd[key]), (name, key)
+
+    gen = torch.Generator().manual_seed(0)
+    for l, kind in enumerate(kinds):
+        if kind != "moe":
+            continue
+        prefix = f"model.layers.{l}.mlp."
+        x = torch.randn(1, 24, H, generator=gen)
+        with torch.no_grad():
+            want = loaded.model.layers[l].mlp(x)[0]
+        # Qwen3-MoE's router: softmax in f32 over all experts, top-k, renormalised iff norm_topk_prob
+        probs = torch.softmax((x[0] @ files[prefix + "gate.weight"].T).float(), dim=-1)
+        top_p, top_i = torch.topk(probs, k, dim=-1)
+        if cfg.norm_topk_prob:
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+        got = torch.zeros_like(x[0])
+        for t in range(x.shape[1]):
+            for w, e in zip(top_p[t].tolist(), top_i[t].tolist()):
+                ex = lambda proj: files[f"{prefix}experts.{e}.{proj}_proj.weight"]  # noqa: E731
+                h = torch.nn.functional.silu(ex("gate") @ x[0, t]) * (ex("up") @ x[0, t])
+                got[t] += w * (ex("down") @ h)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (name, l, float((got - want).abs().max()))
+    print(f"  {name}: layers {kinds}, per-expert keys, round trip and by-hand MoE blocks match")
 
 
 def forward_logits(model, ids: list[int]) -> torch.Tensor:
@@ -395,18 +552,26 @@ def reference_for(model, prompt_ids: list[int]) -> dict:
     return {"logits": forward_logits(model, prompt_ids), "greedy": greedy, "gaps": gaps}
 
 
-def save_tokenizer(tok: PreTrainedTokenizerFast, path: Path, jinja_file: bool) -> None:
-    tok.save_pretrained(path, save_jinja_files=jinja_file)
+def save_tokenizer(tok: PreTrainedTokenizerFast, path: Path, jinja_file: bool, source: Path | None = None) -> None:
+    """Save tok, or copy the tokenizer files of the checkpoint at source (see main)."""
+    if source is None:
+        tok.save_pretrained(path, save_jinja_files=jinja_file)
+    else:
+        for f in TOKENIZER_FILES:
+            if (source / f).exists():
+                shutil.copyfile(source / f, path / f)
     assert (path / "chat_template.jinja").exists() == jinja_file
     cfg = json.loads((path / "tokenizer_config.json").read_text())
     assert ("chat_template" in cfg) == (not jinja_file)
 
 
-def build_checkpoint(name: str, ckpt_dir: Path, ref_dir: Path, tok: PreTrainedTokenizerFast, ids: dict) -> dict:
+def build_checkpoint(name: str, ckpt_dir: Path, ref_dir: Path, tok: PreTrainedTokenizerFast, ids: dict,
+                     tok_source: Path | None = None) -> dict:
     prompt_ids = [tok.encode(t, add_special_tokens=False) for t in PROMPTS[name]]
     for p in prompt_ids:
         assert 5 <= len(p) <= 40, (name, len(p))
-    for seed in range(1000, 1100):
+    base = SEED_BASE.get(name, 1000)
+    for seed in range(base, base + 100):
         torch.manual_seed(seed)
         model, save_dtype, save_kw, legacy, gen_cfg, jinja_file = make_model(name, ids)
         randomize_(model, seed, std=WEIGHT_STD)
@@ -415,17 +580,22 @@ def build_checkpoint(name: str, ckpt_dir: Path, ref_dir: Path, tok: PreTrainedTo
             shutil.rmtree(ckpt_dir)
         model.generation_config = gen_cfg
         model.save_pretrained(ckpt_dir, **save_kw)
-        save_tokenizer(tok, ckpt_dir, jinja_file)
+        save_tokenizer(tok, ckpt_dir, jinja_file, source=tok_source)
 
         raw = tokenizers.Tokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
         for loaded in (AutoTokenizer.from_pretrained(ckpt_dir), raw):  # AutoTokenizer may pick Qwen2Tokenizer
             got = [loaded.encode(t, add_special_tokens=False) for t in PROMPTS[name]]
             assert [getattr(g, "ids", g) for g in got] == prompt_ids, (name, type(loaded))
 
-        ref_model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager")
+        ref_model = load_reference(ckpt_dir)
         ref_model.eval()
         refs = [reference_for(ref_model, p) for p in prompt_ids]
         min_gap = min(min(r["gaps"]) for r in refs)
+        if name in MOE_VARIANTS:
+            margin, counts = router_margin(ref_model, [p + r["greedy"] for p, r in zip(prompt_ids, refs)])
+            if margin <= MIN_ROUTER_GAP:
+                print(f"  {name}: seed {seed} has a router top-k margin of {margin:.2e}; retrying")
+                continue
         if min_gap > MIN_GAP:
             break
         print(f"  {name}: seed {seed} has min top-2 gap {min_gap:.2e}; retrying")
@@ -434,7 +604,7 @@ def build_checkpoint(name: str, ckpt_dir: Path, ref_dir: Path, tok: PreTrainedTo
 
     if legacy:
         to_legacy_config(ckpt_dir)
-        reloaded = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager")
+        reloaded = load_reference(ckpt_dir)
         for p, r in zip(prompt_ids, refs):
             assert torch.equal(forward_logits(reloaded, p), r["logits"]), f"{name}: legacy config changes logits"
 
@@ -446,6 +616,9 @@ def build_checkpoint(name: str, ckpt_dir: Path, ref_dir: Path, tok: PreTrainedTo
         diff = (forward_logits(plain, prompt_ids[-1]) - refs[-1]["logits"]).abs().max()
         assert diff > 0.1, f"llama3 rope scaling changes logits by only {diff}"
     check_checkpoint_files(name, ckpt_dir)
+    if name in MOE_VARIANTS:
+        check_moe(name, ckpt_dir, model, load_reference(ckpt_dir))
+        print(f"  {name}: router top-k margin {margin:.4f}, experts picked per MoE layer {counts}")
     tensors: dict[str, torch.Tensor] = {}
     for i, (p, r) in enumerate(zip(prompt_ids, refs)):
         tensors[f"logits_{i}"] = r["logits"].contiguous()
@@ -500,6 +673,8 @@ def check_checkpoint_files(name: str, path: Path) -> None:
             assert dtypes == ({"BF16"} if name == "tiny-qwen2" else {"F32"}), (name, dtypes)
     if name == "tiny-qwen3":
         assert len(shards) >= 3 and "model.safetensors.index.json" in files, files
+    if name in MOE_VARIANTS:
+        assert len(shards) >= 2 and "model.safetensors.index.json" in files, files
     if name == "tiny-qwen2":
         assert "lm_head.weight" not in keys and "model.layers.0.self_attn.q_proj.bias" in keys
     print(f"  {name}: {files}")
@@ -523,7 +698,7 @@ def chat_fixture(tok_dirs: dict[str, Path]) -> dict:
             })
         assert all(r == results[0] for r in results), conv["name"]
         text = results[0]["text_add_generation_prompt_true"]
-        direct = loaded["tiny-qwen3"].encode(text, add_special_tokens=False)
+        direct = next(iter(loaded.values())).encode(text, add_special_tokens=False)
         assert results[0]["ids_add_generation_prompt_true"] == direct, conv["name"]
         entries.append({**conv, **results[0]})
     return {
@@ -550,7 +725,13 @@ def versions() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent, help="repo root")
+    parser.add_argument("--only", metavar="NAME[,NAME...]",
+                        help=f"rebuild only these fixtures, leaving all other files alone; of {', '.join(PROMPTS)}")
     args = parser.parse_args()
+    names = list(PROMPTS) if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROMPTS]
+    if unknown or not names:
+        parser.error(f"--only: unknown fixture(s) {unknown}; known: {', '.join(PROMPTS)}")
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
@@ -559,20 +740,42 @@ def main() -> None:
     ckpt_root = args.out / "tests" / "fixtures" / "checkpoints"
     ref_dir = args.out / "tests" / "fixtures" / "reference"
     ckpt_dirs = {name: args.out / checkpoint_path(name) for name in PROMPTS}
-    for d in (ckpt_root, ref_dir):  # (build_checkpoint replaces the bundled one's directory)
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
+    for d in (ckpt_root, ref_dir):  # build_checkpoint replaces each checkpoint's directory
+        d.mkdir(parents=True, exist_ok=True)
 
     tok = build_tokenizer()
+    # Kept checkpoints (--only) fix the tokenizer: this one must be byte-identical to theirs, or
+    # theirs is copied (and used to tokenize) so that token ids agree across all fixtures.
+    kept = sorted((n for n in PROMPTS if n not in names and (ckpt_dirs[n] / "tokenizer.json").exists()),
+                  key=lambda n: n != BUNDLED)
+    tok_source = None
+    if kept:
+        ref_tok = ckpt_dirs[kept[0]]
+        with tempfile.TemporaryDirectory() as tmp:
+            save_tokenizer(tok, Path(tmp), jinja_file=(ref_tok / "chat_template.jinja").exists())
+            differ = [f for f in TOKENIZER_FILES if (Path(tmp) / f).exists() != (ref_tok / f).exists()
+                      or ((ref_tok / f).exists() and not filecmp.cmp(Path(tmp) / f, ref_tok / f, shallow=False))]
+        if differ:
+            print(f"tokenizer: {differ} differ from {kept[0]}'s; copying {kept[0]}'s tokenizer files instead")
+            tok_source = ref_tok
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(ref_tok / "tokenizer.json"), eos_token=IM_END,
+                                          pad_token=ENDOFTEXT, additional_special_tokens=[IM_START, IM_END])
+        else:
+            print(f"tokenizer: byte-identical to {kept[0]}'s")
     ids = {t: tok.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IM_START, IM_END)}
     print(f"tokenizer: {len(tok)} entries, special ids {ids}")
     sample = "Grüße 你好 🌍 — the lighthouse keeper."
     assert tok.decode(tok.encode(sample)) == sample
 
-    metas = {name: build_checkpoint(name, ckpt_dirs[name], ref_dir, tok, ids) for name in PROMPTS}
-    chat = chat_fixture(ckpt_dirs)
-    (ref_dir / "chat.json").write_text(json.dumps(chat, indent=2, ensure_ascii=False) + "\n")
+    metas = {name: build_checkpoint(name, ckpt_dirs[name], ref_dir, tok, ids, tok_source) for name in names}
+    if args.only is None:
+        chat = chat_fixture(ckpt_dirs)
+        (ref_dir / "chat.json").write_text(json.dumps(chat, indent=2, ensure_ascii=False) + "\n")
+    elif (ref_dir / "chat.json").exists():  # not rewritten: the rebuilt checkpoints must render as it records
+        recorded = json.loads((ref_dir / "chat.json").read_text())["conversations"]
+        rendered = chat_fixture({n: ckpt_dirs[n] for n in names})["conversations"]
+        assert rendered == recorded, "the rebuilt checkpoints render the conversations unlike chat.json"
+        print(f"chat.json: {', '.join(names)} render its {len(recorded)} conversations identically")
 
     print(f"min top-2 gap over all fixtures: {min(m['min_top2_gap'] for m in metas.values()):.4f}")
 

@@ -2,7 +2,7 @@
 
 `weight_bytes` splits the model into what every GPU of a replica holds whole (embeddings, LM head,
 norms), what tensor parallelism splits (attention projections) and the FFN groups that SiDP pools
-(their bytes come from the family's FFN group, models/ffn.py). Each layout
+(their bytes come from each layer's FFN group, models/ffn.py). Each layout
 (sidp_jax/parallel/layouts.py) adds these parts up its own way.
 """
 
@@ -13,7 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from sidp_jax.models.config import ModelConfig
-from sidp_jax.models.registry import family_of
+from sidp_jax.models.registry import ffn_group
 
 
 def projection_item(cfg: ModelConfig, dtype) -> int:
@@ -21,21 +21,19 @@ def projection_item(cfg: ModelConfig, dtype) -> int:
     return 1 if cfg.quantization == "fp8" else jnp.dtype(dtype).itemsize
 
 
-def ffn_layer_bytes(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:
-    """One layer's FFN group (FP8: its values and scales)."""
-    return family_of(cfg).ffn.bytes_per_layer(cfg, projection_item(cfg, dtype))
+def ffn_layer_bytes(cfg: ModelConfig, dtype=jnp.bfloat16, layer: int | None = None) -> int:
+    """Layer `layer`'s FFN group (FP8: its values and scales); None: the largest layer's."""
+    item = projection_item(cfg, dtype)
+    layers = range(cfg.num_layers) if layer is None else (layer,)
+    return max(ffn_group(cfg, l).bytes_per_layer(cfg, item) for l in layers)
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightBytes:
     replicated: int  # embeddings, LM head, norms: whole on every GPU
     attention: int  # every layer's attention projections, biases and FP8 scales: what tp splits
-    ffn_layer: int  # one layer's FFN group: what tp splits and SiDP pools
-    num_layers: int
-
-    @property
-    def ffn(self) -> int:
-        return self.ffn_layer * self.num_layers
+    ffn_layer: int  # the largest layer's FFN group: what tp splits and SiDP pools (and buffers)
+    ffn: int  # every layer's FFN groups (a MoE model's dense and expert layers differ)
 
     @property
     def total(self) -> int:
@@ -51,4 +49,5 @@ def weight_bytes(cfg: ModelConfig, dtype=jnp.bfloat16) -> WeightBytes:
     per_layer = (H * qkv_out + cfg.num_heads * D * H) * proj + (qkv_out * item if cfg.qkv_bias else 0)
     if cfg.quantization == "fp8":
         per_layer += 4 * (qkv_out + H)  # float32 scales per output channel of qkv and o
-    return WeightBytes(emb + norms, per_layer * L, ffn_layer_bytes(cfg, dtype), L)
+    ffn = sum(ffn_layer_bytes(cfg, dtype, l) for l in range(L))
+    return WeightBytes(emb + norms, per_layer * L, ffn_layer_bytes(cfg, dtype), ffn)

@@ -135,9 +135,15 @@ class Layout:
         for what, n in (("attention heads", cfg.num_heads), ("kv heads", cfg.num_kv_heads)):
             if n % self.tp:
                 raise ValueError(f"{n} {what} do not split over tp={self.tp}")
-        if cfg.intermediate_size % self.ffn_shards:
-            raise ValueError(f"intermediate size {cfg.intermediate_size} does not split into {self.ffn_shards} "
-                             f"FFN shards")
+        if cfg.moe_layers and self.pooled:
+            raise ValueError(f"{self.describe()} pools dense FFN layers only: run a mixture-of-experts model "
+                             f"with --parallel dp or tp (SiDP for experts is not built yet)")
+        sizes = [("intermediate size", cfg.intermediate_size)] if cfg.dense_layers else []
+        if cfg.moe_layers:
+            sizes.append(("expert intermediate size", cfg.moe_intermediate_size))
+        for what, n in sizes:
+            if n % self.ffn_shards:
+                raise ValueError(f"{what} {n} does not split into {self.ffn_shards} FFN shards")
 
     # ----- memory -----
     @classmethod
@@ -221,13 +227,13 @@ class StripedSidp(SidpLayout):
 
     @classmethod
     def local_ffn_bytes(cls, cfg: ModelConfig, dp: int, tp: int, dtype) -> int:
-        return ffn_layer_bytes(cfg, dtype) * cfg.num_layers // (dp * tp)
+        return weight_bytes(cfg, dtype).ffn // (dp * tp)
 
     def ffn_strategy(self, cfg: ModelConfig, mode: str):
         if not self.pooled:
             return super().ffn_strategy(cfg, mode)
         gather_axes = ffn_gather_axes(self.stored_specs(cfg)["layers"][0]["ffn"])
-        return make_striped_ffns(gather_axes, self._tp_axes, family_of(cfg).ffn)[mode]
+        return make_striped_ffns(gather_axes, own_ffn(cfg), self._tp_axes)[mode]
 
     @property
     def replica_runner_applies(self) -> bool:
@@ -278,7 +284,7 @@ class OwnerSidp(SidpLayout):
     def ffn_strategy(self, cfg: ModelConfig, mode: str):
         if not self.pooled:
             return super().ffn_strategy(cfg, mode)
-        return make_owner_ffns(self.num_replicas, self.platform, self._tp_axes, family_of(cfg).ffn)[mode]
+        return make_owner_ffns(self.num_replicas, self.platform, own_ffn(cfg), self._tp_axes)[mode]
 
 
 # (parallel, placement) -> the layout's class; placement only tells sidp layouts apart

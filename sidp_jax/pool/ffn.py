@@ -20,13 +20,11 @@ collectives (the paper's dummy skipping). Which of them a layout uses is the lay
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 
-from sidp_jax.models.ffn import DenseFfn, local_ffn
 from sidp_jax.models.params import is_spec
 
 log = logging.getLogger("sidp_jax")
@@ -51,12 +49,12 @@ def _pinned(w, x):
     return jax.lax.optimization_barrier((w, x))
 
 
-def make_striped_ffns(gather_axes, tp_axes: tuple[str, ...] = (), group: type = DenseFfn):
+def make_striped_ffns(gather_axes, ffn, tp_axes: tuple[str, ...] = ()):
     """Striped placement. gather_axes: the FFN group's tree with, per leaf, the axis its
     intermediate dimension is on (-1: a leaf without one, such as an FP8 down projection's
-    scales); tp_axes: ("tp",) where a replica splits it further over tp (FP8 activation scales then
-    span those axes too); group: the family's FFN group class (models/ffn.py)."""
-    ffn = functools.partial(local_ffn, group=group)
+    scales); ffn(x, layer, w, active, split_axes): the model's FFN on weights at hand
+    (models/decoder.py own_ffn); tp_axes: ("tp",) where a replica splits the intermediate axis
+    further over tp (FP8 activation scales then span those axes too)."""
 
     def striped_was(x, layer, w, active=None):
         w, x = _pinned(w, x)
@@ -82,12 +80,11 @@ def _own_row(group: dict) -> dict:
     return jax.tree.map(lambda a: a[0], group)
 
 
-def make_owner_ffns(num_replicas: int, platform: str, tp_axes: tuple[str, ...] = (), group: type = DenseFfn):
+def make_owner_ffns(num_replicas: int, platform: str, ffn, tp_axes: tuple[str, ...] = ()):
     """Owner placement: w is layer l's group (stacked over "dp"); layer l is static, so its
-    owner l mod D is a static root. platform: the mesh's devices' (Layout.platform); tp_axes and
-    group: as in make_striped_ffns."""
+    owner l mod D is a static root. platform: the mesh's devices' (Layout.platform); ffn and
+    tp_axes: as in make_striped_ffns."""
     D = num_replicas
-    ffn = functools.partial(local_ffn, group=group)
 
     def owner_was(x, layer, stacked, active=None):
         row, x = _pinned(_own_row(stacked), x)
