@@ -43,10 +43,18 @@ def max_rows(num_tokens: int, top_k: int, num_experts: int, block_rows: int) -> 
 class RowPlan:
     """Where each (token, expert) pair sits among the sorted, block-padded rows.
     token: [R] the token of each row (T: a padding row, zero input); weight: [R] its routing
-    weight (0 for padding); block_expert: [R / block_rows] the expert of each block."""
+    weight (0 for padding); block_expert: [R / block_rows] the expert of each block; rows_used:
+    [] the rows up to the last expert's last block (the rest are whole padding blocks)."""
     token: jax.Array
     weight: jax.Array
     block_expert: jax.Array
+    rows_used: jax.Array
+
+
+def block_rows_for(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Rows per grouped-GEMM block: 16 (the GPU dot's least) while experts get a few rows each
+    (decode), 64 once they average 64 or more (prefill), where bigger tiles use the tensor cores."""
+    return 64 if num_tokens * top_k >= 64 * num_experts else 16
 
 
 def plan_rows(weights: jax.Array, experts: jax.Array, num_experts: int, block_rows: int) -> RowPlan:
@@ -66,7 +74,7 @@ def plan_rows(weights: jax.Array, experts: jax.Array, num_experts: int, block_ro
     weight = jnp.zeros((R,), weights.dtype).at[row].set(weights.reshape(-1)[order])
     block_start = jnp.arange(R // block_rows) * block_rows
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), num_experts - 1)
-    return RowPlan(token, weight, block_expert.astype(jnp.int32))
+    return RowPlan(token, weight, block_expert.astype(jnp.int32), padded_end[-1].astype(jnp.int32))
 
 
 def gather_rows(x: jax.Array, plan: RowPlan) -> jax.Array:

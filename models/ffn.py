@@ -74,8 +74,6 @@ class MoeFfn(nnx.Module):
     stacked as they load: gate_up [E, H, 2, I], down [E, I, H] (I: moe_intermediate_size), split
     over tp on the intermediate axis as the dense FFN is."""
 
-    BLOCK_ROWS = 8  # rows of a grouped-GEMM block (kernels/grouped_matmul.py)
-
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         expert = lambda proj: [f"{_LAYER}.mlp.experts.{e}.{proj}.weight" for e in range(E)]
@@ -109,13 +107,14 @@ class MoeFfn(nnx.Module):
         del reduce_amax
         gate_up, down = w["experts_gate_up"], w["experts_down"]
         E, H, _, I = gate_up.shape
-        B = MoeFfn.BLOCK_ROWS
+        B = expert_routing.block_rows_for(x.shape[0], cfg.num_experts_per_tok, E)
         weights, experts = expert_routing.route(x, w["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
         plan = expert_routing.plan_rows(weights, experts, E, B)
         rows = expert_routing.gather_rows(x, plan)
-        gu = grouped_matmul(rows, gate_up.reshape(E, H, 2 * I), plan.block_expert, B).reshape(-1, 2, I)
+        gemm = lambda a, b, **kw: grouped_matmul(a, b, plan.block_expert, B, rows_used=plan.rows_used, **kw)
+        gu = gemm(rows, gate_up.reshape(E, H, 2 * I)).reshape(-1, 2, I)
         h = (jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)).astype(x.dtype)
-        y = grouped_matmul(h, down, plan.block_expert, B, out_dtype=jnp.float32)
+        y = gemm(h, down, out_dtype=jnp.float32)
         return expert_routing.combine_rows(y, plan, x.shape[0])
 
 

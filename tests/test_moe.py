@@ -55,7 +55,7 @@ def test_experts_match_a_token_by_token_reference(T, norm):
 
 def test_no_token_is_dropped_when_every_token_picks_the_same_experts():
     """The static row bound holds in the worst case: all T*k pairs on k experts."""
-    T, k, E, B = 37, 2, 8, MoeFfn.BLOCK_ROWS
+    T, k, E, B = 37, 2, 8, expert_routing.block_rows_for(37, 2, 8)
     experts = jnp.tile(jnp.array([[5, 2]], jnp.int32), (T, 1))
     weights = jnp.full((T, k), 0.5)
     plan = expert_routing.plan_rows(weights, experts, E, B)
@@ -91,6 +91,25 @@ def test_grouped_matmul_uses_each_blocks_expert():
     got = grouped_matmul(jnp.asarray(rows), jnp.asarray(w), jnp.asarray(block_expert), B)
     want = np.concatenate([rows[b * B:(b + 1) * B] @ w[e] for b, e in enumerate(block_expert)])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("K,N,tiles", [(64, 48, (16, 16)), (96, 40, (128, 64))])
+def test_the_pallas_kernel_matches_the_portable_path(K, N, tiles):
+    """The GPU kernel, run in interpret mode: every block's expert, odd K and N (tiles that divide
+    them), and whole padding blocks past rows_used stored as zeros."""
+    from sidp_jax.kernels.grouped_matmul import grouped_matmul_blocks
+    from sidp_jax.kernels.grouped_matmul_pallas import grouped_matmul_pallas
+
+    rng = np.random.default_rng(K)
+    E, B = 5, 16
+    rows = jnp.asarray(rng.normal(size=(6 * B, K)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(E, K, N)), jnp.float32)
+    block_expert = jnp.array([4, 0, 0, 2, 1, 1], jnp.int32)
+    want = np.asarray(grouped_matmul_blocks(rows, w, block_expert, B))
+    got = grouped_matmul_pallas(rows, w, block_expert, jnp.int32(4 * B), block_rows=B, block_n=tiles[0],
+                                block_k=tiles[1], interpret=True)
+    np.testing.assert_allclose(np.asarray(got)[:4 * B], want[:4 * B], rtol=1e-5, atol=1e-4)
+    assert not np.asarray(got)[4 * B:].any()
 
 
 HF_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 128,
