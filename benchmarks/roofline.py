@@ -88,9 +88,12 @@ def matmul_rate(n: int, reps: int, dtype=jnp.bfloat16) -> float:
 
 def layer_gemms_ms(params: dict, S: int, reps: int) -> float:
     """Every layer's projections and FFN GEMMs (fused QKV, o, gate_up, down) at M = S rows in ONE
-    program (a Python loop over the per-layer weights, as the step walks them), nothing else."""
+    program (a Python loop over the per-layer weights, as the step walks them), nothing else.
+    None for a mixture-of-experts model (benchmarks/moe_gemm.py times its expert GEMMs)."""
     from sidp_jax.engine.compilation import step_compiler_options
 
+    if any("gate_up" not in w["ffn"] for w in params["layers"]):
+        return None
     x = jnp.ones((S, params["embed"].shape[1]), params["embed"].dtype)
     proj = lambda x, w, k, out=None: linear(x, w[k], out_dtype=out)  # bf16, or W8A8 where w[k] is Quantized
 
@@ -165,10 +168,17 @@ def step_cost(cfg, params: dict, S: int, context: int, kv_bytes: int) -> tuple[f
     leaves = {"/".join(str(getattr(k, "key", k)) for k in path): a
               for path, a in jax.tree_util.tree_leaves_with_path(params)}
     embed = leaves["embed"]
-    read = sum(a.nbytes for a in leaves.values()) - (0 if cfg.tie_word_embeddings else embed.nbytes)
+    experts = {k: a for k, a in leaves.items() if "/experts_" in k}  # a MoE layer's stacked experts
+    # a step of S tokens reaches E(1 - (1 - k/E)^S) of a layer's E experts on average (random routing);
+    # each token multiplies k of them
+    active = 1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** S if experts else 0.0
+    used = cfg.num_experts_per_tok / cfg.num_experts if experts else 0.0
+    read = sum(a.nbytes for a in leaves.values()) - (0 if cfg.tie_word_embeddings else embed.nbytes) \
+        - (1 - active) * sum(a.nbytes for a in experts.values())
     fp8 = sum(a.size for a in leaves.values() if a.dtype == E4M3)
     other = sum(a.size for a in leaves.values() if a.dtype != E4M3) - embed.size \
-        + (embed.size if cfg.tie_word_embeddings else 0)  # the LM head; norms/biases/scales: negligible
+        + (embed.size if cfg.tie_word_embeddings else 0) \
+        - (1 - used) * sum(a.size for a in experts.values())  # the LM head; norms/biases/scales: negligible
     kv_read = 2 * cfg.num_layers * S * (context + 1) * cfg.num_kv_heads * cfg.head_dim * kv_bytes
     attn_flops = 4 * S * (context + 1) * cfg.num_heads * cfg.head_dim * cfg.num_layers
     return read, kv_read, 2 * fp8 * S, 2 * other * S + attn_flops
@@ -214,15 +224,17 @@ def main():
             w_bytes, kv_bytes, fp8_flops, flops = step_cost(llm.cfg, runner.params, S, ctx,
                                                             jnp.dtype(llm.kv_dtype).itemsize)
             gemm_ms = layer_gemms_ms(runner.params, S, a.reps)
-            gemm_tbps = gemm_weight_bytes(runner.params) * llm.cfg.num_layers / (gemm_ms / 1e3) / 1e12
+            gemm_tbps = gemm_weight_bytes(runner.params) * llm.cfg.num_layers / (gemm_ms / 1e3) / 1e12 \
+                if gemm_ms else None
             rows.append(dict(quantization=quant, kv_cache_dtype=a.kv_cache_dtype, batch=S, context=ctx,
                              step_ms=dt * 1e3, layer_gemms_alone_ms=gemm_ms, layer_gemms_weight_TB_per_s=gemm_tbps,
                              weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9, TFLOP=(flops + fp8_flops) / 1e12,
                              bf16_TFLOP=flops / 1e12, e4m3_TFLOP=fp8_flops / 1e12,
                              attention=runner.attention_kind(True), first_call_s=first_s,
                              startup_s=llm.startup_seconds))
-            print(f"  {quant} S={S} ctx={ctx}: step {dt * 1e3:.2f} ms; the layers' GEMMs alone {gemm_ms:.2f} ms "
-                  f"({gemm_tbps:.2f} TB/s of weights)", flush=True)
+            print(f"  {quant} S={S} ctx={ctx}: step {dt * 1e3:.2f} ms" + (
+                f"; the layers' GEMMs alone {gemm_ms:.2f} ms ({gemm_tbps:.2f} TB/s of weights)" if gemm_ms else ""),
+                flush=True)
         llm = runner = fn = step = None  # free this model's weights before the next one loads
         gc.collect()
     probes.append(device_rates(a, "after the models"))
@@ -244,7 +256,8 @@ def main():
         print(f"| {r['quantization']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} "
               f"({r['memory_floor_ms']:.2f} / {r['compute_floor_ms']:.2f}) | {r['ratio']:.2f}x | "
               f"{r['step_vs_first_quantization']:.2f}x | "
-              f"{r['layer_gemms_alone_ms']:.2f} ({r['layer_gemms_weight_TB_per_s']:.2f}) |")
+              + (f"{r['layer_gemms_alone_ms']:.2f} ({r['layer_gemms_weight_TB_per_s']:.2f}) |"
+                 if r["layer_gemms_alone_ms"] else "- |"))
     if a.out:
         meta = dict(device=dev[0].device_kind, jax=jax.__version__, model=a.model, **best, probes=probes,
                     argv=sys.argv[1:], hlo=census)

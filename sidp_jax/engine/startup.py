@@ -24,7 +24,7 @@ from sidp_jax.loading.checkpoint import load_params
 from sidp_jax.loading.placed_checkpoint import is_placed_checkpoint, restore_placed
 from sidp_jax.models.config import PRESETS, ModelConfig
 from sidp_jax.models.params import init_params
-from sidp_jax.models.registry import family_of
+from sidp_jax.models.registry import ffn_group
 from sidp_jax.parallel.layouts import Layout, dp_comparison_line
 from sidp_jax.pool.policy import ModePolicy
 from sidp_jax.engine.ffn_calibration import calibrated_crossover
@@ -169,7 +169,7 @@ def start(spec: EngineSpec) -> Started:
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens,
                           enable_prefix_caching=settings.enable_prefix_caching)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
-                        hidden=cfg.hidden_size, ffn_params=family_of(cfg).ffn.num_params(cfg), placement=layout.placement,
+                        hidden=cfg.hidden_size, ffn_params=max(ffn_group(cfg, l).num_params(cfg) for l in range(cfg.num_layers)), placement=layout.placement,
                         crossover_tokens=crossover_tokens)
     kv = KvInfo(tokens_per_replica=scheduler.blocks[0].capacity_tokens, num_pages=num_pages, page_size=page_size,
                 kv_bytes_per_page_per_device=page_bytes, kv_sizing=source, mode_crossover_tokens=policy.crossover,
