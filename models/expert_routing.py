@@ -59,19 +59,25 @@ def block_rows_for(num_tokens: int, top_k: int, num_experts: int) -> int:
 
 def plan_rows(weights: jax.Array, experts: jax.Array, num_experts: int, block_rows: int) -> RowPlan:
     """The rows of route()'s (weights, experts) [T, k]: sorted by expert (stable, so a token's
-    rows keep their order), each expert's run starting on a block boundary."""
+    rows keep their order), each expert's run starting on a block boundary.
+
+    Experts outside [0, num_experts) are not at hand (a pooled layout's other owners'): their
+    pairs get no row, and the bound stays that of num_experts experts."""
     T, k = experts.shape
     R = max_rows(T, k, num_experts, block_rows)
-    flat = experts.reshape(-1)
+    here = (experts >= 0) & (experts < num_experts)
+    flat = jnp.where(here, experts, num_experts).reshape(-1)  # pairs not here sort last
     order = jnp.argsort(flat, stable=True)  # pair index, by expert
     sorted_expert = flat[order]
-    counts = jnp.bincount(flat, length=num_experts)
+    counts = jnp.bincount(flat, length=num_experts + 1)[:num_experts]
     padded = -(-counts // block_rows) * block_rows
     start = jnp.cumsum(counts) - counts  # first sorted pair of each expert
     padded_end = jnp.cumsum(padded)
-    row = (padded_end - padded)[sorted_expert] + jnp.arange(T * k) - start[sorted_expert]
-    token = jnp.full((R,), T, jnp.int32).at[row].set((order // k).astype(jnp.int32))
-    weight = jnp.zeros((R,), weights.dtype).at[row].set(weights.reshape(-1)[order])
+    clipped = jnp.minimum(sorted_expert, num_experts - 1)
+    row = (padded_end - padded)[clipped] + jnp.arange(T * k) - start[clipped]
+    row = jnp.where(sorted_expert < num_experts, row, R)  # out of bounds: dropped by the scatters
+    token = jnp.full((R,), T, jnp.int32).at[row].set((order // k).astype(jnp.int32), mode="drop")
+    weight = jnp.zeros((R,), weights.dtype).at[row].set(weights.reshape(-1)[order], mode="drop")
     block_start = jnp.arange(R // block_rows) * block_rows
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), num_experts - 1)
     return RowPlan(token, weight, block_expert.astype(jnp.int32), padded_end[-1].astype(jnp.int32))

@@ -61,28 +61,31 @@ class DenseFfn(nnx.Module):
         return linear(h, w["down"], out_dtype=jnp.float32, reduce_amax=reduce_amax)
 
     @staticmethod
-    def apply(cfg: ModelConfig, x: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
-        """float32 [T, H] over w's slice of the intermediate axis (summed by the caller, who passes
-        reduce_amax when the layer is FP8 and the slices must share one activation scale)."""
+    def apply(cfg: ModelConfig, x: jax.Array, w: dict, split_axes: tuple[str, ...] = ()) -> jax.Array:
+        """float32 [T, H] over w's slice of the intermediate axis, split over mesh `split_axes`
+        (the caller sums the slices; FP8 activation scales then span those axes)."""
         del cfg
-        return DenseFfn.down_proj(DenseFfn.hidden(x, w), w, reduce_amax)
+        return DenseFfn.down_proj(DenseFfn.hidden(x, w), w, amax_over(split_axes))
 
 
 class MoeFfn(nnx.Module):
     """Routed experts (Qwen3-MoE): a router [H, E] picks each token's top k of E SwiGLU experts,
     whose outputs are summed with the routing weights (models/expert_routing.py). The experts are
-    stacked as they load: gate_up [E, H, 2, I], down [E, I, H] (I: moe_intermediate_size), split
-    over tp on the intermediate axis as the dense FFN is."""
+    stacked as they load: gate_up [E, H, 2, I], down [E, I, H] (I: moe_intermediate_size). Their
+    intermediate axis ("expert_ffn") splits over tp as the dense FFN's does; SiDP pools the
+    experts axis itself over "dp" (each GPU owns E/D whole experts)."""
+
+    OWNER_AXIS = "dp"  # the mesh axis a pooled layout splits the experts axis over
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         expert = lambda proj: [f"{_LAYER}.mlp.experts.{e}.{proj}.weight" for e in range(E)]
         self.router = declare(rngs, dtype, (H, E), ("embed", None), "normal", [f"{_LAYER}.mlp.gate.weight"], [(E, H)],
                               Convert("T"))
-        self.experts_gate_up = declare(rngs, dtype, (E, H, 2, I), ("experts", "embed", None, "ffn"), "normal",
+        self.experts_gate_up = declare(rngs, dtype, (E, H, 2, I), ("experts", "embed", None, "expert_ffn"), "normal",
                                        expert("gate_proj") + expert("up_proj"), [(I, H)] * (2 * E),
                                        Convert("experts_gate_up", (E,)))
-        self.experts_down = declare(rngs, dtype, (E, I, H), ("experts", "ffn", "embed"), "normal",
+        self.experts_down = declare(rngs, dtype, (E, I, H), ("experts", "expert_ffn", "embed"), "normal",
                                     expert("down_proj"), [(H, I)] * E, Convert("experts_down", (E,)))
 
     @staticmethod
@@ -100,16 +103,20 @@ class MoeFfn(nnx.Module):
         return 2 * (cfg.num_experts * H + cfg.num_experts_per_tok * 3 * H * cfg.moe_intermediate_size)
 
     @staticmethod
-    def apply(cfg: ModelConfig, x: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
-        """float32 [T, H] over w's slice of each expert's intermediate axis (summed by the caller).
-        Routing is computed whole on every device (the router is small and replicated).
-        reduce_amax: unused, as experts are not FP8 yet (models/modules.py refuses FP8 MoE)."""
-        del reduce_amax
+    def apply(cfg: ModelConfig, x: jax.Array, w: dict, split_axes: tuple[str, ...] = ()) -> jax.Array:
+        """float32 [T, H]: the experts at hand (w) applied to the tokens routed to them, over w's
+        slice of their intermediate axis (the caller sums the slices and the owners' parts).
+
+        Routing is computed whole on every device (the router is small and replicated), so it is
+        the same in every layout. Where the experts axis is split over "dp" (split_axes has it: a
+        pooled layout's CaS), this GPU holds experts [r * E/D, (r + 1) * E/D) and runs only the
+        pairs routed to them. Experts are not FP8 yet (models/modules.py refuses FP8 MoE)."""
         gate_up, down = w["experts_gate_up"], w["experts_down"]
-        E, H, _, I = gate_up.shape
+        E, H, _, I = gate_up.shape  # E: the experts at hand
+        first = jax.lax.axis_index(MoeFfn.OWNER_AXIS) * E if MoeFfn.OWNER_AXIS in split_axes else 0
         B = expert_routing.block_rows_for(x.shape[0], cfg.num_experts_per_tok, E)
         weights, experts = expert_routing.route(x, w["router"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        plan = expert_routing.plan_rows(weights, experts, E, B)
+        plan = expert_routing.plan_rows(weights, experts - first, E, B)
         rows = expert_routing.gather_rows(x, plan)
         gemm = lambda a, b, **kw: grouped_matmul(a, b, plan.block_expert, B, rows_used=plan.rows_used, **kw)
         gu = gemm(rows, gate_up.reshape(E, H, 2 * I)).reshape(-1, 2, I)
@@ -125,7 +132,7 @@ def local_ffn(x: jax.Array, layer, w: dict, active=None, split_axes: tuple[str, 
 
     active: this replica has tokens this step; when False the GEMMs are skipped (the paper's
     dummy skipping: an idle replica only takes part in the collectives). None: always run.
-    split_axes: the mesh axes the intermediate axis is split over here (FP8 scales span them)."""
+    split_axes: the mesh axes the group is split over here (models/ffn.py: each group's apply)."""
     del layer
-    run = lambda: group.apply(cfg, x, w, amax_over(split_axes)).astype(x.dtype)
+    run = lambda: group.apply(cfg, x, w, split_axes).astype(x.dtype)
     return run() if active is None else jax.lax.cond(active, run, lambda: jnp.zeros_like(x))

@@ -74,7 +74,7 @@ class ModelRunner:
         self.token_buffer_width = token_buffer_width
         self._no_prev_tokens: dict[int, jax.Array] = {}
         self.replica_was = ReplicaWaS(cfg, layout, params, self.kv_sharding, self._attn_fn, was_prefetch_depth) \
-            if uses_replica_was(layout, was_runner) else None
+            if uses_replica_was(layout, was_runner, cfg) else None
 
     def _kernels(self, attention: str):
         """None (reference attention everywhere) or how the Pallas kernels run."""

@@ -33,10 +33,14 @@ from sidp_jax.models.ffn import DenseFfn
 from sidp_jax.parallel.capacity import ffn_layer_bytes
 
 
-def uses_replica_was(layout, was_runner: str) -> bool:
-    """auto: per-replica WaS wherever it applies (pooled striped FFN, one GPU per replica)."""
+def uses_replica_was(layout, was_runner: str, cfg) -> bool:
+    """auto: per-replica WaS wherever it applies (pooled striped dense FFN, one GPU per replica;
+    a mixture-of-experts model's WaS runs as one SPMD program that gathers the experts)."""
     was_runner = WasRunner(was_runner)  # the choices: sidp_jax/engine_config.py
-    supported = layout.replica_runner_applies
+    if was_runner == "replicas" and cfg.moe_layers:
+        raise ValueError("was_runner='replicas' does not fetch experts yet: a mixture-of-experts model's WaS "
+                         "runs as one SPMD program (was_runner='spmd' or 'auto')")
+    supported = layout.replica_runner_applies and not cfg.moe_layers
     if was_runner == "replicas" and not supported:
         raise ValueError("was_runner='replicas' needs parallel='sidp', placement='striped', tp=1 and dp > 1")
     return supported and was_runner != "spmd"

@@ -107,6 +107,11 @@ def _step_temp_bytes(runner: ModelRunner, mode: str, max_tokens: int, max_rows: 
     return compiled_temp_bytes(fn.lower(runner.params, runner.kv, runner.counts, batch, samp).compile())
 
 
+def _largest_ffn(cfg):
+    """The FFN group class of the model's largest layer (what the WaS/CaS cost model prices)."""
+    return max((ffn_group(cfg, l) for l in range(cfg.num_layers)), key=lambda g: g.num_params(cfg))
+
+
 def start(spec: EngineSpec) -> Started:
     """Place the weights, size the KV cache, build the runner, the scheduler and the mode policy."""
     cfg, layout, settings = spec.cfg, spec.layout, spec.settings
@@ -114,14 +119,15 @@ def start(spec: EngineSpec) -> Started:
     max_num_seqs, max_num_batched_tokens = settings.max_num_seqs, settings.max_num_batched_tokens
     kv_cache_tokens, crossover_tokens = settings.kv_cache_tokens, settings.ffn_crossover_tokens
     attention, was_runner, was_prefetch_depth = settings.attention, settings.was_runner, settings.was_prefetch_depth
-    replicas = uses_replica_was(layout, was_runner)
+    replicas = uses_replica_was(layout, was_runner, cfg)
     check_weights_fit(spec)
     params = place_params(spec)
     layout_modes = layout.ffn_modes()
     fixed = layout_modes[0] if len(layout_modes) == 1 else None if ffn_mode == "auto" else ffn_mode
     modes = list(layout_modes) if fixed is None else [fixed]
     crossover_source = "given" if crossover_tokens is not None else "cost model defaults"
-    if fixed is None and crossover_tokens is None and layout.platform == "gpu":
+    if fixed is None and crossover_tokens is None and layout.platform == "gpu" and not cfg.moe_layers:
+        # (a mixture-of-experts model's crossover comes from the cost model: the calibration times dense layers)
         crossover_tokens, crossover_source = calibrated_crossover(layout, cfg, spec.dtype, replicas,  # before KV
                                                                   settings.cache_dir)
     if fixed is None and crossover_tokens is not None:  # size the KV only for modes auto can pick
@@ -169,7 +175,8 @@ def start(spec: EngineSpec) -> Started:
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens,
                           enable_prefix_caching=settings.enable_prefix_caching)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
-                        hidden=cfg.hidden_size, ffn_params=max(ffn_group(cfg, l).num_params(cfg) for l in range(cfg.num_layers)), placement=layout.placement,
+                        hidden=cfg.hidden_size, ffn_params=_largest_ffn(cfg).num_params(cfg),
+                        active_params=_largest_ffn(cfg).flops_per_token(cfg) // 2, placement=layout.placement,
                         crossover_tokens=crossover_tokens)
     kv = KvInfo(tokens_per_replica=scheduler.blocks[0].capacity_tokens, num_pages=num_pages, page_size=page_size,
                 kv_bytes_per_page_per_device=page_bytes, kv_sizing=source, mode_crossover_tokens=policy.crossover,

@@ -104,7 +104,7 @@ class Layout:
         return False
 
     def sharding_rules(self) -> ShardingRules:
-        return ShardingRules({"q_heads": "tp", "kv_heads": "tp", "ffn": "tp"})
+        return ShardingRules({"q_heads": "tp", "kv_heads": "tp", "ffn": "tp", "expert_ffn": "tp"})
 
     def stored_specs(self, cfg: ModelConfig) -> dict:
         """The model's ParamSpecs as this layout stores them."""
@@ -136,14 +136,18 @@ class Layout:
             if n % self.tp:
                 raise ValueError(f"{n} {what} do not split over tp={self.tp}")
         if cfg.moe_layers and self.pooled:
-            raise ValueError(f"{self.describe()} pools dense FFN layers only: run a mixture-of-experts model "
-                             f"with --parallel dp or tp (SiDP for experts is not built yet)")
+            self.check_expert_pool(cfg)
         sizes = [("intermediate size", cfg.intermediate_size)] if cfg.dense_layers else []
         if cfg.moe_layers:
             sizes.append(("expert intermediate size", cfg.moe_intermediate_size))
         for what, n in sizes:
             if n % self.ffn_shards:
                 raise ValueError(f"{what} {n} does not split into {self.ffn_shards} FFN shards")
+
+    def check_expert_pool(self, cfg: ModelConfig) -> None:
+        """A pooled layout that can hold a mixture-of-experts model says so by overriding this."""
+        raise ValueError(f"{self.describe()} does not pool experts: run a mixture-of-experts model with "
+                         f"--placement striped (each GPU owns E/D experts), or --parallel dp or tp")
 
     # ----- memory -----
     @classmethod
@@ -218,8 +222,14 @@ class StripedSidp(SidpLayout):
     placement = Placement.STRIPED
 
     def sharding_rules(self) -> ShardingRules:
+        """Pooled: dense FFN groups split their intermediate axis over the whole group, and
+        each GPU owns E/D whole experts of every MoE layer (the experts axis over "dp")."""
         rules = super().sharding_rules()
-        return ShardingRules({**rules.rules, "ffn": ("dp", "tp")}) if self.pooled else rules
+        return ShardingRules({**rules.rules, "ffn": ("dp", "tp"), "experts": "dp"}) if self.pooled else rules
+
+    def check_expert_pool(self, cfg: ModelConfig) -> None:
+        if cfg.num_experts % self.num_replicas:
+            raise ValueError(f"{cfg.num_experts} experts do not split over dp={self.num_replicas} owners")
 
     @property
     def ffn_shards(self) -> int:
@@ -232,7 +242,7 @@ class StripedSidp(SidpLayout):
     def ffn_strategy(self, cfg: ModelConfig, mode: str):
         if not self.pooled:
             return super().ffn_strategy(cfg, mode)
-        gather_axes = ffn_gather_axes(self.stored_specs(cfg)["layers"][0]["ffn"])
+        gather_axes = [ffn_gather_axes(w["ffn"]) for w in self.stored_specs(cfg)["layers"]]
         return make_striped_ffns(gather_axes, own_ffn(cfg), self._tp_axes)[mode]
 
     @property

@@ -50,29 +50,36 @@ def _pinned(w, x):
 
 
 def make_striped_ffns(gather_axes, ffn, tp_axes: tuple[str, ...] = ()):
-    """Striped placement. gather_axes: the FFN group's tree with, per leaf, the axis its
-    intermediate dimension is on (-1: a leaf without one, such as an FP8 down projection's
-    scales); ffn(x, layer, w, active, split_axes): the model's FFN on weights at hand
-    (models/decoder.py own_ffn); tp_axes: ("tp",) where a replica splits the intermediate axis
-    further over tp (FP8 activation scales then span those axes too)."""
+    """Striped placement. gather_axes: per layer, the FFN group's tree with, per leaf, the axis
+    split over "dp" (ffn_gather_axes: a dense group's intermediate axis, a MoE group's experts
+    axis; -1: a leaf held whole, such as the router or an FP8 down projection's scales);
+    ffn(x, layer, w, active, split_axes): the model's FFN on weights at hand (models/decoder.py
+    own_ffn); tp_axes: ("tp",) where a replica splits the intermediate axis further over tp (FP8
+    activation scales then span those axes too)."""
 
     def striped_was(x, layer, w, active=None):
         w, x = _pinned(w, x)
         full = jax.tree.map(lambda a, axis: a if axis < 0 else jax.lax.all_gather(a, "dp", axis=axis, tiled=True),
-                            w, gather_axes)
+                            w, gather_axes[layer])
         return ffn(x, layer, full, active, split_axes=tp_axes)
 
     def striped_cas(x, layer, w, active=None):  # an idle replica still serves the others' tokens
         everyone = jax.lax.all_gather(x, "dp", axis=0, tiled=True)  # [D*T, H]
-        partial = ffn(everyone, layer, w, split_axes=("dp", *tp_axes))  # this rank's 1/D of the FFN
+        partial = ffn(everyone, layer, w, split_axes=("dp", *tp_axes))  # this rank's 1/D of the FFN (or experts)
         return jax.lax.psum_scatter(partial, "dp", scatter_dimension=0, tiled=True)
 
     return {"was": striped_was, "cas": striped_cas}
 
 
+POOLED_AXES = ("ffn", "experts")  # the logical axes a striped pool splits over "dp" (layouts.StripedSidp)
+
+
 def ffn_gather_axes(ffn_specs):
-    """Per leaf of an FFN group's ParamSpecs, the axis of its intermediate dimension (-1: none)."""
-    return jax.tree.map(lambda s: s.axes.index("ffn") if "ffn" in s.axes else -1, ffn_specs, is_leaf=is_spec)
+    """Per leaf of an FFN group's ParamSpecs, the axis the striped pool splits over "dp": a dense
+    group's intermediate axis, a MoE group's experts axis (-1: none, the leaf is whole)."""
+    def axis(s):
+        return next((s.axes.index(a) for a in POOLED_AXES if a in s.axes), -1)
+    return jax.tree.map(axis, ffn_specs, is_leaf=is_spec)
 
 
 def _own_row(group: dict) -> dict:

@@ -1,12 +1,13 @@
 """Per-step choice between WaS and CaS from a cost model of one FFN layer.
 
 With T tokens on the busiest replica, D replicas, F FFN parameters per layer (the family's FFN
-group says how many, models/ffn.py; bf16: 2F bytes),
+group says how many, models/ffn.py; bf16: 2F bytes) of which a token multiplies A (a dense layer:
+A = F; a MoE layer: its k experts of E, plus the router),
 matmul rate R, HBM bandwidth B, link bandwidth N and a per-collective latency lat:
-  WaS: compute max(2TF/R, 2F/B), fetch 2F(D-1)/D/N, overlapped -> max(compute, fetch / eff)
-  CaS striped: each GPU runs its F/D slice on all D*T tokens: max(2TF/R, 2F/(D*B)), plus an
-               all-gather and a reduce-scatter of D*T*H activations, on the critical path.
-  CaS owner:   the owner runs all D*T tokens: max(2DTF/R, 2F/B) plus the same activation traffic.
+  WaS: compute max(2TA/R, 2F/B), fetch 2F(D-1)/D/N, overlapped -> max(compute, fetch / eff)
+  CaS striped: each GPU runs its F/D slice (or E/D experts) on all D*T tokens: max(2TA/R, 2F/(D*B)),
+               plus an all-gather and a reduce-scatter of D*T*H activations, on the critical path.
+  CaS owner:   the owner runs all D*T tokens: max(2DTA/R, 2F/B) plus the same activation traffic.
 The constants are defaults from H200 figures; on GPUs the engine measures the crossover itself
 instead (sidp_jax/engine/ffn_calibration.py) and hands it to ModePolicy as `crossover_tokens`.
 """
@@ -31,9 +32,11 @@ class CostModel:
 
 class ModePolicy:
     def __init__(self, *, fixed: str | None, num_replicas: int, hidden: int, ffn_params: int,
-                 placement: str, cost_model: CostModel | None = None, crossover_tokens: int | None = None):
+                 placement: str, cost_model: CostModel | None = None, crossover_tokens: int | None = None,
+                 active_params: int | None = None):
         self.fixed = fixed
         self.D, self.H, self.F = num_replicas, hidden, ffn_params
+        self.A = active_params if active_params is not None else ffn_params
         self.placement = placement
         self.cal = cost_model or CostModel()
         self.crossover = crossover_tokens if crossover_tokens is not None else self._crossover()
@@ -41,15 +44,15 @@ class ModePolicy:
             log.info("ffn_mode=auto: WaS from %d tokens per replica step (%s)", self.crossover, self.cal.source)
 
     def layer_seconds(self, mode: str, tokens: int) -> float:
-        c, D, F = self.cal, self.D, self.F
+        c, D, F, A = self.cal, self.D, self.F, self.A
         acts = 2 * (D - 1) * tokens * self.H * 2 / c.link_bytes + 2 * c.collective_latency
         if mode == "was":
-            compute = max(2 * tokens * F / c.matmul_flops, 2 * F / c.hbm_bytes)
+            compute = max(2 * tokens * A / c.matmul_flops, 2 * F / c.hbm_bytes)
             fetch = 2 * F * (D - 1) / D / c.link_bytes
             return max(compute, fetch / max(c.overlap_efficiency, 1e-3), compute + fetch * (1 - c.overlap_efficiency))
         if self.placement == "owner":
-            return max(2 * D * tokens * F / c.matmul_flops, 2 * F / c.hbm_bytes) + acts
-        return max(2 * tokens * F / c.matmul_flops, 2 * F / (D * c.hbm_bytes)) + acts
+            return max(2 * D * tokens * A / c.matmul_flops, 2 * F / c.hbm_bytes) + acts
+        return max(2 * tokens * A / c.matmul_flops, 2 * F / (D * c.hbm_bytes)) + acts
 
     def _crossover(self) -> int:
         t = 1
