@@ -56,7 +56,8 @@ def measure(layout, cfg, dtype, replicas: bool = False) -> dict:
 
         def local(x, ws):
             for l in range(L):
-                f = fn(x, l, ws[l // D] if owner else ws[l])
+                # owner: layer l's root is l mod D; striped: every copy is stored as layer 0's group
+                f = fn(x, l, ws[l // D]) if owner else fn(x, 0, ws[l])
                 x = x + (jax.lax.psum(f, tp_axis) if tp_axis else f)
             return x
         return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("dp"), [w_spec] * n), out_specs=P("dp"),
