@@ -296,3 +296,24 @@ def test_pooled_experts_hold_more_kv_than_dp(D, least):
     dp = kv_tokens_per_gpu(cfg, "dp", D, 141e9, 0.9, workspace_bytes=4e9)
     sidp = kv_tokens_per_gpu(cfg, "sidp", D, 141e9, 0.9, workspace_bytes=4e9)
     assert sidp / dp >= least, (sidp, dp)
+
+
+def test_sidp_on_one_gpu_compiles_to_the_same_program_as_dp():
+    """At D=1 nothing is pooled: the sidp step is dp's, instruction for instruction (no collective
+    added), in the optimized HLO."""
+    import re
+
+    from sidp_jax.engine.sampler import SamplerFlags
+
+    def instructions(parallel):
+        llm = LLM(checkpoint("tiny-qwen3-moe"), mesh="dp=1", parallel=parallel, dtype="float32",
+                  kv_cache_tokens=256, verbose=False, devices=jax.devices("cpu")[:1])
+        runner = llm.engine.runner
+        batch, samp = runner.abstract_inputs(16, 4, 8, decode_only=False)
+        text = runner.step_fn("local", SamplerFlags()).lower(runner.params, runner.kv, runner.counts, batch,
+                                                             samp).compile().as_text()
+        return [re.sub(r", metadata=\{[^}]*\}", "", line) for line in text.splitlines() if " = " in line]
+
+    dp, sidp = instructions("dp"), instructions("sidp")
+    assert len(dp) > 100 and dp == sidp
+    assert not any(op in line for line in sidp for op in ("all-gather", "reduce-scatter", "all-reduce"))
