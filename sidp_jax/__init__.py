@@ -10,6 +10,7 @@ _os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", XLA_MEM_FRACTION)
 
 from sidp_jax.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from sidp_jax.sampling_params import SamplingParams  # noqa: E402
+from sidp_jax.structured_outputs import StructuredOutputsParams  # noqa: E402
 
 
 def __getattr__(name):  # LLM pulls in jax and the models: import it lazily
@@ -20,4 +21,4 @@ def __getattr__(name):  # LLM pulls in jax and the models: import it lazily
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -36,6 +36,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # leave special tokens out of the text
     spaces_between_special_tokens: bool = True  # vLLM's name; see the field's check below
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: max_model_len - 1)
+    structured_outputs: Any = None  # a StructuredOutputsParams (or a dict of its fields): json, regex, choice, ...
 
     MAX_LOGPROBS = 20
     MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias value
@@ -55,6 +56,13 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self.logit_bias = self._token_map("logit_bias", self.logit_bias)
+        if self.structured_outputs is not None:
+            from sidp_jax.structured_outputs import StructuredOutputsParams
+
+            try:
+                self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.{e}") from None
         if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (list, tuple)):
             self._fail("allowed_token_ids", "must be a list of token ids")
         if isinstance(self.bad_words, str):

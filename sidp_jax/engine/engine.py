@@ -8,6 +8,7 @@ import time
 import jax
 import numpy as np
 
+from sidp_jax.engine.grammar_masks import GrammarMasks
 from sidp_jax.engine.model_runner import ModelRunner
 from sidp_jax.engine.penalty_counts import PenaltySlots
 from sidp_jax.engine.sampler import Sampled
@@ -15,7 +16,7 @@ from sidp_jax.engine.scheduler import ScheduledChunk, Scheduler
 from sidp_jax.engine.sequence import Sequence
 from sidp_jax.engine.step_inputs import build_step, wants_prompt_logprobs
 from sidp_jax.engine.step_times import step_times
-from sidp_jax.engine.stop import check_stop
+from sidp_jax.engine.stop import Stop, check_stop
 from sidp_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from sidp_jax.sampling_params import SamplingParams
 
@@ -84,6 +85,7 @@ class Engine:
         self._inflight: _InFlight | None = None
         self._last_ready = 0.0
         self.penalty_slots = PenaltySlots(runner.layout.num_replicas, runner.counts.shape[1])
+        self._grammar_masks: GrammarMasks | None = None  # built at the first structured-output request
 
     def add(self, req: Request) -> None:
         p = req.params
@@ -118,9 +120,13 @@ class Engine:
         t0 = time.perf_counter()
         finished: list[Sequence] = []
         plans = self.scheduler.schedule()
-        if self._inflight is not None and (self.penalty_slots.waits_for_host_tokens(plans) or _bad_words_wait(plans)):
+        if self._inflight is not None and (self.penalty_slots.waits_for_host_tokens(plans) or _bad_words_wait(plans)
+                                           or _grammar_wait(plans)):
             finished += self._apply(self._take_inflight())
             plans = [[c for c in plan if c.seq.finish_reason is None] for plan in plans]
+            if not any(plans):  # every planned sequence just finished: nothing left to run this step
+                self.wall_seconds += time.perf_counter() - t0
+                return finished
         for seq, replica, slot in self.penalty_slots.assign(plans):  # before the step that reads them
             self.runner.init_penalty_counts(replica, slot, seq)
         if not any(plans):
@@ -131,6 +137,10 @@ class Engine:
             return finished
         inputs = build_step(plans, self.runner.page_size, self.eos_ids, self.max_num_batched_tokens,
                             self.max_num_seqs, self.max_pages, self.runner.tile_tokens)
+        if inputs.flags.grammar:  # constrained rows: their allowed tokens, computed now on the host
+            rows = [(r, row, c.seq) for r, plan in enumerate(plans) for row, c in enumerate(plan)
+                    if c.samples and c.seq.params.structured_outputs is not None]
+            inputs.sampling["grammar_mask"] = self.grammar_masks().fill(rows, len(plans), inputs.shape.S)
         mode = self.mode_policy(plans)
         self.device_fed_tokens += int((inputs.batch["prev_index"] >= 0).sum())
         previous = self._take_inflight()
@@ -151,6 +161,14 @@ class Engine:
             finished += self._apply(self._take_inflight())
         self.wall_seconds += time.perf_counter() - t0
         return finished
+
+    def grammar_masks(self) -> GrammarMasks:
+        if self._grammar_masks is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer")
+            self._grammar_masks = GrammarMasks(self.tokenizer.backend.to_str(), self.runner.cfg.vocab_size,
+                                               self.eos_ids)
+        return self._grammar_masks
 
     def _take_inflight(self) -> _InFlight | None:
         flight, self._inflight = self._inflight, None
@@ -203,6 +221,8 @@ class Engine:
                                                       out.top_ids, out.top_logprobs, (r, row), p.logprobs))
         decode = (lambda ids: self.tokenizer.decode(ids, p.skip_special_tokens)) if self.tokenizer else None
         stop = check_stop(seq.output_ids, p, seq.max_tokens, self.eos_ids, decode)
+        if stop is None and p.structured_outputs is not None and GrammarMasks.done(seq):
+            stop = Stop("stop")  # the grammar is complete: nothing more may follow
         if stop is None:
             return False
         seq.finish_reason, seq.stop_reason = stop.finish_reason, stop.stop_reason
@@ -240,6 +260,11 @@ class Engine:
                 **step_times(self.wall_seconds, host, self.device_seconds, self.num_steps),
                 "steps_found_ready": self.steps_found_ready, "device_fed_tokens": self.device_fed_tokens,
                 **self.scheduler.prefix_cache_stats()}
+
+
+def _grammar_wait(plans: list[list[ScheduledChunk]]) -> bool:
+    """A structured-output row's mask depends on its newest token, which must be on the host."""
+    return any(c.seq.num_pending and c.seq.params.structured_outputs is not None for plan in plans for c in plan)
 
 
 def _bad_words_wait(plans: list[list[ScheduledChunk]]) -> bool:

@@ -25,7 +25,9 @@ logprobs and ranks), so a greedy batch pays for none of it.
 A row's random draw depends only on (its seed, how many tokens it has generated), never on the
 rest of the batch, so seeded requests reproduce across batch compositions and preemptions.
 Penalties read token counts kept on the device (sidp_jax/engine/penalty_counts.py). Prompt
-logprobs stay a static flag (`SamplerFlags`): they need every token's logits.
+logprobs stay a static flag (`SamplerFlags`): they need every token's logits. So does a
+structured-output mask (`grammar`, a packed bitmask from sidp_jax/engine/grammar_masks.py, applied
+first, as vLLM applies it before its sampler): a step without constrained rows carries none.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ PASSES = 8  # ... so 8 passes find the exact threshold
 @dataclasses.dataclass(frozen=True)
 class SamplerFlags:
     prompt_logprobs: int = -1  # >= 0: every token's logprob of the next prompt token, and the top-N
+    grammar: bool = False  # a row has a structured-output mask: the step's arrays carry "grammar_mask"
+
+
+def apply_bitmask(logits: jax.Array, words: jax.Array) -> jax.Array:
+    """logits [S, V] with every token whose bit is 0 in words [S, ceil(V / 32)] int32 (bit t % 32
+    of word t // 32, least significant first: llguidance's layout) set to -inf."""
+    S, V = logits.shape
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]
+    return jnp.where(bits.reshape(S, -1)[:, :V] > 0, logits, NEG_INF)
 
 
 def ordered_keys(x: jax.Array) -> jax.Array:
@@ -176,6 +187,8 @@ def sample(logits: jax.Array, p: dict, gated: bool = True, counts: jax.Array | N
     """logits [S, V] float32 and the rows' sampling arrays (StepShape.sampling_fields) -> Sampled [S].
     counts: the replica's penalty token counts [slots, V] (None: no row has penalties)."""
     S, V = logits.shape
+    if "grammar_mask" in p:  # structured outputs: as vLLM, before anything else (logprobs see it too)
+        logits = apply_bitmask(logits, p["grammar_mask"])
     lse = jax.nn.logsumexp(logits, axis=-1)  # raw logprobs = logits - lse
     raw = logits
     logits = _apply_edits(logits, p, gated)

@@ -182,9 +182,11 @@ def wants_prompt_logprobs(c: ScheduledChunk) -> bool:
 
 
 def sampler_flags(chunks: list[ScheduledChunk]) -> SamplerFlags:
-    """The sampler's static options: only prompt logprobs (the rest are arrays)."""
+    """The sampler's static options: prompt logprobs, and whether a sampling row is constrained by
+    a structured output (the rest are arrays)."""
     prompt_k = max((c.seq.params.prompt_logprobs for c in chunks if wants_prompt_logprobs(c)), default=-1)
-    return SamplerFlags(prompt_logprobs=bucket(prompt_k, 1, 20) if prompt_k > 0 else prompt_k)
+    grammar = any(c.samples and c.seq.params.structured_outputs is not None for c in chunks)
+    return SamplerFlags(prompt_logprobs=bucket(prompt_k, 1, 20) if prompt_k > 0 else prompt_k, grammar=grammar)
 
 
 def banned_tokens(seq, eos_ids: list[int]) -> list[int]:

@@ -50,18 +50,19 @@ LINE_KEYS = ("custom_id", "method", "url", "body")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
                    "logit_bias", "allowed_token_ids", "bad_words", "include_stop_str_in_output", "skip_special_tokens",
-                   "spaces_between_special_tokens", "truncate_prompt_tokens")  # the last six: vLLM's extra fields
+                   "spaces_between_special_tokens", "truncate_prompt_tokens",
+                   "structured_outputs")  # from allowed_token_ids on: vLLM's extra fields
 IGNORED_FIELDS = ("model", "user", "metadata", "store", "service_tier")  # no effect on an offline batch
 ENDPOINT_FIELDS = {
-    "chat": ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template_kwargs"),
-    "completions": ("prompt", "logprobs"),
+    "chat": ("messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template_kwargs",
+             "response_format"),
+    "completions": ("prompt", "logprobs", "response_format"),
 }
 # Fields OpenAI defines that this job does not do; each is accepted only with its "off" value.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
                "stream", "stream_options", "echo", "best_of", "suffix", "audio", "modalities",
                "prediction", "reasoning_effort", "web_search_options")
-_OFF_VALUES = {"best_of": (1,), "tool_choice": ("none",), "response_format": ({"type": "text"},),
-               "parallel_tool_calls": (True,)}  # the default values: plain text, and tools' default
+_OFF_VALUES = {"best_of": (1,), "tool_choice": ("none",), "parallel_tool_calls": (True,)}  # tools' defaults
 _UNSUPPORTED_WHY = {
     "stream": "the batch job writes whole responses", "stream_options": "the batch job writes whole responses",
     "reasoning_effort": "for Qwen3 thinking use 'chat_template_kwargs': {\"enable_thinking\": false}",
@@ -140,6 +141,12 @@ def _parse(line: int, rid, obj: dict, base_sampling: dict) -> JobRequest:
         prompt = completion_prompt(body["prompt"])
         if "logprobs" in body:
             overrides["logprobs"] = body["logprobs"]
+    if "response_format" in body:
+        structured = structured_outputs_of(body["response_format"])
+        if structured is not None:
+            if "structured_outputs" in body:
+                raise ValueError("give one of 'body.response_format' or 'body.structured_outputs', not both")
+            overrides["structured_outputs"] = structured
     params = make_sampling_params(base_sampling, overrides)
     several = isinstance(prompt, tuple)
     text, ids = (None, prompt) if isinstance(prompt, list) else (None if several else prompt, None)
@@ -147,6 +154,35 @@ def _parse(line: int, rid, obj: dict, base_sampling: dict) -> JobRequest:
                       chat_template_kwargs=template_kwargs, endpoint=endpoint, model=model,
                       given=frozenset(base_sampling) | frozenset(overrides),
                       prompt_list=list(prompt) if several else None)
+
+
+def structured_outputs_of(response_format) -> dict | None:
+    """OpenAI's response_format as StructuredOutputsParams fields: {"type": "text"} (none),
+    {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+    where = "'body.response_format'"
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        raise ValueError(f"{where} must be an object with a 'type', got {json.dumps(response_format)[:60]}")
+    kind = response_format["type"]
+    extra = sorted(set(response_format) - {"type", "json_schema"})
+    if extra:
+        raise ValueError(f"unknown field(s) in {where}: {', '.join(map(repr, extra))}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "json_schema":
+        raise ValueError(f"{where}.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError(f"{where}.json_schema must be an object with a 'schema' object")
+    unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if unknown:
+        raise ValueError(f"unknown field(s) in {where}.json_schema: {', '.join(map(repr, unknown))}")
+    if "name" in spec and not isinstance(spec["name"], str):
+        raise ValueError(f"{where}.json_schema.name must be a string")
+    if not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise ValueError(f"{where}.json_schema.strict must be true or false")
+    return {"json": spec["schema"]}
 
 
 def _is_token_ids(x) -> bool:
