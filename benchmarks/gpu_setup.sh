@@ -4,5 +4,5 @@
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 SIDP_JAX_CACHE=/tmp/sidp-cache
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/sidp-now . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --target /tmp/sidp-now . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
 now="env PYTHONPATH=/tmp/sidp-now"

@@ -17,16 +17,32 @@ MIXES: dict[str, dict] = {
     "penalties": {"temperature": 1.0, "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5},
     "logit_bias": {"temperature": 1.0, "logit_bias": {11: 5.0, 22: -5.0, 33: 2.0, 44: -100.0}},
 }
-NAMES = ["greedy", "default", *[m for m in MIXES if m != "greedy"], "mixed"]
+# Structured output (issue: JSON schema at batch speed): the model's default sampling, constrained
+# by a schema with nested objects and enums. Not part of "mixed"; its rows carry "structured": true.
+STRUCTURED_SCHEMA = {"type": "object", "additionalProperties": False,
+                     "required": ["name", "kind", "scores", "owner"],
+                     "properties": {"name": {"type": "string", "maxLength": 24},
+                                    "kind": {"enum": ["tool", "dataset", "model", "paper"]},
+                                    "scores": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                          "maximum": 100}, "maxItems": 8},
+                                    "owner": {"type": "object", "additionalProperties": False,
+                                              "required": ["org", "verified"],
+                                              "properties": {"org": {"type": "string", "maxLength": 16},
+                                                             "verified": {"type": "boolean"}}}}}
+STRUCTURED = {"structured_json": {"structured_outputs": {"json": STRUCTURED_SCHEMA}}}
+NAMES = ["greedy", "default", *[m for m in MIXES if m != "greedy"], "mixed", *STRUCTURED]
 
 
 def mix_fields(name: str, defaults: dict, index: int) -> dict:
     """SamplingParams fields of request `index` under mix `name` (mixed: the requests cycle
     through every other mix, the model's default included)."""
     if name == "mixed":
-        cycle = [n for n in NAMES if n != "mixed"]
+        cycle = [n for n in NAMES if n != "mixed" and n not in STRUCTURED]
         return mix_fields(cycle[index % len(cycle)], defaults, index)
-    fields = dict(defaults) if name == "default" else dict(MIXES[name])
+    if name in STRUCTURED:  # the model's default sampling, constrained
+        fields = {**defaults, **STRUCTURED[name]}
+    else:
+        fields = dict(defaults) if name == "default" else dict(MIXES[name])
     if fields.get("temperature", 1.0) > 0:
         fields["seed"] = index
     return fields

@@ -57,7 +57,8 @@ def run_one(args, parallel: str, async_scheduling: bool, prefix_caching: bool, q
              "max_num_batched_tokens": max_num_batched_tokens}
     rows = []
     for seed, mix in enumerate(sampling_mixes.parse(args.sampling)):
-        rows.append({"sampling": mix, **run_mix(args, llm, mix, seed, setup)})
+        rows.append({"sampling": mix, "structured": mix in sampling_mixes.STRUCTURED,
+                     **run_mix(args, llm, mix, seed, setup)})
         # each mix's row as soon as it is done: an outer timeout still leaves the finished mixes
         print(f"[sidp_jax] mix {mix}: {rows[-1]['output_tokens_per_s']:.0f} output tokens/s, "
               f"complete {rows[-1]['complete']}, compiled mid-run {len(rows[-1]['variants_compiled_in_run'])}", flush=True)
