@@ -12,10 +12,13 @@ Semantics are vLLM's (v1 sampler), in its order:
   6. a Gumbel-max draw over the kept tokens.
 
 Every filter keeps a *top set* {tokens whose scaled logit >= a row's threshold}, so the sampler
-never sorts the vocabulary: min_p's threshold is closed-form (max + log min_p), and top_k's and
-top_p's are found by a search over the float32 values' bit patterns (`_threshold`): each pass over
-[S, V] counts (top_k) or sums the probability mass (top_p) at 15 pivots at once, so 8 passes pin
-the exact 32-bit threshold. Ties at top_k's k-th value are kept, as vLLM keeps them.
+never sorts the vocabulary: min_p's threshold is closed-form (max + log min_p). A top_k up to
+CANDIDATES (64) reads the k-th value off each row's exact top 64 values (`_top_values`: the 64
+vocabulary blocks with the largest maxima hold them), and a top_p under such a top_k is the first
+of those values whose cumulative mass reaches it. A larger top_k, or top_p alone, is found by a
+search over the float32 values' bit patterns (`_threshold`): each pass over [S, V] counts (top_k)
+or sums the probability mass (top_p) at 15 pivots at once, so 8 passes pin the exact 32-bit
+threshold (benchmarks/RESULTS.md, "Sampling", has what each costs). Ties at top_k's k-th value are kept, as vLLM keeps them.
 
 The options are runtime arrays: one compiled program serves every mix of temperature, top_k,
 top_p, min_p, logprobs and logit_bias, so a job never compiles mid-run when a new mix arrives.
@@ -90,6 +93,25 @@ def _threshold(keys: jax.Array, weight, target: jax.Array, lo: jax.Array, hi: ja
     return lo
 
 
+CANDIDATES = 64  # top_k up to this takes the candidate path (_top_values); larger k, and top_p alone, search
+CANDIDATE_BLOCK = 256  # vocabulary block of the candidate path
+
+
+def _top_values(scaled: jax.Array, count: int) -> jax.Array:
+    """Each row's `count` largest values, descending ([S, V] -> [S, count]), exact, without a
+    pass over the whole vocabulary per bit: the rows are cut into blocks, and the `count` blocks
+    with the largest maxima hold the `count` largest values (every other block's values are at
+    most those `count` maxima, so they cannot push the count-th largest up). lax.top_k then runs on
+    count * CANDIDATE_BLOCK candidates instead of V."""
+    S, V = scaled.shape
+    nb = -(-V // CANDIDATE_BLOCK)
+    blocks = jnp.pad(scaled, ((0, 0), (0, nb * CANDIDATE_BLOCK - V)), constant_values=NEG_INF)
+    blocks = blocks.reshape(S, nb, CANDIDATE_BLOCK)
+    _, chosen = jax.lax.top_k(jnp.max(blocks, axis=-1), min(count, nb))
+    candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(S, -1)
+    return jax.lax.top_k(candidates, min(count, candidates.shape[1]))[0]
+
+
 def filter_threshold(scaled: jax.Array, p: dict, sampling: jax.Array, gated: bool = True) -> jax.Array:
     """Per row, the key of the lowest scaled logit that min_p, top_k and top_p keep ([S] int32).
 
@@ -102,22 +124,37 @@ def filter_threshold(scaled: jax.Array, p: dict, sampling: jax.Array, gated: boo
     top = ordered_keys(m) + 1  # F(top) = 0
     # min_p: prob >= min_p * max prob  <=>  scaled >= max + log(min_p)
     tau = jnp.maximum(lowest, ordered_keys(m + jnp.log(p["min_p"])))
-    # top_k: the k-th largest value (ties kept); rows without top_k keep everything
+    # top_k: the k-th largest value (ties kept); rows without top_k keep everything. k <= CANDIDATES
+    # (Qwen3's 20, the usual 40-50): read off the exact top values; larger k: the bit search
     k = p["top_k"]
     wants_k = sampling & (k > 0) & (k < V)
-    search_k = lambda: _threshold(keys, None, jnp.where(wants_k, k, 1), jnp.min(keys, axis=-1), top)
-    tau_k = _when(gated, jnp.any(wants_k), search_k, lowest)
+    count = min(CANDIDATES, V)
+    few = wants_k & (k <= count)
+    many = wants_k & ~few
+    top_vals = _when(gated, jnp.any(few), lambda: _top_values(scaled, count), jnp.full((S, count), NEG_INF))
+    kth = jnp.take_along_axis(top_vals, jnp.clip(k - 1, 0, count - 1)[:, None], axis=1)[:, 0]
+    search_k = lambda: _threshold(keys, None, jnp.where(many, k, 1), jnp.min(keys, axis=-1), top)
+    tau_k = jnp.where(few, ordered_keys(kth), _when(gated, jnp.any(many), search_k, lowest))
     tau = jnp.maximum(tau, jnp.where(wants_k, tau_k, lowest))
     # top_p: over the tokens kept so far, renormalised; keep a token iff the mass strictly above it
-    # is below top_p, i.e. keep keys >= the largest t whose mass at or above reaches top_p * kept mass
+    # is below top_p, i.e. keep keys >= the largest t whose mass at or above reaches top_p * kept mass.
+    # Under a top_k <= CANDIDATES every kept token is among top_vals (descending): the first value
+    # whose cumulative mass reaches the target is t. Otherwise the bit search over the vocabulary.
     wants_p = sampling & (p["top_p"] < 1)
+    top_p = jnp.where(wants_p, p["top_p"], 1.0)
+
+    def within_top_k():
+        e = jnp.where(ordered_keys(top_vals) >= tau[:, None], jnp.exp(top_vals - m[:, None]), 0.0)
+        reached = jnp.cumsum(e, axis=-1) >= (top_p * jnp.sum(e, axis=-1))[:, None]
+        return ordered_keys(jnp.take_along_axis(top_vals, jnp.argmax(reached, axis=-1)[:, None], axis=1)[:, 0])
 
     def search_p():
         e = jnp.exp(scaled - m[:, None])
         kept_mass = jnp.sum(jnp.where(keys >= tau[:, None], e, 0.0), axis=-1)
-        return _threshold(keys, e, jnp.where(wants_p, p["top_p"], 1.0) * kept_mass, tau, top)
+        return _threshold(keys, e, top_p * kept_mass, tau, top)
 
-    tau_p = _when(gated, jnp.any(wants_p), search_p, tau)
+    tau_p = jnp.where(few, _when(gated, jnp.any(wants_p & few), within_top_k, tau),
+                      _when(gated, jnp.any(wants_p & ~few), search_p, tau))
     return jnp.where(wants_p, jnp.maximum(tau, tau_p), tau)
 
 
