@@ -25,8 +25,8 @@ them), NVLink all_gather 200 GB/s, device_put 329 GB/s, 20 us per collective (2x
 from __future__ import annotations
 
 import argparse
-import json
 
+from provenance import write_result  # noqa: E402  (benchmarks/ is on sys.path)
 from sidp_jax.models.config import PRESETS
 from sidp_jax.parallel.capacity import weight_bytes
 from sidp_jax.parallel.layouts import kv_tokens_per_gpu
@@ -111,8 +111,7 @@ def main():
                 print(f"| {name} | {D} | {layout} | {kv:,} | {r['seqs_per_replica']} | {r['step_ms']:.1f} | "
                       f"{r['output_tokens_per_s_per_gpu']:,.0f} | " + (f"{r['vs_dp']:.2f}x |" if r["vs_dp"] else "- |"))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "rows": rows, "kind": "computed model, not a measurement"}, f, indent=1)
+        write_result(a.out, {"args": vars(a), "rows": rows, "kind": "computed model, not a measurement"})
 
 
 if __name__ == "__main__":
