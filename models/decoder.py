@@ -16,7 +16,6 @@ how attention reaches the keys and values (`attend`) and how the FFN reaches its
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 

@@ -1,9 +1,9 @@
 """The FFN of a decoder layer as a typed group of weights: what SiDP pools.
 
 A family's layer declares its FFN as one of these classes: `DenseFfn`, or `MoeFfn` (routed
-experts) in a mixture-of-experts model's MoE layers. The class is the one place that knows the group: its weights (declared with
-their Hugging Face names), its bytes and FLOPs per layer (for capacity, the WaS/CaS cost model and
-the roofline), and its math. In the engine's weight pytree the group is the subtree
+experts) in a mixture-of-experts model's MoE layers. The class is the one place that knows the
+group: its weights (declared with their Hugging Face names), its bytes and FLOPs per layer (for
+capacity, the WaS/CaS cost model and the roofline), and its math. In the engine's weight pytree the group is the subtree
 `layers[l]["ffn"]`; the pool's strategies (sidp_jax/pool/ffn.py) move or split that subtree whole.
 """
 
@@ -20,6 +20,11 @@ from sidp_jax.models.fp8 import amax_over, linear
 from sidp_jax.models.params import Convert, declare
 
 _LAYER = "model.layers.{l}"
+
+
+def swiglu(gate_up: jax.Array, dtype) -> jax.Array:
+    """silu(gate) * up in dtype, from gate_up [..., 2, I] (computed in float32)."""
+    return (jax.nn.silu(gate_up[..., 0, :].astype(jnp.float32)) * gate_up[..., 1, :].astype(jnp.float32)).astype(dtype)
 
 
 class DenseFfn(nnx.Module):
@@ -52,8 +57,7 @@ class DenseFfn(nnx.Module):
     @staticmethod
     def hidden(x: jax.Array, w: dict) -> jax.Array:
         """silu(gate) * up [T, I] (or a slice of I) in x's dtype."""
-        gu = linear(x, w["gate_up"])
-        return (jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)).astype(x.dtype)
+        return swiglu(linear(x, w["gate_up"]), x.dtype)
 
     @staticmethod
     def down_proj(h: jax.Array, w: dict, reduce_amax=None) -> jax.Array:
@@ -119,8 +123,7 @@ class MoeFfn(nnx.Module):
         plan = expert_routing.plan_rows(weights, experts - first, E, B)
         rows = expert_routing.gather_rows(x, plan)
         gemm = lambda a, b, **kw: grouped_matmul(a, b, plan.block_expert, B, rows_used=plan.rows_used, **kw)
-        gu = gemm(rows, gate_up.reshape(E, H, 2 * I)).reshape(-1, 2, I)
-        h = (jax.nn.silu(gu[:, 0].astype(jnp.float32)) * gu[:, 1].astype(jnp.float32)).astype(x.dtype)
+        h = swiglu(gemm(rows, gate_up.reshape(E, H, 2 * I)).reshape(-1, 2, I), x.dtype)
         y = gemm(h, down, out_dtype=jnp.float32)
         return expert_routing.combine_rows(y, plan, x.shape[0])
 

@@ -296,19 +296,15 @@ COMMON = dict(
     hidden_act="silu",
 )
 
-MOE_COMMON = dict(
-    vocab_size=VOCAB_SIZE,
+MOE_COMMON = dict(  # COMMON's heads, vocabulary and positions; smaller layers, more of them
+    COMMON,
     hidden_size=32,
     intermediate_size=96,  # the dense layers' MLP
     moe_intermediate_size=24,  # each expert's
     num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     head_dim=32,
     num_experts=8,
     num_experts_per_tok=2,
-    max_position_embeddings=512,
-    hidden_act="silu",
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
     rope_theta=1000000.0,

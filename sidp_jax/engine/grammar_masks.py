@@ -24,7 +24,6 @@ class GrammarMasks:
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: list[int]):
         llg = _llguidance()
-        self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_ids) or None)
         self.executor = llg.LLExecutor()
@@ -40,13 +39,10 @@ class GrammarMasks:
             raise ValueError(f"structured_outputs: {seq.matcher.get_error()}")
 
     def catch_up(self, seq) -> None:
-        """Feed the matcher the sequence's output tokens it has not seen."""
+        """Feed the matcher the sequence's output tokens it has not seen (starting it if needed)."""
         if getattr(seq, "matcher", None) is None:
             self.start(seq)
-        ids = seq.output_ids[seq.matcher_fed:]
-        if ids:
-            seq.matcher.consume_tokens(ids)
-            seq.matcher_fed = len(seq.output_ids)
+        _feed(seq)
 
     def fill(self, rows: list[tuple[int, int, object]], num_replicas: int, num_rows: int) -> np.ndarray:
         """The step's bitmask [D, S, words]: all ones but at rows (replica, row, seq), which get their
@@ -63,10 +59,15 @@ class GrammarMasks:
     @staticmethod
     def done(seq) -> bool:
         """The grammar is complete after this sequence's newest token (nothing more may follow)."""
-        matcher = getattr(seq, "matcher", None)
-        if matcher is None:
+        if getattr(seq, "matcher", None) is None:
             return False
-        if len(seq.output_ids) > seq.matcher_fed:
-            matcher.consume_tokens(seq.output_ids[seq.matcher_fed:])
-            seq.matcher_fed = len(seq.output_ids)
-        return matcher.is_stopped()
+        _feed(seq)
+        return seq.matcher.is_stopped()
+
+
+def _feed(seq) -> None:
+    """Consume the output tokens the sequence's matcher has not seen yet."""
+    ids = seq.output_ids[seq.matcher_fed:]
+    if ids:
+        seq.matcher.consume_tokens(ids)
+        seq.matcher_fed = len(seq.output_ids)

@@ -18,7 +18,8 @@ vocabulary blocks with the largest maxima hold them), and a top_p under such a t
 of those values whose cumulative mass reaches it. A larger top_k, or top_p alone, is found by a
 search over the float32 values' bit patterns (`_threshold`): each pass over [S, V] counts (top_k)
 or sums the probability mass (top_p) at 15 pivots at once, so 8 passes pin the exact 32-bit
-threshold (benchmarks/RESULTS.md, "Sampling", has what each costs). Ties at top_k's k-th value are kept, as vLLM keeps them.
+threshold (benchmarks/RESULTS.md, "Sampling", has what each costs). Ties at top_k's k-th value
+are kept, as vLLM keeps them.
 
 The options are runtime arrays: one compiled program serves every mix of temperature, top_k,
 top_p, min_p, logprobs and logit_bias, so a job never compiles mid-run when a new mix arrives.

@@ -174,9 +174,10 @@ def start(spec: EngineSpec) -> Started:
 
     scheduler = Scheduler(layout.num_replicas, num_pages, page_size, max_num_seqs, max_num_batched_tokens,
                           enable_prefix_caching=settings.enable_prefix_caching)
+    largest = _largest_ffn(cfg)
     policy = ModePolicy(fixed=fixed, num_replicas=layout.num_replicas,
-                        hidden=cfg.hidden_size, ffn_params=_largest_ffn(cfg).num_params(cfg),
-                        active_params=_largest_ffn(cfg).flops_per_token(cfg) // 2, placement=layout.placement,
+                        hidden=cfg.hidden_size, ffn_params=largest.num_params(cfg),
+                        active_params=largest.flops_per_token(cfg) // 2, placement=layout.placement,
                         crossover_tokens=crossover_tokens)
     kv = KvInfo(tokens_per_replica=scheduler.blocks[0].capacity_tokens, num_pages=num_pages, page_size=page_size,
                 kv_bytes_per_page_per_device=page_bytes, kv_sizing=source, mode_crossover_tokens=policy.crossover,
